@@ -1,0 +1,192 @@
+"""Typed recipes: YAML + ``--set a.b=c`` overrides -> a validated ``Recipe``.
+
+Everything that can be checked without training is checked here, before any Ray call or
+data loading: unknown keys (``extra="forbid"`` everywhere, including each encoder's and
+objective's own parameters), wrong types, impossible values, names that are not in the
+registries, and modalities missing from the shard manifest. Errors name the dotted key
+path and the allowed values, so a typo in a 100-trial search fails in a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmbalance.models.encoders import ENCODERS
+from mmbalance.objectives import OBJECTIVES
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message lists every offending key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    path: str = Field(description="shard directory (manifest.json + Parquet files); relative paths are from the working directory")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+    @model_validator(mode="after")
+    def _val_is_not_test(self) -> "DataConfig":
+        # Model selection on the test split is the most common leak in this field.
+        if self.val_split == self.test_split:
+            raise ValueError(f"val_split and test_split are both {self.val_split!r}: model selection must never see the test split")
+        if self.train_split in (self.val_split, self.test_split):
+            raise ValueError(f"train_split {self.train_split!r} must differ from val_split and test_split")
+        return self
+
+
+class ModalityConfig(_Strict):
+    encoder: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_encoder(self) -> "ModalityConfig":
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; allowed: {sorted(ENCODERS)}")
+        _validate_nested(ENCODERS[self.encoder][0], self.params, "params")
+        return self
+
+
+class ModelConfig(_Strict):
+    fusion: Literal["mean", "sum", "concat", "boost"] = "mean"
+    boost_hidden: int = Field(256, ge=1, description="width of AUG's configurable classifiers (fusion=boost only)")
+
+
+class ObjectiveConfig(BaseModel):
+    """``name`` picks the objective; every other key is one constructor argument of it."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "lf"
+
+    @model_validator(mode="after")
+    def _known_objective(self) -> "ObjectiveConfig":
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.name!r}; allowed: {sorted(OBJECTIVES)}")
+        _validate_nested(OBJECTIVES[self.name][1], self.params, None)
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    grad_clip: float | None = Field(None, gt=0.0, description="max global grad norm; null disables clipping")
+    scheduler: Literal["constant", "step", "cosine"] = "constant"
+    step_size: int = Field(30, ge=1, description="epochs between decays (scheduler=step)")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="decay factor (scheduler=step)")
+
+
+class ScheduleConfig(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch size; each worker gets batch_size // workers")
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(512, ge=1)
+
+
+class ScalingConfig(_Strict):
+    workers: int = Field(1, ge=1, description="data-parallel workers; 1 runs in-process")
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Recipe(_Strict):
+    data: DataConfig
+    modalities: dict[str, ModalityConfig] = Field(min_length=2)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _validate_nested(model: type[BaseModel], values: dict[str, Any], prefix: str | None) -> None:
+    try:
+        model.model_validate(values)
+    except ValidationError as err:
+        raise ValueError("; ".join(_describe(e, prefix) for e in err.errors())) from None
+
+
+def _describe(error: dict[str, Any], prefix: str | None) -> str:
+    path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(error["loc"]))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{path}: {message}" if path else message
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(cfg, "objective.lam", 0.5)``; intermediate sections are created."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=c"`` -> ``("a.b", c)`` with ``c`` parsed as YAML (so 0.5, true, [1, 2] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_recipe_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe {file} does not exist")
+    tree = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {file}: top level must be a mapping of sections")
+    for item in overrides:
+        set_dotted(tree, *parse_override(item))
+    return tree
+
+
+def validate_recipe(tree: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        lines = [_describe(e, None) for e in err.errors()]
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    return validate_recipe(load_recipe_dict(path, overrides), source=str(path))
+
+
+def check_against_data(recipe: Recipe, manifest: Any) -> None:
+    """Recipe vs shard manifest: every modality and split the recipe names must exist."""
+    problems = []
+    for m in recipe.modalities:
+        if m not in manifest.modalities:
+            problems.append(f"modalities.{m}: not in the data at {recipe.data.path}; allowed: {sorted(manifest.modalities)}")
+    for key in ("train_split", "val_split", "test_split"):
+        split = getattr(recipe.data, key)
+        if split not in manifest.splits:
+            problems.append(f"data.{key}: split {split!r} not in the data; allowed: {sorted(manifest.splits)}")
+    if problems:
+        raise ConfigError("recipe does not match its data:\n  " + "\n  ".join(problems))

@@ -1,0 +1,92 @@
+"""The shard manifest: what a directory of Parquet shards holds (docs/data-format.md).
+
+The manifest is the contract between ``mmbalance prepare`` (or a user's own pyarrow
+script) and training: classes, modalities with dtype and per-sample shape, splits with
+per-file row counts and checksums, and every preprocessing parameter. Training reads the
+number of classes and the input shapes from here, never from a recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+Dtype = Literal["float32", "uint8", "int64"]
+SPLITS = ("train", "val", "test")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModalitySpec(_Strict):
+    """One modality column: a fixed-shape tensor per row, stored flattened as a Parquet
+    ``fixed_size_list<dtype>[prod(shape)]`` (row-major)."""
+
+    dtype: Dtype
+    shape: list[int] = Field(min_length=1)
+    encoding: Literal["tensor"] = "tensor"
+
+    @property
+    def size(self) -> int:
+        size = 1
+        for dim in self.shape:
+            size *= dim
+        return size
+
+
+class ShardFile(_Strict):
+    path: str  # relative to the shard directory
+    rows: int = Field(ge=0)
+    sha256: str
+
+
+class SplitInfo(_Strict):
+    rows: int = Field(ge=0)
+    files: list[ShardFile]
+
+
+class Manifest(_Strict):
+    format_version: int = FORMAT_VERSION
+    dataset: str
+    classes: list[str] = Field(min_length=2)
+    modalities: dict[str, ModalitySpec] = Field(min_length=1)
+    splits: dict[str, SplitInfo]
+    generator: dict[str, Any] = Field(default_factory=dict)
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version} is not supported (this mmbalance reads {FORMAT_VERSION})")
+        reserved = {"sample_id", "label", "split"} & set(self.modalities)
+        if reserved:
+            raise ValueError(f"modality names {sorted(reserved)} clash with reserved columns sample_id/label/split")
+        for split, info in self.splits.items():
+            total = sum(f.rows for f in info.files)
+            if total != info.rows:
+                raise ValueError(f"split {split!r}: rows={info.rows} but its files hold {total}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def dump(self, path: Path) -> None:
+        # sort_keys + fixed indent: same content -> same bytes (prepare is byte-reproducible).
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(shard_dir: str | Path) -> Manifest:
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest.json; is {shard_dir} a directory written by `mmbalance prepare`?")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: invalid manifest: {err}") from err

@@ -1,0 +1,197 @@
+"""Write, validate and load Parquet shards.
+
+Writing is atomic: everything goes to a hidden temporary directory beside the target,
+which is renamed into place only when every file and the manifest are written, so a failed
+or interrupted prepare leaves nothing half-written. Validation names the exact file and
+column on any disagreement, so a bad shard fails before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmbalance.data.manifest import MANIFEST_NAME, Manifest, ModalitySpec, ShardFile, SplitInfo, read_manifest
+
+ARROW_DTYPES = {"float32": pa.float32(), "uint8": pa.uint8(), "int64": pa.int64()}
+
+
+class ShardError(ValueError):
+    """A shard disagrees with its manifest; the message names the file and column."""
+
+
+@dataclass
+class SplitArrays:
+    """One split in memory: ``modalities[m]`` has shape ``[N, *spec.shape]``."""
+
+    sample_ids: list[str]
+    labels: np.ndarray  # [N] int64
+    modalities: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
+    fields = [pa.field("sample_id", pa.string()), pa.field("label", pa.int64()), pa.field("split", pa.string())]
+    fields += [pa.field(m, pa.list_(ARROW_DTYPES[spec.dtype], spec.size)) for m, spec in modalities.items()]
+    return pa.schema(fields)
+
+
+def _table(split: str, arrays: SplitArrays, modalities: dict[str, ModalitySpec], lo: int, hi: int) -> pa.Table:
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array(arrays.sample_ids[lo:hi], pa.string()),
+        "label": pa.array(np.asarray(arrays.labels[lo:hi], dtype=np.int64)),
+        "split": pa.array([split] * (hi - lo), pa.string()),
+    }
+    for m, spec in modalities.items():
+        values = np.ascontiguousarray(arrays.modalities[m][lo:hi], dtype=spec.dtype).reshape(hi - lo, spec.size)
+        flat = pa.array(values.reshape(-1), ARROW_DTYPES[spec.dtype])
+        columns[m] = pa.FixedSizeListArray.from_arrays(flat, spec.size)
+    return pa.table(columns, schema=arrow_schema(modalities))
+
+
+def write_shards(
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    classes: list[str],
+    modalities: dict[str, ModalitySpec],
+    splits: dict[str, SplitArrays],
+    generator: dict[str, Any],
+    preprocessing: dict[str, Any],
+    rows_per_file: int = 2048,
+    overwrite: bool = False,
+) -> Manifest:
+    """Write ``splits`` as ``out_dir/<split>/part-NNNNN.parquet`` + ``manifest.json``, atomically."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        split_infos = {}
+        for split, arrays in splits.items():
+            _check_arrays(split, arrays, modalities, len(classes))
+            (tmp / split).mkdir()
+            files = []
+            for index, lo in enumerate(range(0, max(len(arrays), 1), rows_per_file)):
+                hi = min(lo + rows_per_file, len(arrays))
+                rel = f"{split}/part-{index:05d}.parquet"
+                pq.write_table(_table(split, arrays, modalities, lo, hi), tmp / rel, compression="zstd")
+                files.append(ShardFile(path=rel, rows=hi - lo, sha256=sha256_of(tmp / rel)))
+            split_infos[split] = SplitInfo(rows=len(arrays), files=files)
+        manifest = Manifest(dataset=dataset, classes=classes, modalities=modalities, splits=split_infos,
+                            generator=generator, preprocessing=preprocessing)
+        manifest.dump(tmp / MANIFEST_NAME)
+        _replace(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_arrays(split: str, arrays: SplitArrays, modalities: dict[str, ModalitySpec], num_classes: int) -> None:
+    n = len(arrays.labels)
+    if len(arrays.sample_ids) != n:
+        raise ValueError(f"split {split!r}: {len(arrays.sample_ids)} sample ids for {n} labels")
+    if n and (arrays.labels.min() < 0 or arrays.labels.max() >= num_classes):
+        raise ValueError(f"split {split!r}: labels must lie in [0, {num_classes})")
+    for m, spec in modalities.items():
+        data = arrays.modalities.get(m)
+        if data is None or tuple(data.shape) != (n, *spec.shape):
+            got = None if data is None else tuple(data.shape)
+            raise ValueError(f"split {split!r}, modality {m!r}: expected shape {(n, *spec.shape)}, got {got}")
+
+
+def validate_shards(shard_dir: str | Path, *, checksums: bool = True, values: bool = True) -> Manifest:
+    """Check every file against the manifest; raise ShardError naming the file and column."""
+    root = Path(shard_dir)
+    manifest = read_manifest(root)
+    expected = arrow_schema(manifest.modalities)
+    for split, info in manifest.splits.items():
+        for entry in info.files:
+            _validate_file(root / entry.path, entry, expected, manifest, checksums=checksums, values=values)
+    return manifest
+
+
+def _validate_file(path: Path, entry: ShardFile, expected: pa.Schema, manifest: Manifest, *, checksums: bool, values: bool) -> None:
+    if not path.is_file():
+        raise ShardError(f"{path}: listed in manifest.json but missing")
+    if checksums and sha256_of(path) != entry.sha256:
+        raise ShardError(f"{path}: checksum mismatch (file changed or corrupt since prepare)")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for truncated/corrupt files
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+    schema = parquet.schema_arrow
+    for field in expected:
+        if field.name not in schema.names:
+            raise ShardError(f"{path}: column {field.name!r} is missing (manifest expects {field.type})")
+        if schema.field(field.name).type != field.type:
+            raise ShardError(f"{path}: column {field.name!r} has type {schema.field(field.name).type}, manifest expects {field.type}")
+    extra = set(schema.names) - set(expected.names)
+    if extra:
+        raise ShardError(f"{path}: columns {sorted(extra)} are not in the manifest")
+    if parquet.metadata.num_rows != entry.rows:
+        raise ShardError(f"{path}: {parquet.metadata.num_rows} rows, manifest says {entry.rows}")
+    if values:
+        _validate_values(path, parquet.read(), manifest)
+
+
+def _validate_values(path: Path, table: pa.Table, manifest: Manifest) -> None:
+    labels = table.column("label").to_numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
+    if bad.size:
+        raise ShardError(f"{path}: column 'label' row {bad[0]} has value {labels[bad[0]]}, outside [0, {manifest.num_classes})")
+    for m, spec in manifest.modalities.items():
+        if spec.dtype != "float32":
+            continue
+        flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        nonfinite = np.flatnonzero(~np.isfinite(flat))
+        if nonfinite.size:
+            raise ShardError(f"{path}: column {m!r} row {nonfinite[0] // spec.size} holds a non-finite value")
+
+
+def load_split(shard_dir: str | Path, manifest: Manifest, split: str, columns: list[str] | None = None) -> SplitArrays:
+    """Read one split fully into memory (the in-process reader; Ray Data streams instead)."""
+    if split not in manifest.splits:
+        raise KeyError(f"split {split!r} not in {shard_dir} (has {sorted(manifest.splits)})")
+    mods = columns or list(manifest.modalities)
+    tables = [pq.read_table(Path(shard_dir) / f.path, columns=["sample_id", "label", *mods]) for f in manifest.splits[split].files]
+    table = pa.concat_tables(tables)
+    arrays = {}
+    for m in mods:
+        spec = manifest.modalities[m]
+        flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        arrays[m] = flat.astype(spec.dtype, copy=False).reshape(table.num_rows, *spec.shape)
+    return SplitArrays(sample_ids=table.column("sample_id").to_pylist(),
+                       labels=table.column("label").to_numpy().astype(np.int64), modalities=arrays)

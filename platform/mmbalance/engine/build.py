@@ -1,0 +1,65 @@
+"""Recipe + manifest -> model, objective, optimizer, scheduler.
+
+Values derived at run time come from code, never from the recipe: the number of classes and
+the input shapes from the shard manifest, the optimizer's parameters from the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmbalance.config import OptimConfig, Recipe
+from mmbalance.data.manifest import Manifest
+from mmbalance.models import LateFusion, build_encoder
+from mmbalance.objectives import Objective, build_objective
+
+
+def build_model(recipe: Recipe, manifest: Manifest) -> LateFusion:
+    encoders = {
+        m: build_encoder(cfg.encoder, cfg.params, tuple(manifest.modalities[m].shape))
+        for m, cfg in recipe.modalities.items()
+    }
+    return LateFusion(encoders, manifest.num_classes, fusion=recipe.model.fusion, boost_hidden=recipe.model.boost_hidden)
+
+
+def build_bound_objective(recipe: Recipe, model: LateFusion) -> Objective:
+    objective = build_objective(recipe.objective.name, recipe.objective.params)
+    objective.bind(list(model.modalities), model.num_classes, model.info)
+    return objective
+
+
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int):
+    """Stepped once per epoch, after validation."""
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def add_param_group(optimizer: torch.optim.Optimizer, scheduler, params: list[nn.Parameter]) -> None:
+    """Give new parameters (AUG heads) to the optimizer at the current lr with fresh state,
+    and tell the scheduler, whose per-group base lrs were fixed at construction."""
+    template = optimizer.param_groups[0]
+    group = {k: v for k, v in template.items() if k != "params"}
+    optimizer.add_param_group({"params": params, **group})
+    base = template.get("initial_lr", template["lr"])
+    optimizer.param_groups[-1]["initial_lr"] = base
+    scheduler.base_lrs.append(base)
+
+
+def resolve_device(preference: str) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("scaling.device=cuda but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")

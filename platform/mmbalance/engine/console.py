@@ -1,0 +1,35 @@
+"""Console progress: a per-batch progress bar and a per-epoch table (rank 0 only)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def progress_bar(items: Iterable[T], *, total: int, desc: str, enabled: bool) -> Iterator[T]:
+    # tqdm hides itself when stderr is not a terminal (disable=None), so CI logs stay readable.
+    return iter(tqdm(items, total=total, desc=desc, leave=False, disable=None if enabled else True, file=sys.stderr))
+
+
+class EpochTable:
+    """Prints one aligned line per epoch: losses, fused and per-modality val accuracy."""
+
+    def __init__(self, modalities: list[str], enabled: bool = True):
+        self.modalities, self.enabled = modalities, enabled
+        self.columns = ["epoch", "loss", "train_acc", "val_acc"] + [f"val_{m}" for m in modalities] + ["ratio", "samples/s"]
+        self.printed_header = False
+
+    def row(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if not self.printed_header:
+            print(" ".join(f"{c:>10}" for c in self.columns), flush=True)
+            self.printed_header = True
+        values = [metrics["epoch"], metrics["train/loss_total"], metrics["train/acc_fused"], metrics["val/acc_fused"]]
+        values += [metrics[f"val/acc_{m}"] for m in self.modalities]
+        values += [metrics["val/imbalance_ratio"], metrics["train/samples_per_s"]]
+        print(" ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1]) + f" {values[-1]:>10.0f}", flush=True)

@@ -1,0 +1,79 @@
+"""One training batch and one evaluation pass, for every objective.
+
+The objective decides losses, multipliers and statistics; this module owns backward,
+gradient hooks, clipping and optimizer steps, in the order algorithms.md §6.3 fixes:
+for each loss group, zero grads (set to None, so untouched parameters are skipped by the
+step), backward, clip, step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmbalance.engine.metrics import SumCounter, add_prediction_stats
+from mmbalance.models import LateFusion
+from mmbalance.objectives import DistInfo, Objective, StepInputs, StepResult
+
+
+@dataclass
+class StepClock:
+    step: int
+    epoch: int
+    steps_per_epoch: int
+
+
+def train_batch(model: LateFusion, objective: Objective, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor],
+                labels: Tensor, clock: StepClock, world: DistInfo, grad_clip: float | None, counter: SumCounter) -> None:
+    ctx = objective.forward_context("train", clock.epoch)
+    features, outputs = model(batch, ctx)
+    inputs = StepInputs(features=features, outputs=outputs, labels=labels, step=clock.step, epoch=clock.epoch,
+                        steps_per_epoch=clock.steps_per_epoch, phase="train", world=world,
+                        recompute_heads=lambda: model.heads_forward(features, objective.forward_context("train", clock.epoch)))
+    result = objective.step(inputs)
+    total = _optimise(model, optimizer, result, features, grad_clip)
+    n = labels.numel()
+    counter.add("loss_total", total * n, n)
+    for name, value in result.metrics.items():
+        counter.add(name, value * n, n)
+    for name, (s, c) in result.stats.items():
+        counter.add(f"stat:{name}", s, c)
+    with torch.no_grad():
+        add_prediction_stats(counter, outputs, labels)
+
+
+def _optimise(model: nn.Module, optimizer: torch.optim.Optimizer, result: StepResult,
+              features: dict[str, Tensor], grad_clip: float | None) -> Tensor:
+    total = torch.zeros((), device=next(iter(features.values())).device)
+    for index, group in enumerate(result.losses):
+        optimizer.zero_grad(set_to_none=True)
+        handles = []
+        if index == 0:
+            # Multipliers act on d(loss)/d(h_m) of this very batch (ARL's same-batch coefficients).
+            handles = [features[m].register_hook(lambda g, s=s: g * s) for m, s in result.grad_multipliers.items()]
+        loss = group.value()
+        loss.backward()
+        for handle in handles:
+            handle.remove()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+        optimizer.step()
+        total = total + loss.detach()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: LateFusion, objective: Objective, batches, epoch: int) -> SumCounter:
+    """Sums for fused/per-modality accuracy, true-class probability and UCoM over a split.
+    Labels are used only to score: the forward context is label-free."""
+    model.eval()
+    counter = SumCounter()
+    ctx = objective.forward_context("eval", epoch)
+    for batch, labels in batches:
+        _, outputs = model(batch, ctx)
+        add_prediction_stats(counter, outputs, labels)
+    model.train()
+    return counter

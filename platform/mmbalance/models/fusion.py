@@ -1,0 +1,118 @@
+"""Late-fusion classifier: per-modality encoders, per-modality logits and fused logits.
+
+The model returns its outputs and stores none of them, so objectives and tests can use it
+alone. Fusion variants (``model.fusion`` in a recipe):
+
+- ``mean`` / ``sum``: one linear head per modality, ``z_f`` = mean / sum of the ``z_m``
+  (MNL's LF; weights overridable per forward, e.g. AUG's merge alpha);
+- ``concat``: one shared linear head on ``[h_1; ...; h_M]``; ``z_m`` zeroes the other
+  modalities' slots, so ``z_f = sum_m z_m - (M-1) b`` (ARL's auxiliary heads);
+- ``boost``: AUG's configurable classifiers ``F(ReLU(A_m^k h_m))`` with a head ``F`` shared by
+  every modality and classifier; ``z_m`` is the ensemble sum and heads can be added.
+
+Every variant multiplies ``h_m`` by ``ctx.feature_scales[m]`` before the heads (ARM).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmbalance.objectives.base import ForwardContext, HeadOutputs
+
+Fusion = Literal["mean", "sum", "concat", "boost"]
+
+
+class LateFusion(nn.Module):
+    def __init__(self, encoders: dict[str, nn.Module], num_classes: int, fusion: Fusion = "mean", boost_hidden: int = 256):
+        super().__init__()
+        if len(encoders) < 2:
+            raise ValueError(f"late fusion needs at least 2 modalities, got {list(encoders)}")
+        self.modalities = list(encoders)
+        self.encoders = nn.ModuleDict(encoders)
+        self.num_classes = num_classes
+        self.fusion = fusion
+        dims = {m: enc.out_dim for m, enc in encoders.items()}
+        self.dims = dims
+        if fusion in ("mean", "sum"):
+            self.heads = nn.ModuleDict({m: nn.ModuleList([nn.Linear(d, num_classes)]) for m, d in dims.items()})
+        elif fusion == "concat":
+            self.shared_head = nn.Linear(sum(dims.values()), num_classes)
+        elif fusion == "boost":
+            self.boost_hidden = boost_hidden
+            self.shared_head = nn.Linear(boost_hidden, num_classes)
+            self.heads = nn.ModuleDict({m: nn.ModuleList([nn.Linear(d, boost_hidden)]) for m, d in dims.items()})
+        else:
+            raise ValueError(f"unknown fusion {fusion!r}; allowed: mean, sum, concat, boost")
+
+    # -- capabilities (algorithms.md §6.1), read by objectives in ``bind`` -----------------
+    @property
+    def info(self) -> dict:
+        return {
+            "fusion": self.fusion,
+            "supports_feature_scales": True,
+            "supports_zero_out_unimodal": self.fusion == "concat",
+            "supports_add_head": self.fusion == "boost",
+            "shared_head": self.fusion in ("concat", "boost"),
+            "feature_dims": dict(self.dims),
+        }
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self.encoders[m](batch[m]) for m in self.modalities}  # m -> [B, D_m]
+
+    def heads_forward(self, features: dict[str, Tensor], ctx: ForwardContext | None = None) -> HeadOutputs:
+        ctx = ctx or ForwardContext()
+        scales = ctx.feature_scales or {}
+        h = {m: features[m] * scales[m] if m in scales else features[m] for m in self.modalities}
+        if self.fusion == "concat":
+            head_logits = self._concat_unimodal(h)
+        elif self.fusion == "boost":
+            head_logits = {m: [self.shared_head(torch.relu(layer(h[m]))) for layer in self.heads[m]] for m in self.modalities}
+        else:
+            head_logits = {m: [self.heads[m][0](h[m])] for m in self.modalities}
+        unimodal = {m: torch.stack(zs).sum(0) if len(zs) > 1 else zs[0] for m, zs in head_logits.items()}
+        fused = self._fuse(unimodal, ctx.fusion_weights)
+        return HeadOutputs(unimodal_logits=unimodal, fused_logits=fused, head_logits=head_logits)
+
+    def forward(self, batch: dict[str, Tensor], ctx: ForwardContext | None = None) -> tuple[dict[str, Tensor], HeadOutputs]:
+        features = self.encode(batch)
+        return features, self.heads_forward(features, ctx)
+
+    def _concat_unimodal(self, h: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        # W[h_1; ...; h_M] + b with the other slots zeroed == W_m h_m + b (no extra parameters).
+        weight, bias = self.shared_head.weight, self.shared_head.bias
+        out, start = {}, 0
+        for m in self.modalities:
+            stop = start + self.dims[m]
+            out[m] = [h[m] @ weight[:, start:stop].T + bias]  # [B, C]
+            start = stop
+        return out
+
+    def _fuse(self, unimodal: dict[str, Tensor], weights: dict[str, float] | None) -> Tensor:
+        if weights is not None:
+            return sum(weights[m] * unimodal[m] for m in self.modalities)
+        total = torch.stack([unimodal[m] for m in self.modalities]).sum(0)  # [B, C]
+        if self.fusion == "mean":
+            return total / len(self.modalities)
+        if self.fusion == "concat":
+            return total - (len(self.modalities) - 1) * self.shared_head.bias
+        return total
+
+    def add_head(self, modality: str) -> list[nn.Parameter]:
+        """AUG: append one configurable classifier ``A_m^k`` (Xavier-normal, bias 0) and return
+        its parameters so the engine can give them to the optimizer."""
+        if self.fusion != "boost":
+            raise RuntimeError(f"add_head needs model.fusion=boost, the model has {self.fusion!r}")
+        ref = self.heads[modality][0].weight
+        layer = nn.Linear(self.dims[modality], self.boost_hidden).to(device=ref.device, dtype=ref.dtype)
+        nn.init.xavier_normal_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        self.heads[modality].append(layer)
+        return list(layer.parameters())
+
+    def head_counts(self) -> dict[str, int]:
+        if self.fusion in ("mean", "sum", "boost"):
+            return {m: len(self.heads[m]) for m in self.modalities}
+        return {m: 1 for m in self.modalities}

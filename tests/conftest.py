@@ -1,0 +1,45 @@
+"""Shared fixtures: a small synthetic shard directory and a recipe pointing at it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmbalance.data.synthetic import SyntheticModality, SyntheticSpec, prepare_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def small_spec(modalities: int = 2, seed: int = 0) -> SyntheticSpec:
+    names = ["audio", "visual", "text"][:modalities]
+    signals = [0.55, 0.22, 0.3]
+    return SyntheticSpec(samples={"train": 512, "val": 128, "test": 128}, classes=4,
+                         modalities={m: SyntheticModality(dim=8, signal=s * 2) for m, s in zip(names, signals)}, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "small"
+    prepare_synthetic(out, small_spec())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tri_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "tri"
+    prepare_synthetic(out, small_spec(modalities=3))
+    return out
+
+
+def recipe_dict(shards: Path, modalities=("audio", "visual"), **sections) -> dict:
+    recipe = yaml.safe_load((REPO / "trainables" / "synthetic.yaml").read_text())
+    recipe["data"]["path"] = str(shards)
+    recipe["modalities"] = {m: {"encoder": "mlp", "params": {"hidden": [16], "out_dim": 8}} for m in modalities}
+    recipe["schedule"] = {"epochs": 3, "batch_size": 32}
+    recipe["eval"] = {"batch_size": 64}
+    for key, value in sections.items():
+        recipe[key] = value
+    return recipe

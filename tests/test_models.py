@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from mmbalance.models import LateFusion, build_encoder
+from mmbalance.objectives import ForwardContext
+
+
+def _model(fusion, dims=(3, 4, 5), classes=6):
+    torch.manual_seed(0)
+    encoders = {f"m{i}": build_encoder("mlp", {"hidden": [8], "out_dim": d}, (7,)) for i, d in enumerate(dims)}
+    return LateFusion(encoders, classes, fusion=fusion, boost_hidden=8)
+
+
+def _batch(n=5):
+    return {f"m{i}": torch.randn(n, 7) for i in range(3)}
+
+
+@pytest.mark.parametrize("fusion", ["mean", "sum", "concat", "boost"])
+def test_outputs_have_per_modality_and_fused_logits(fusion):
+    features, out = _model(fusion)(_batch())
+    assert {m: f.shape for m, f in features.items()} == {"m0": (5, 3), "m1": (5, 4), "m2": (5, 5)}
+    assert all(z.shape == (5, 6) for z in out.unimodal_logits.values())
+    assert out.fused_logits.shape == (5, 6)
+    assert all(len(v) == 1 for v in out.head_logits.values())
+
+
+def test_mean_fusion_is_the_mean_of_unimodal_logits():
+    _, out = _model("mean")(_batch())
+    torch.testing.assert_close(out.fused_logits, torch.stack(list(out.unimodal_logits.values())).mean(0))
+
+
+def test_concat_unimodal_logits_zero_out_the_other_modalities():
+    model = _model("concat")
+    features, out = model(_batch())
+    zeros = {m: torch.zeros_like(f) for m, f in features.items()}
+    for m in features:
+        only_m = dict(zeros, **{m: features[m]})
+        full = model.shared_head(torch.cat([only_m[k] for k in model.modalities], dim=1))
+        torch.testing.assert_close(out.unimodal_logits[m], full)
+    torch.testing.assert_close(out.fused_logits, model.shared_head(torch.cat(list(features.values()), dim=1)))
+
+
+def test_feature_scales_multiply_features_before_the_heads():
+    model = _model("concat")
+    features = model.encode(_batch())
+    scaled = model.heads_forward(features, ForwardContext(feature_scales={"m0": 2.0}))
+    manual = model.heads_forward(dict(features, m0=features["m0"] * 2.0))
+    torch.testing.assert_close(scaled.fused_logits, manual.fused_logits)
+
+
+def test_boost_add_head_grows_the_ensemble_and_returns_its_parameters():
+    model = _model("boost")
+    features = model.encode(_batch())
+    before = model.heads_forward(features)
+    params = model.add_head("m1")
+    after = model.heads_forward(features)
+    assert len(after.head_logits["m1"]) == 2 and model.head_counts()["m1"] == 2
+    torch.testing.assert_close(after.unimodal_logits["m1"], before.unimodal_logits["m1"] + after.head_logits["m1"][1])
+    assert {id(p) for p in params} == {id(p) for p in model.heads["m1"][1].parameters()}
+
+
+def test_add_head_requires_boost_fusion():
+    with pytest.raises(RuntimeError, match="fusion=boost"):
+        _model("mean").add_head("m0")
+
+
+def test_cnn_resnet_and_text_encoders_produce_features():
+    cnn = build_encoder("cnn", {"channels": [4, 8], "out_dim": 6}, (12, 20))
+    assert cnn(torch.randn(2, 12, 20)).shape == (2, 6)
+    frames = build_encoder("resnet18", {}, (2, 3, 32, 32))
+    assert frames(torch.randn(2, 2, 3, 32, 32)).shape == (2, 512)
+    spectrogram = build_encoder("resnet18", {}, (32, 40))
+    assert spectrogram(torch.randn(2, 32, 40)).shape == (2, 512)
+    text = build_encoder("text", {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "vocab_size": 50}, (12,))
+    ids = torch.randint(1, 50, (2, 12))
+    assert text(ids).shape == (2, 16)
+
+
+def test_late_fusion_needs_two_modalities():
+    with pytest.raises(ValueError, match="at least 2"):
+        LateFusion({"a": build_encoder("mlp", {}, (3,))}, 2)
