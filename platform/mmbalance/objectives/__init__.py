@@ -22,6 +22,7 @@ from mmbalance.objectives.base import (
     StepResult,
 )
 from mmbalance.objectives.arl import ARL, ARLParams
+from mmbalance.objectives.arm import ARM, ARMParams
 from mmbalance.objectives.aug import AUG, AUGParams
 from mmbalance.objectives.lf import LF, LFParams
 from mmbalance.objectives.mnl import MNL, MNLParams
@@ -29,6 +30,7 @@ from mmbalance.objectives.mnl import MNL, MNLParams
 OBJECTIVES: dict[str, tuple[type, type[BaseModel]]] = {
     "lf": (LF, LFParams),
     "mnl": (MNL, MNLParams),
+    "arm": (ARM, ARMParams),
     "arl": (ARL, ARLParams),
     "aug": (AUG, AUGParams),
 }

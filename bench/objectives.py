@@ -1,0 +1,73 @@
+"""Per-step time of each objective relative to LF on the same model and batch (CPU).
+
+A step is what the engine does per batch: forward, objective.step, backward and optimizer
+step for every loss group. Each objective is compared with LF on a model with the same
+fusion (ARL/ARM need concat, AUG boost), so the ratio isolates the objective's cost.
+
+    python bench/objectives.py [--model cnn|mlp] [--steps 30] [--batch 64]
+
+Targets (issue 3): MNL and ARL <= 1.10x, ARM <= 1.25x, AUG <= 1.5x of LF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mmbalance.engine.metrics import SumCounter
+from mmbalance.engine.steps import StepClock, train_batch
+from mmbalance.models import LateFusion, build_encoder
+from mmbalance.objectives import DistInfo, build_objective
+
+FUSION = {"mnl": "mean", "arl": "concat", "arm": "concat", "aug": "boost"}
+TARGET = {"mnl": 1.10, "arl": 1.10, "arm": 1.25, "aug": 1.5}
+SHAPES = {"cnn": {"audio": (40, 63), "image": (28, 28)}, "mlp": {"audio": (32,), "image": (32,)}}
+ENCODER = {"cnn": ("cnn", {"channels": [16, 32, 64], "out_dim": 64}), "mlp": ("mlp", {"hidden": [128], "out_dim": 64})}
+
+
+def build(model_kind: str, fusion: str, objective: str) -> tuple:
+    torch.manual_seed(0)
+    name, params = ENCODER[model_kind]
+    encoders = {m: build_encoder(name, params, shape) for m, shape in SHAPES[model_kind].items()}
+    model = LateFusion(encoders, 10, fusion=fusion)
+    obj = build_objective(objective, {})
+    obj.bind(list(encoders), 10, model.info)
+    return model, obj, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def time_steps(model_kind: str, fusion: str, objective: str, batch: dict, labels: torch.Tensor, steps: int) -> float:
+    model, obj, optimizer = build(model_kind, fusion, objective)
+    timings = []
+    for step in range(steps + 5):
+        started = time.perf_counter()
+        train_batch(model, obj, optimizer, batch, labels, StepClock(step, 10, 100), DistInfo(), None, SumCounter())
+        if step >= 5:  # warm-up steps excluded
+            timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="cnn")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    generator = torch.Generator().manual_seed(0)
+    batch = {m: torch.randn(args.batch, *shape, generator=generator) for m, shape in SHAPES[args.model].items()}
+    labels = torch.randint(0, 10, (args.batch,), generator=generator)
+    print(f"model={args.model} batch={args.batch} steps={args.steps} threads={torch.get_num_threads()} (median step time)")
+    print(f"{'objective':>10} {'fusion':>8} {'LF ms':>8} {'obj ms':>8} {'ratio':>7} {'target':>7}")
+    for objective, fusion in FUSION.items():
+        # Interleave LF and the objective twice so drift in machine load hits both alike.
+        lf = min(time_steps(args.model, fusion, "lf", batch, labels, args.steps) for _ in range(2))
+        ours = min(time_steps(args.model, fusion, objective, batch, labels, args.steps) for _ in range(2))
+        ratio = ours / lf
+        verdict = "ok" if ratio <= TARGET[objective] else "OVER"
+        print(f"{objective:>10} {fusion:>8} {lf * 1e3:>8.2f} {ours * 1e3:>8.2f} {ratio:>6.2f}x {TARGET[objective]:>6.2f}x {verdict}")
+
+
+if __name__ == "__main__":
+    main()
