@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from mmbalance.config import ConfigError, check_against_data, load_recipe
 from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
+from mmbalance.tune.cluster import DoesNotFit
 
 DEFAULT_RECIPE = Path("trainables/synthetic.yaml")
 
@@ -61,19 +63,52 @@ def _print_prepared(out: str, manifest) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from mmbalance.engine.loop import train_loop_per_worker
-
-    recipe = load_recipe(args.recipe, args.set)
-    check_against_data(recipe, read_manifest(recipe.data.path))
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"scaling.workers={args.workers}")
+    if args.gpus_per_worker is not None:
+        overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
+    recipe = load_recipe(args.recipe, overrides)
+    manifest = read_manifest(recipe.data.path)
+    check_against_data(recipe, manifest)
     output = Path(args.output or Path("runs") / Path(args.recipe).stem)
-    if args.resume and not (output / "checkpoints" / "latest").is_dir():
-        raise ConfigError(f"--resume: {output} has no checkpoints/latest to resume from")
-    if not args.resume and (output / "metrics.jsonl").exists() and not args.overwrite:
-        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    _prepare_output(output, resume=args.resume, overwrite=args.overwrite)
+    use_ray = args.workers is not None or recipe.scaling.workers > 1
     started = time.perf_counter()
-    result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(output), "resume": args.resume})
+    if use_ray:
+        result = _train_on_ray(recipe, manifest, output, args)
+    else:
+        result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(output), "resume": args.resume})
     _print_result(result, output, time.perf_counter() - started)
     return result
+
+
+def _prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+    holds_run = (output / "metrics.jsonl").exists() or (output / "config.yaml").exists()
+    if resume:
+        if not (output / "checkpoints" / "latest").is_dir():
+            raise ConfigError(f"--resume: {output} has no checkpoints/latest to resume from")
+        return
+    if holds_run and not overwrite:
+        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if holds_run:
+        shutil.rmtree(output)  # also drops Ray's run state, which would otherwise be restored
+
+
+def _train_on_ray(recipe, manifest, output: Path, args: argparse.Namespace) -> dict:
+    from mmbalance.tune.cluster import Request, check_fits, connect
+    from mmbalance.tune.driver import fit
+
+    request = Request(workers=recipe.scaling.workers, gpus_per_worker=recipe.scaling.gpus_per_worker)
+    connect(request, args.address)
+    check_fits(request)
+    fit(recipe, manifest, output, workers=request.workers, gpus_per_worker=request.gpus_per_worker,
+        resume=args.resume, max_failures=args.max_failures)
+    result_file = output / "result.json"
+    if not result_file.is_file():
+        raise RuntimeError(f"training finished but {result_file} is missing (on a multi-node cluster --output must be "
+                           "on storage every node shares)")
+    return json.loads(result_file.read_text())
 
 
 def _print_result(result: dict, output: Path, seconds: float) -> None:
@@ -94,8 +129,8 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"[1/2] preparing the synthetic dataset in {shards}")
     _print_prepared(str(shards), prepare_synthetic(shards, overwrite=True))
     print("[2/2] training late fusion (LF) on it")
-    train_args = argparse.Namespace(recipe=args.recipe, set=[f"data.path={shards}", *args.set],
-                                    output=str(root / "runs" / "lf"), resume=False, overwrite=True)
+    train_args = argparse.Namespace(recipe=args.recipe, set=[f"data.path={shards}", *args.set], workers=None,
+                                    gpus_per_worker=None, output=str(root / "runs" / "lf"), resume=False, overwrite=True)
     _train(train_args)
 
 
@@ -126,12 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--overwrite", action="store_true")
     av.set_defaults(func=_prepare_avdigits)
 
-    train = sub.add_parser("train", help="train one recipe in-process")
+    train = sub.add_parser("train", help="train one recipe (in-process, or data-parallel on Ray with --workers)")
     train.add_argument("--recipe", required=True, help="recipe YAML (trainables/*.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     train.add_argument("--output", help="run directory (default runs/<recipe name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    train.add_argument("--workers", type=int, help="data-parallel Ray Train workers (DDP semantics; gloo on CPU, "
+                       "NCCL on GPU); without it (and scaling.workers: 1) training runs in-process")
+    train.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: scaling.gpus_per_worker)")
+    train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the latest checkpoint")
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
     train.set_defaults(func=_train)
 
     demo = sub.add_parser("demo", help="prepare the synthetic dataset and train LF on it (the README's first command)")
@@ -146,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
         print(f"mmbalance {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

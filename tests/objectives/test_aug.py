@@ -319,7 +319,7 @@ def test_aug_three_modalities_train_and_loss_decreases():
         epoch_stats, losses = {}, []
         for _ in range(5):
             result = train_step(model, objective, optimizer, batch, labels, epoch)
-            losses.append(result.metrics["loss_total"].item())
+            losses.append(sum(result.metrics[f"loss_{m}"].item() for m in mods))
             for k, (s, c) in result.stats.items():
                 prev = epoch_stats.get(k, (0.0, 0.0))
                 epoch_stats[k] = (prev[0] + s, prev[1] + c)

@@ -1,31 +1,37 @@
-"""``train_loop_per_worker``: the one training loop, for every objective.
+"""``train_loop_per_worker``: the one training loop, for every objective, in-process or on a
+Ray Train worker.
 
-Per epoch: train batches (forward -> objective.step -> backward/step per loss group),
-epoch-end structural changes, validation, scheduler step, checkpoints (latest and
-best-by-val), one metrics record. After the last epoch the best-val weights are scored
-once on the test split. Model selection reads val only.
+Per epoch: train batches (forward -> objective.step -> backward/average/step per loss
+group), epoch-end structural changes, validation, scheduler step, checkpoints (latest and
+best-by-val), one report. In the last epoch, before its report, the best-val weights are
+scored once on the test split, so the result exists even where a scheduler ends the run at
+its final report. Model selection reads val only.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from mmbalance.config import Recipe, check_against_data
-from mmbalance.data.shards import load_split, validate_shards
-from mmbalance.engine.batches import InMemorySplit, epoch_seed
+from mmbalance.data.shards import validate_shards
 from mmbalance.engine.build import (add_param_group, build_bound_objective, build_model, build_optimizer,
-                                    build_scheduler, resolve_device)
-from mmbalance.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
+                                    build_scheduler)
+from mmbalance.engine.checkpoint import rng_state, save_state, set_rng_state
 from mmbalance.engine.console import EpochTable, progress_bar
+from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.metrics import SumCounter, imbalance_ratio
+from mmbalance.engine.session import Session, make_session
+from mmbalance.engine.sources import BatchSource
 from mmbalance.engine.steps import StepClock, evaluate, train_batch
-from mmbalance.objectives import DistInfo
 from mmbalance.tracking.records import RunRecord
+
+StepHook = Callable[[int, int], None]  # (epoch, step within epoch) -> None
 
 
 @dataclass
@@ -39,46 +45,52 @@ class Progress:
 class Trainer:
     """Holds the run's pieces so each phase below stays a short function."""
 
-    def __init__(self, recipe: Recipe, record: RunRecord, world: DistInfo, verbose: bool = True):
-        self.recipe, self.record, self.world, self.verbose = recipe, record, world, verbose
-        self.manifest = validate_shards(recipe.data.path)
-        check_against_data(recipe, self.manifest)
-        self.device = resolve_device(recipe.scaling.device)
+    def __init__(self, recipe: Recipe, manifest, group: ProcessGroup, source: BatchSource, device: torch.device,
+                 on_step: StepHook | None = None, verbose: bool = False):
+        self.recipe, self.manifest, self.group, self.source, self.device = recipe, manifest, group, source, device
+        self.on_step, self.verbose = on_step, verbose
+        self.world = group.info()
         self.modalities = list(recipe.modalities)
+        if recipe.schedule.batch_size % group.world_size:
+            raise ValueError(f"schedule.batch_size={recipe.schedule.batch_size} is not divisible by {group.world_size} workers")
+        self.batch_size = recipe.schedule.batch_size // group.world_size  # per rank
         self._rebuild()
         self.progress = Progress()
-        self.splits = {key: InMemorySplit(load_split(recipe.data.path, self.manifest, getattr(recipe.data, f"{key}_split"),
-                                                     self.modalities), self.modalities)
-                       for key in ("train", "val", "test")}
+        self.best: dict[str, Any] | None = None  # best-val model, kept on every rank
 
     def _rebuild(self) -> None:
-        torch.manual_seed(self.recipe.seed)  # model initialisation
+        torch.manual_seed(self.recipe.seed)  # model initialisation, identical on every rank
         self.model = build_model(self.recipe, self.manifest).to(self.device)
+        self.group.broadcast_module(self.model)
         self.objective = build_bound_objective(self.recipe, self.model)
         self.optimizer = build_optimizer(self.recipe.optim, self.model.parameters())
         self.scheduler = build_scheduler(self.recipe.optim, self.optimizer, self.recipe.schedule.epochs)
 
     # -- state -----------------------------------------------------------------------------
+    def model_state(self) -> dict[str, Any]:
+        return {"model": copy.deepcopy(self.model.state_dict()), "objective": copy.deepcopy(self.objective.state_dict()),
+                "head_counts": self.model.head_counts()}
+
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
-                "head_counts": self.model.head_counts(), "progress": asdict(self.progress), "rng": rng_state()}
+        return {**self.model_state(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "progress": asdict(self.progress), "rng": rng_state(), "best": self.best}
 
     def restore(self, state: dict[str, Any]) -> None:
-        if any(self.model.head_counts()[m] > n for m, n in state["head_counts"].items()):
-            self._rebuild()  # the saved model is smaller (best epoch came before a head was added)
-        self._grow_heads(state["head_counts"])
-        self.model.load_state_dict(state["model"])
+        self.load_model_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.objective.load_state_dict(state["objective"])
         self.progress = Progress(**state["progress"])
+        self.best = state["best"]
         set_rng_state(state["rng"])
 
-    def _grow_heads(self, counts: dict[str, int]) -> None:
-        for m, count in counts.items():
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        if any(self.model.head_counts()[m] > n for m, n in state["head_counts"].items()):
+            self._rebuild()  # the saved model is smaller (it predates a head addition)
+        for m, count in state["head_counts"].items():
             while self.model.head_counts()[m] < count:
                 self._add_head(m)
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
 
     def _add_head(self, modality: str) -> None:
         params = self.model.add_head(modality)
@@ -88,47 +100,50 @@ class Trainer:
 
     # -- phases ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        split, batch_size = self.splits["train"], self.recipe.schedule.batch_size
-        steps = split.num_batches(batch_size, drop_last=True)
         counter, started = SumCounter(), time.perf_counter()
-        batches = split.iterate(batch_size, shuffle_seed=epoch_seed(self.recipe.seed, epoch), drop_last=True, device=self.device)
+        batches, steps = self.source.train_batches(epoch, self.batch_size)
+        done = 0
         for batch, labels in progress_bar(batches, total=steps, desc=f"epoch {epoch}", enabled=self.verbose):
+            if self.on_step is not None:
+                self.on_step(epoch, done)
             clock = StepClock(self.progress.step, epoch, steps)
-            train_batch(self.model, self.objective, self.optimizer, batch, labels, clock, self.world,
+            train_batch(self.model, self.objective, self.optimizer, batch, labels, clock, self.world, self.group,
                         self.recipe.optim.grad_clip, counter)
             self.progress.step += 1
+            done += 1
         elapsed = time.perf_counter() - started
-        for change in self.objective.on_epoch_end(epoch, _stat_pairs(counter, self.world), self.world):
+        for change in self.objective.on_epoch_end(epoch, _stat_pairs(counter, self.group), self.world):
             self._add_head(change.modality)
-        means = {k: v for k, v in counter.means(self.world.all_reduce_sum).items() if not k.startswith("stat:")}
+        self.group.broadcast_module(self.model)  # BatchNorm running stats: rank 0's, as DDP does
+        means = {k: v for k, v in counter.means(self.group.all_reduce_sum).items() if not k.startswith("stat:")}
         metrics = {f"train/{k}": v for k, v in means.items()}
         metrics["train/imbalance_ratio"] = imbalance_ratio(metrics, self.modalities, "train/")
-        metrics["train/samples_per_s"] = steps * batch_size * self.world.world_size / max(elapsed, 1e-9)
+        metrics["train/samples_per_s"] = done * self.batch_size * self.group.world_size / max(elapsed, 1e-9)
         return metrics
 
-    def score(self, key: str, epoch: int, prefix: str) -> dict[str, float]:
-        batches = self.splits[key].iterate(self.recipe.eval.batch_size, shuffle_seed=None, drop_last=False, device=self.device)
-        means = evaluate(self.model, self.objective, batches, epoch).means(self.world.all_reduce_sum)
-        metrics = {f"{prefix}/{k}": v for k, v in means.items()}
-        metrics[f"{prefix}/imbalance_ratio"] = imbalance_ratio(metrics, self.modalities, f"{prefix}/")
+    def score(self, key: str, epoch: int) -> dict[str, float]:
+        batches = self.source.eval_batches(key, self.recipe.eval.batch_size)
+        counter = evaluate(self.model, self.objective, batches, epoch)
+        metrics = {f"{key}/{k}": v for k, v in counter.means(self.group.all_reduce_sum).items()}
+        metrics[f"{key}/imbalance_ratio"] = imbalance_ratio(metrics, self.modalities, f"{key}/")
         return metrics
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         metrics = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.train_epoch(epoch)}
-        metrics.update(self.score("val", epoch, "val"))
+        metrics.update(self.score("val", epoch))
         metrics.update({f"objective/{k}": v for k, v in self.objective.epoch_metrics().items()})
         self.scheduler.step()
         self.progress.epoch = epoch + 1
-        if metrics["val/acc_fused"] > self.progress.best_val:
+        metrics["improved"] = metrics["val/acc_fused"] > self.progress.best_val
+        if metrics["improved"]:  # the same decision on every rank: val metrics are all-reduced
             self.progress.best_val, self.progress.best_epoch = metrics["val/acc_fused"], epoch
-            save_state(self.record.checkpoint_dir("best"), self.state())
-        save_state(self.record.checkpoint_dir("latest"), self.state())
+            self.best = self.model_state()
         return metrics
 
     def final_test(self) -> dict[str, Any]:
-        """Score the best-val checkpoint on test, once."""
-        self.restore(load_state(self.record.checkpoint_dir("best")))
-        test = self.score("test", self.progress.best_epoch, "test")
+        """Score the best-val weights on test, once. Leaves the model holding them."""
+        self.load_model_state(self.best)
+        test = self.score("test", self.progress.best_epoch)
         return {
             "val": {"best_acc": self.progress.best_val, "best_epoch": self.progress.best_epoch},
             "test": {"acc": test["test/acc_fused"],
@@ -139,31 +154,65 @@ class Trainer:
             "epochs": self.recipe.schedule.epochs,
             "objective": self.recipe.objective.name,
             "seed": self.recipe.seed,
+            "workers": self.group.world_size,
         }
 
 
-def _stat_pairs(counter: SumCounter, world: DistInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _stat_pairs(counter: SumCounter, group: ProcessGroup) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Objective statistics, summed over the epoch and over ranks."""
-    return {k[len("stat:"):]: v for k, v in counter.pairs(world.all_reduce_sum).items() if k.startswith("stat:")}
+    return {k[len("stat:"):]: v for k, v in counter.pairs(group.all_reduce_sum).items() if k.startswith("stat:")}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """``config = {"recipe": <recipe dict>, "output_dir": str, "resume": bool, "verbose": bool}``."""
+    """``config = {"recipe": dict, "output_dir": str, "resume": bool, "verbose": bool, "fault": dict|None}``.
+
+    Runs unchanged in-process and on every Ray Train worker (``make_session`` tells which).
+    Rank 0 alone writes the run record and checkpoints; every rank reports each epoch.
+    """
     recipe = Recipe.model_validate(config["recipe"])
-    record = RunRecord(config["output_dir"])
-    verbose = config.get("verbose", True)
-    trainer = Trainer(recipe, record, DistInfo(), verbose=verbose)
-    if config.get("resume"):
-        trainer.restore(load_state(record.checkpoint_dir("latest")))
-        record.truncate_metrics(trainer.progress.epoch)
-    else:
-        record.write_config(recipe.to_dict())
-        record.truncate_metrics(0)
-    table = EpochTable(trainer.modalities, enabled=verbose)
+    session = make_session(config)
+    manifest = validate_shards(recipe.data.path, values=session.group.rank == 0)
+    check_against_data(recipe, manifest)
+    rank0 = session.group.rank == 0
+    record = RunRecord(config["output_dir"]) if rank0 else None
+    trainer = Trainer(recipe, manifest, session.group, session.source(recipe, manifest), session.device(recipe),
+                      on_step=session.step_hook(), verbose=rank0 and config.get("verbose", True))
+    state = session.restored_state()
+    if state is not None:
+        trainer.restore(state)
+    if rank0:
+        _start_record(record, recipe, trainer.progress.epoch)
+    table = EpochTable(trainer.modalities, enabled=rank0 and config.get("verbose", True))
+    result = None
     for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
         metrics = trainer.run_epoch(epoch)
-        record.append_metrics(metrics)
-        table.row(metrics)
-    result = trainer.final_test()
-    record.write_result(result)
+        if epoch == recipe.schedule.epochs - 1:
+            latest = trainer.state()  # before final_test swaps in the best weights
+            result = trainer.final_test()
+        _finish_epoch(session, trainer, record, table, metrics, latest if result else trainer.state(), result)
+    if result is None:  # resumed after the last epoch had already been reported
+        result = trainer.final_test()
+        if rank0:
+            record.write_result(result)
     return result
+
+
+def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:
+    if next_epoch == 0:
+        record.write_config(recipe.to_dict())
+    record.truncate_metrics(next_epoch)  # a restarted run never duplicates an epoch line
+
+
+def _finish_epoch(session: Session, trainer: Trainer, record: RunRecord | None, table: EpochTable,
+                  metrics: dict[str, Any], state: dict[str, Any], result: dict[str, Any] | None) -> None:
+    checkpoint_dir = None
+    if record is not None:
+        if metrics["improved"]:
+            save_state(record.checkpoint_dir("best"), state)
+        checkpoint_dir = record.checkpoint_dir("latest")
+        save_state(checkpoint_dir, state)
+        record.append_metrics(metrics)
+        if result is not None:
+            record.write_result(result)
+        table.row(metrics)
+    session.report(metrics, checkpoint_dir)

@@ -43,6 +43,14 @@ class SumCounter:
         else:
             self.sums[name], self.counts[name] = total, count
 
+    def declare(self, names: list[str], device: torch.device) -> None:
+        """Start named accumulators at zero, so a rank that sees no rows still takes part in
+        the reduction with the same keys as the others."""
+        for name in names:
+            if name not in self.sums:
+                self.sums[name] = torch.zeros((), dtype=torch.float64, device=device)
+                self.counts[name] = torch.zeros((), dtype=torch.float64, device=device)
+
     def pairs(self, reduce=lambda t: t) -> dict[str, tuple[Tensor, Tensor]]:
         if not self.sums:
             return {}
@@ -66,6 +74,10 @@ class SumCounter:
             return {}
         values = torch.stack([torch.stack(v) for v in pairs.values()]).cpu().tolist()  # [K, 2]
         return {n: s / c if c > 0 else float("nan") for n, (s, c) in zip(pairs, values)}
+
+
+def prediction_stat_names(modalities: list[str]) -> list[str]:
+    return ["acc_fused"] + [f"{stat}_{m}" for m in modalities for stat in ("acc", "tcp", "ucom")]
 
 
 def add_prediction_stats(counter: SumCounter, outputs: HeadOutputs, labels: Tensor) -> None:

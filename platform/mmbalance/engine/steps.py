@@ -3,7 +3,7 @@
 The objective decides losses, multipliers and statistics; this module owns backward,
 gradient hooks, clipping and optimizer steps, in the order algorithms.md §6.3 fixes:
 for each loss group, zero grads (set to None, so untouched parameters are skipped by the
-step), backward, clip, step.
+step), backward, average gradients over ranks, clip, step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mmbalance.engine.metrics import SumCounter, add_prediction_stats
+from mmbalance.engine.distributed import ProcessGroup
+from mmbalance.engine.metrics import SumCounter, add_prediction_stats, prediction_stat_names
 from mmbalance.models import LateFusion
 from mmbalance.objectives import DistInfo, Objective, StepInputs, StepResult
 
@@ -26,14 +27,15 @@ class StepClock:
 
 
 def train_batch(model: LateFusion, objective: Objective, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor],
-                labels: Tensor, clock: StepClock, world: DistInfo, grad_clip: float | None, counter: SumCounter) -> None:
+                labels: Tensor, clock: StepClock, world: DistInfo, group: ProcessGroup, grad_clip: float | None,
+                counter: SumCounter) -> None:
     ctx = objective.forward_context("train", clock.epoch)
     features, outputs = model(batch, ctx)
     inputs = StepInputs(features=features, outputs=outputs, labels=labels, step=clock.step, epoch=clock.epoch,
                         steps_per_epoch=clock.steps_per_epoch, phase="train", world=world,
                         recompute_heads=lambda: model.heads_forward(features, objective.forward_context("train", clock.epoch)))
     result = objective.step(inputs)
-    total = _optimise(model, optimizer, result, features, grad_clip)
+    total = _optimise(model, optimizer, result, features, group, grad_clip)
     n = labels.numel()
     counter.add("loss_total", total * n, n)
     for name, value in result.metrics.items():
@@ -45,7 +47,7 @@ def train_batch(model: LateFusion, objective: Objective, optimizer: torch.optim.
 
 
 def _optimise(model: nn.Module, optimizer: torch.optim.Optimizer, result: StepResult,
-              features: dict[str, Tensor], grad_clip: float | None) -> Tensor:
+              features: dict[str, Tensor], ranks: ProcessGroup, grad_clip: float | None) -> Tensor:
     total = torch.zeros((), device=next(iter(features.values())).device)
     for index, group in enumerate(result.losses):
         optimizer.zero_grad(set_to_none=True)
@@ -57,6 +59,7 @@ def _optimise(model: nn.Module, optimizer: torch.optim.Optimizer, result: StepRe
         loss.backward()
         for handle in handles:
             handle.remove()
+        ranks.average_gradients(model.parameters())  # clip after the average: the global-batch norm
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
         optimizer.step()
@@ -71,6 +74,7 @@ def evaluate(model: LateFusion, objective: Objective, batches, epoch: int) -> Su
     Labels are used only to score: the forward context is label-free."""
     model.eval()
     counter = SumCounter()
+    counter.declare(prediction_stat_names(model.modalities), next(model.parameters()).device)
     ctx = objective.forward_context("eval", epoch)
     for batch, labels in batches:
         _, outputs = model(batch, ctx)

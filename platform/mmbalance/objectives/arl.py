@@ -150,7 +150,7 @@ class ARL(StatelessObjective):
         one = k.new_ones(())
         stats = {f"arl_k_{m}": (k[i], one) for i, m in enumerate(mods)}
         stats.update({f"arl_mult_{m}": (multipliers[i], one) for i, m in enumerate(mods)})
-        metrics = {"loss_total": total.detach(), "loss_fused": fused.detach()}
+        metrics = {"loss_fused": fused.detach()}
         metrics.update({f"loss_{m}": v.detach() for m, v in unimodal.items()})
         metrics.update({f"arl_d_{m}": analysis["d"][i] for i, m in enumerate(mods)})
         metrics.update({f"arl_q_{m}": analysis["q"][i] for i, m in enumerate(mods)})

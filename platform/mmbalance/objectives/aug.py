@@ -187,7 +187,6 @@ class AUG:
             stats[f"aug_score_{m}"] = (true_prob.sum(), torch.full((), y.shape[0], dtype=true_prob.dtype, device=y.device))
             # Logged from this forward for every modality (later groups' losses are lazy).
             metrics[f"loss_{m}"] = self._loss(heads, y)
-        metrics["loss_total"] = torch.stack(list(metrics.values())).sum()
         return StepResult(losses=losses, stats=stats, metrics=metrics)
 
     def _loss(self, heads: list[Tensor], labels: Tensor) -> Tensor:

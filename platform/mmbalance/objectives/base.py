@@ -93,11 +93,13 @@ class LossGroup:
     """One backward + one optimizer step.
 
     ``loss`` is a scalar tensor, or a callable producing one when its turn comes (so it can
-    read parameters updated by the previous group). ``modalities`` names the modalities
-    whose private parameters this step may move (``None``: all parameters).
+    read parameters updated by the previous group). ``modalities`` names the modalities the
+    group is for (``None``: all).
     """
 
     loss: LossValue
+    # Informational: the engine zeroes grads (set to None) before each group, so a step moves
+    # only parameters this loss reaches — the named modality's and any shared head.
     modalities: tuple[str, ...] | None = None
 
     def value(self) -> Tensor:
@@ -111,7 +113,8 @@ class StepResult:
     grad_multipliers: dict[str, Tensor | float] = field(default_factory=dict)
     # name -> (sum, count), detached; the engine accumulates them over the epoch.
     stats: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # name -> detached scalar tensor, for logging (averaged over the epoch's steps).
+    # name -> detached scalar tensor, for logging (averaged over the epoch's steps). The engine
+    # logs ``loss_total`` itself (the sum of the loss groups as they were stepped).
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 

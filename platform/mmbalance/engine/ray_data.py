@@ -1,0 +1,101 @@
+"""Ray Data input: Parquet shards -> decoded tensors -> each worker's share.
+
+Driver side, ``build_datasets`` reads each split's files from the manifest with
+``read_parquet`` (local paths or any pyarrow/fsspec URI), shuffles the file order of the
+training split afresh each epoch with a seed, and decodes in ``map_batches`` (flattened
+fixed-size lists -> ``[B, *shape]`` arrays). ``split_config`` splits train equally across
+workers (same number of steps on every rank) and val/test unequally (no row dropped, so
+all-reduced counts equal the split size). Worker side, ``RayShardSource`` iterates the shard
+with a local shuffle buffer seeded per epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mmbalance.config import Recipe
+from mmbalance.data.manifest import Manifest
+from mmbalance.engine.batches import Batch, epoch_seed
+
+SPLIT_KEYS = ("train", "val", "test")
+
+
+def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` (runs in Ray Data tasks)."""
+    n = table.num_rows
+    out = {"label": table.column("label").to_numpy().astype(np.int64)}
+    for m, shape in shapes.items():
+        flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        out[m] = flat.astype(dtypes[m], copy=False).reshape(n, *shape)
+    return out
+
+
+def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int) -> dict[str, Any]:
+    import ray.data
+
+    # Per-operator progress bars from every worker drown the epoch table; the engine shows its own.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    modalities = list(recipe.modalities)
+    shapes = {m: manifest.modalities[m].shape for m in modalities}
+    dtypes = {m: manifest.modalities[m].dtype for m in modalities}
+    datasets = {}
+    for key in SPLIT_KEYS:
+        split = getattr(recipe.data, f"{key}_split")
+        files = [f"{root.rstrip('/')}/{f.path}" for f in manifest.splits[split].files]
+        shuffle = ray.data.FileShuffleConfig(seed=recipe.seed, reseed_after_execution=True) if key == "train" else None
+        ds = ray.data.read_parquet(files, columns=["label", *modalities], shuffle=shuffle)
+        if key != "train":
+            # Several blocks per worker: an unequal split hands out whole blocks, and a
+            # one-file split would otherwise be evaluated by one worker alone.
+            ds = ds.repartition(num_blocks=4 * workers)
+        datasets[key] = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes})
+    return datasets
+
+
+def split_config():
+    """A ``DataConfig`` that splits train equally and val/test without dropping rows."""
+    import ray.train
+
+    class ExactEvalSplit(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for rank, shard in enumerate(ds.streaming_split(world_size, equal=(name == "train"))):
+                    output[rank][name] = shard
+            return output
+
+    return ExactEvalSplit()
+
+
+class RayShardSource:
+    """This worker's share of each split, as device tensors."""
+
+    def __init__(self, recipe: Recipe, manifest: Manifest, device: torch.device):
+        import ray.train
+
+        self.recipe, self.device = recipe, device
+        self.modalities = list(recipe.modalities)
+        self.shards = {key: ray.train.get_dataset_shard(key) for key in SPLIT_KEYS}
+        world = ray.train.get_context().get_world_size()
+        self.train_rows = manifest.splits[recipe.data.train_split].rows // world
+        self.buffer = max(4 * recipe.schedule.batch_size, 256)
+
+    def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
+        batches = self.shards["train"].iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=self.buffer,
+            local_shuffle_seed=epoch_seed(self.recipe.seed, epoch))
+        # equal=True gives every rank the same rows, so the step count agrees across ranks.
+        return self._to_device(batches), self.train_rows // batch_size
+
+    def eval_batches(self, key: str, batch_size: int) -> Iterator[Batch]:
+        return self._to_device(self.shards[key].iter_torch_batches(batch_size=batch_size, drop_last=False))
+
+    def _to_device(self, batches) -> Iterator[Batch]:
+        for batch in batches:
+            yield {m: batch[m].to(self.device) for m in self.modalities}, batch["label"].to(self.device)

@@ -1,0 +1,73 @@
+"""Connecting to Ray and checking that a request fits before anything is scheduled.
+
+On a laptop, Ray is started in-process with logical CPUs for every worker plus headroom:
+Ray Data's read and decode tasks need CPUs of their own, and a 2-worker run on a 2-CPU
+Ray hangs waiting for them (ecosystem.md §2.5). On a cluster (``RAY_ADDRESS`` set, or
+``--address``) nothing is started: the request is checked against what the cluster has.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DATA_HEADROOM_CPUS = 2  # Ray Data read/decode tasks
+DRIVER_CPUS = 0  # the TorchTrainer controller actor requests no CPU in Train V2
+
+
+@dataclass(frozen=True)
+class Request:
+    workers: int
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    @property
+    def cpus(self) -> float:
+        return self.workers * self.cpus_per_worker + DRIVER_CPUS
+
+    @property
+    def gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+
+class DoesNotFit(RuntimeError):
+    """The cluster cannot hold the requested workers; raised before any actor starts."""
+
+
+def connect(request: Request, address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    local_cpus = max(os.cpu_count() or 1, int(request.cpus + 0.999) + DATA_HEADROOM_CPUS)
+    ray.init(num_cpus=local_cpus, object_store_memory=_object_store_bytes(), include_dashboard=False)
+
+
+def _object_store_bytes() -> int:
+    # Ray's default (30% of RAM) is far more than shards of this size need, and on small
+    # machines /dev/shm is tight; 1 GiB or a quarter of RAM, whichever is smaller.
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return int(min(1 << 30, total // 4))
+
+
+def check_fits(request: Request) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    problems = []
+    if request.cpus + DATA_HEADROOM_CPUS > cpus:
+        problems.append(f"{request.workers} workers x {request.cpus_per_worker} CPU + {DATA_HEADROOM_CPUS} CPUs for "
+                        f"Ray Data need {request.cpus + DATA_HEADROOM_CPUS:g} CPUs, the cluster has {cpus:g}")
+    if request.gpus > gpus:
+        problems.append(f"{request.workers} workers x {request.gpus_per_worker} GPU need {request.gpus:g} GPUs, "
+                        f"the cluster has {gpus:g}")
+    if problems:
+        raise DoesNotFit("requested workers cannot fit: " + "; ".join(problems))

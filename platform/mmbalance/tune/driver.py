@@ -1,0 +1,54 @@
+"""The Train driver: one recipe -> one ``TorchTrainer`` run over N data-parallel workers.
+
+Called by ``mmbalance train --workers N`` and (later) by every Tune trial, so the two never
+drift. Workers run ``engine.loop.train_loop_per_worker`` unchanged; this module only wires
+datasets, scaling, failure handling and checkpoint retention.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mmbalance.config import Recipe
+from mmbalance.data.manifest import Manifest
+from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.ray_data import build_datasets, split_config
+
+# Fail a resource-starved start in minutes, not forever (ecosystem.md §2.8.3).
+CONTROLLER_FAILURE_LIMIT = 3
+
+
+def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, gpus_per_worker: float = 0.0,
+        resume: bool = False, max_failures: int = 1, storage_path: str | None = None, name: str | None = None,
+        fault: dict[str, Any] | None = None, verbose: bool = True):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    output_dir = Path(output_dir).resolve()
+    data_root = recipe.data.path if "://" in recipe.data.path else str(Path(recipe.data.path).resolve())
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data_root})})
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": 1, "GPU": gpus_per_worker} if use_gpu else {"CPU": 1}
+    loop_config = {"recipe": recipe.to_dict(), "output_dir": str(output_dir), "resume": resume, "ray": True,
+                   "verbose": verbose, "fault": fault}
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=build_datasets(recipe, manifest, data_root, workers),
+        dataset_config=split_config(),
+        run_config=ray.train.RunConfig(
+            name=name or output_dir.name,  # stable: a rerun with the same name resumes
+            storage_path=storage_path or str(output_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                   controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
+            # Keep the best-by-val checkpoint; Ray always keeps the latest as well.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val/acc_fused",
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+    return trainer.fit()
