@@ -43,3 +43,18 @@ def recipe_dict(shards: Path, modalities=("audio", "visual"), **sections) -> dic
     for key, value in sections.items():
         recipe[key] = value
     return recipe
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (one instance per host; ecosystem.md §2.8)."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local tests only
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

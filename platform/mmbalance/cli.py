@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mmbalance.config import ConfigError, check_against_data, load_recipe
 from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
+from mmbalance.data.shards import ShardError, validate_shards
 from mmbalance.tune.cluster import DoesNotFit
 
 DEFAULT_RECIPE = Path("trainables/synthetic.yaml")
@@ -63,13 +64,15 @@ def _print_prepared(out: str, manifest) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict:
+    from mmbalance.engine.loop import train_loop_per_worker
+
     overrides = list(args.set)
     if args.workers is not None:
         overrides.append(f"scaling.workers={args.workers}")
     if args.gpus_per_worker is not None:
         overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
     recipe = load_recipe(args.recipe, overrides)
-    manifest = read_manifest(recipe.data.path)
+    manifest = validate_shards(recipe.data.path)  # a bad shard stops the run here, before any worker starts
     check_against_data(recipe, manifest)
     output = Path(args.output or Path("runs") / Path(args.recipe).stem)
     _prepare_output(output, resume=args.resume, overwrite=args.overwrite)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
+    except (ConfigError, ShardError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
         print(f"mmbalance {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

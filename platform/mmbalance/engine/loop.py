@@ -57,6 +57,7 @@ class Trainer:
         self._rebuild()
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # best-val model, kept on every rank
+        self.resumed_from_epoch: int | None = None  # set when a checkpoint was restored
 
     def _rebuild(self) -> None:
         torch.manual_seed(self.recipe.seed)  # model initialisation, identical on every rank
@@ -125,8 +126,18 @@ class Trainer:
         batches = self.source.eval_batches(key, self.recipe.eval.batch_size)
         counter = evaluate(self.model, self.objective, batches, epoch)
         metrics = {f"{key}/{k}": v for k, v in counter.means(self.group.all_reduce_sum).items()}
+        metrics.update(self._eval_shares(key, counter.counts["acc_fused"]))
         metrics[f"{key}/imbalance_ratio"] = imbalance_ratio(metrics, self.modalities, f"{key}/")
         return metrics
+
+    def _eval_shares(self, key: str, local_count: torch.Tensor) -> dict[str, float]:
+        """How many samples were scored, and the largest share one rank scored (evidence
+        that the split is divided across ranks and nothing is dropped)."""
+        per_rank = torch.zeros(self.group.world_size, dtype=torch.float64, device=local_count.device)
+        per_rank[self.group.rank] = local_count
+        per_rank = self.group.all_reduce_sum(per_rank).cpu()
+        total = float(per_rank.sum())
+        return {f"{key}/samples": total, f"{key}/max_rank_share": float(per_rank.max()) / max(total, 1.0)}
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         metrics = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.train_epoch(epoch)}
@@ -150,11 +161,12 @@ class Trainer:
                      "acc_per_modality": {m: test[f"test/acc_{m}"] for m in self.modalities},
                      "tcp_per_modality": {m: test[f"test/tcp_{m}"] for m in self.modalities},
                      "ucom_per_modality": {m: test[f"test/ucom_{m}"] for m in self.modalities},
-                     "imbalance_ratio": test["test/imbalance_ratio"]},
+                     "imbalance_ratio": test["test/imbalance_ratio"], "samples": test["test/samples"]},
             "epochs": self.recipe.schedule.epochs,
             "objective": self.recipe.objective.name,
             "seed": self.recipe.seed,
             "workers": self.group.world_size,
+            "resumed_from_epoch": self.resumed_from_epoch,
         }
 
 
@@ -180,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state = session.restored_state()
     if state is not None:
         trainer.restore(state)
+        trainer.resumed_from_epoch = trainer.progress.epoch
     if rank0:
         _start_record(record, recipe, trainer.progress.epoch)
     table = EpochTable(trainer.modalities, enabled=rank0 and config.get("verbose", True))

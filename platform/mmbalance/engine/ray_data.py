@@ -47,7 +47,7 @@ def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int) 
         split = getattr(recipe.data, f"{key}_split")
         files = [f"{root.rstrip('/')}/{f.path}" for f in manifest.splits[split].files]
         shuffle = ray.data.FileShuffleConfig(seed=recipe.seed, reseed_after_execution=True) if key == "train" else None
-        ds = ray.data.read_parquet(files, columns=["label", *modalities], shuffle=shuffle)
+        ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(["label", *modalities])
         if key != "train":
             # Several blocks per worker: an unequal split hands out whole blocks, and a
             # one-file split would otherwise be evaluated by one worker alone.
