@@ -161,3 +161,17 @@ def test_synthetic_spec_rejects_bad_values():
         SyntheticSpec(modalities={"audio": {"signal": 1.0}})
     with pytest.raises(ValueError, match="train, val and test"):
         SyntheticSpec(samples={"train": 10, "test": 10})
+
+
+def test_shards_are_read_through_a_uri(small_shards):
+    uri = f"file://{small_shards.resolve()}"
+    manifest = validate_shards(uri)
+    by_uri = load_split(uri, manifest, "val")
+    by_path = load_split(small_shards, manifest, "val")
+    assert by_uri.sample_ids == by_path.sample_ids
+    np.testing.assert_array_equal(by_uri.modalities["audio"], by_path.modalities["audio"])
+
+
+def test_missing_manifest_at_a_uri_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        validate_shards(f"file://{tmp_path}")

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mmbalance.data import storage
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 Dtype = Literal["float32", "uint8", "int64"]
@@ -83,10 +85,13 @@ class Manifest(_Strict):
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
+    """Read ``manifest.json`` from a local directory or a URI (``s3://bucket/shards``)."""
+    path = storage.join(shard_dir, MANIFEST_NAME)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no manifest.json; is {shard_dir} a directory written by `mmbalance prepare`?")
+    with storage.open_input(path) as handle:
+        text = handle.read().decode()
     try:
-        return Manifest.model_validate_json(path.read_text())
+        return Manifest.model_validate_json(text)
     except ValueError as err:
         raise ValueError(f"{path}: invalid manifest: {err}") from err

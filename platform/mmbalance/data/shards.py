@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmbalance.data import storage
 from mmbalance.data.manifest import MANIFEST_NAME, Manifest, ModalitySpec, ShardFile, SplitInfo, read_manifest
 
 ARROW_DTYPES = {"float32": pa.float32(), "uint8": pa.uint8(), "int64": pa.int64()}
@@ -41,9 +42,9 @@ class SplitArrays:
         return len(self.labels)
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with storage.open_input(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -133,23 +134,24 @@ def _check_arrays(split: str, arrays: SplitArrays, modalities: dict[str, Modalit
 
 
 def validate_shards(shard_dir: str | Path, *, checksums: bool = True, values: bool = True) -> Manifest:
-    """Check every file against the manifest; raise ShardError naming the file and column."""
-    root = Path(shard_dir)
-    manifest = read_manifest(root)
+    """Check every file against the manifest; raise ShardError naming the file and column.
+    Works on local directories and URIs (every byte is read when ``checksums``/``values``)."""
+    manifest = read_manifest(shard_dir)
     expected = arrow_schema(manifest.modalities)
     for split, info in manifest.splits.items():
         for entry in info.files:
-            _validate_file(root / entry.path, entry, expected, manifest, checksums=checksums, values=values)
+            path = storage.join(shard_dir, entry.path)
+            _validate_file(path, entry, expected, manifest, checksums=checksums, values=values)
     return manifest
 
 
-def _validate_file(path: Path, entry: ShardFile, expected: pa.Schema, manifest: Manifest, *, checksums: bool, values: bool) -> None:
-    if not path.is_file():
+def _validate_file(path: str, entry: ShardFile, expected: pa.Schema, manifest: Manifest, *, checksums: bool, values: bool) -> None:
+    if not storage.exists(path):
         raise ShardError(f"{path}: listed in manifest.json but missing")
     if checksums and sha256_of(path) != entry.sha256:
         raise ShardError(f"{path}: checksum mismatch (file changed or corrupt since prepare)")
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.open_input(path))
     except Exception as err:  # pyarrow raises several types for truncated/corrupt files
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
     schema = parquet.schema_arrow
@@ -167,7 +169,7 @@ def _validate_file(path: Path, entry: ShardFile, expected: pa.Schema, manifest: 
         _validate_values(path, parquet.read(), manifest)
 
 
-def _validate_values(path: Path, table: pa.Table, manifest: Manifest) -> None:
+def _validate_values(path: str, table: pa.Table, manifest: Manifest) -> None:
     labels = table.column("label").to_numpy()
     bad = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
     if bad.size:
@@ -186,7 +188,9 @@ def load_split(shard_dir: str | Path, manifest: Manifest, split: str, columns: l
     if split not in manifest.splits:
         raise KeyError(f"split {split!r} not in {shard_dir} (has {sorted(manifest.splits)})")
     mods = columns or list(manifest.modalities)
-    tables = [pq.read_table(Path(shard_dir) / f.path, columns=["sample_id", "label", *mods]) for f in manifest.splits[split].files]
+    fs, root = storage.resolve(shard_dir)
+    tables = [pq.read_table(storage.join(root, f.path), columns=["sample_id", "label", *mods], filesystem=fs)
+              for f in manifest.splits[split].files]
     table = pa.concat_tables(tables)
     arrays = {}
     for m in mods:

@@ -52,7 +52,10 @@ def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int) 
             # Several blocks per worker: an unequal split hands out whole blocks, and a
             # one-file split would otherwise be evaluated by one worker alone.
             ds = ds.repartition(num_blocks=4 * workers)
-        datasets[key] = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes})
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes})
+        # Eval splits never change between epochs: decode them once instead of re-reading
+        # and re-partitioning every epoch. Train keeps streaming (its file order changes).
+        datasets[key] = ds if key == "train" else ds.materialize()
     return datasets
 
 
