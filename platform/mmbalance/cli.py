@@ -1,4 +1,4 @@
-"""The ``mmbalance`` command line: prepare | train | demo.
+"""The ``mmbalance`` command line: prepare | train | tune | demo.
 
 Every command validates its whole configuration first and exits with status 2 and a
 message naming the bad key when something is wrong, before any data is read or written.
@@ -19,6 +19,7 @@ from mmbalance.data.shards import ShardError, validate_shards
 from mmbalance.tune.cluster import DoesNotFit
 
 DEFAULT_RECIPE = Path("trainables/synthetic.yaml")
+DEFAULT_SPACE = Path("search_spaces/quickstart.yaml")
 
 
 def _prepare_synthetic(args: argparse.Namespace) -> None:
@@ -126,15 +127,42 @@ def _demo(args: argparse.Namespace) -> None:
     from mmbalance.data.synthetic import prepare_synthetic
 
     root = Path(args.out)
-    if not Path(args.recipe).is_file():
-        raise ConfigError(f"demo recipe {args.recipe} not found; run from the repository root or pass --recipe")
+    for needed in (args.recipe, args.space):
+        if not Path(needed).is_file():
+            raise ConfigError(f"{needed} not found; run `mmbalance demo` from the repository root or pass --recipe/--space")
     shards = root / "shards" / "synthetic"
     print(f"[1/2] preparing the synthetic dataset in {shards}")
     _print_prepared(str(shards), prepare_synthetic(shards, overwrite=True))
-    print("[2/2] training late fusion (LF) on it")
-    train_args = argparse.Namespace(recipe=args.recipe, set=[f"data.path={shards}", *args.set], workers=None,
-                                    gpus_per_worker=None, output=str(root / "runs" / "lf"), resume=False, overwrite=True)
-    _train(train_args)
+    print(f"[2/2] searching {args.space} on it (Ray Tune, ASHA)")
+    tune_args = argparse.Namespace(space=args.space, recipe=args.recipe, set=[f"data.path={shards}", *args.set],
+                                   samples=args.samples, max_concurrent=None, workers=None, output=str(root / "search"),
+                                   storage=None, resume=False, overwrite=True, address=None)
+    _tune(tune_args)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from mmbalance.config import load_recipe_dict
+    from mmbalance.reports.tables import format_leaderboard, leaderboard
+    from mmbalance.tune.search import run_search
+    from mmbalance.tune.space import load_space
+
+    space = load_space(args.space)
+    updates = {k: v for k, v in {"samples": args.samples, "max_concurrent": args.max_concurrent,
+                                 "workers": args.workers}.items() if v is not None}
+    space = space.model_validate({**space.model_dump(), **updates})
+    base = load_recipe_dict(args.recipe, args.set)
+    output = Path(args.output or Path("runs") / f"tune-{Path(args.space).stem}")
+    if not args.resume and ((output / "results.parquet").exists() or (output / "tune").exists()):
+        if not args.overwrite:
+            raise ConfigError(f"{output} already holds a search; pass --resume to finish it or --overwrite to replace it")
+        shutil.rmtree(output)
+    print(f"search {args.space}: {space.trial_count()} trials, scheduler {space.scheduler.name}, "
+          f"up to {space.max_concurrent} at once, {space.workers or 'in-process'} worker(s) per trial -> {output}")
+    frame = run_search(space, base, output, resume=args.resume, storage=args.storage, address=args.address)
+    keys = [k for k in space.space]
+    stopped = int((frame["stop_reason"] == "stopped_early").sum())
+    print(f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name}); results: {output / 'results.parquet'}")
+    print(format_leaderboard(leaderboard(frame, keys), keys))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,9 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
     train.set_defaults(func=_train)
 
-    demo = sub.add_parser("demo", help="prepare the synthetic dataset and train LF on it (the README's first command)")
-    demo.add_argument("--out", default="demo", help="directory for shards and runs (default ./demo)")
+    tune = sub.add_parser("tune", help="search recipe keys with Ray Tune (ASHA or grids, seeds), then score every trial")
+    tune.add_argument("space", help="search space YAML (search_spaces/*.yaml)")
+    tune.add_argument("--recipe", required=True, help="recipe YAML (trainables/*.yaml)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted recipe override")
+    tune.add_argument("--samples", type=int, help="random draws (overrides the space's samples)")
+    tune.add_argument("--max-concurrent", type=int, help="trials running at once")
+    tune.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
+    tune.add_argument("--output", help="experiment directory (default runs/tune-<space name>)")
+    tune.add_argument("--storage", help="Ray storage path for experiment state and checkpoints (s3://, gs://, shared path)")
+    tune.add_argument("--resume", action="store_true", help="finish an interrupted search without re-running finished trials")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing search in --output")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
+    tune.set_defaults(func=_tune)
+
+    demo = sub.add_parser("demo", help="prepare the synthetic dataset and run the quickstart search on it (the README's first command)")
+    demo.add_argument("--out", default="demo", help="directory for shards and the search (default ./demo)")
     demo.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    demo.add_argument("--space", default=str(DEFAULT_SPACE))
+    demo.add_argument("--samples", type=int, help="random draws of the quickstart space (default: the space's)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=_demo)
     return parser

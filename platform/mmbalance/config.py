@@ -94,8 +94,27 @@ class ScheduleConfig(_Strict):
     batch_size: int = Field(ge=1, description="global batch size; each worker gets batch_size // workers")
 
 
+class EvalCorruption(_Strict):
+    """One robustness sweep of the final evaluation: ``name`` at each level on ``modality``."""
+
+    modality: str
+    name: str
+    levels: list[float] = Field(min_length=1)
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted (MNL protocol: 0.5)")
+
+    @model_validator(mode="after")
+    def _known(self) -> "EvalCorruption":
+        from mmbalance.data.corruptions import CORRUPTIONS
+
+        if self.name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {self.name!r}; allowed: {sorted(CORRUPTIONS)}")
+        return self
+
+
 class EvalConfig(_Strict):
     batch_size: int = Field(512, ge=1)
+    corruptions: list[EvalCorruption] = Field(default_factory=list, description="robustness sweeps on the test split")
+    corruption_seed: int = 0
 
 
 class ScalingConfig(_Strict):
@@ -184,6 +203,10 @@ def check_against_data(recipe: Recipe, manifest: Any) -> None:
     for m in recipe.modalities:
         if m not in manifest.modalities:
             problems.append(f"modalities.{m}: not in the data at {recipe.data.path}; allowed: {sorted(manifest.modalities)}")
+    for i, sweep in enumerate(recipe.eval.corruptions):
+        if sweep.modality not in recipe.modalities:
+            problems.append(f"eval.corruptions.{i}.modality: {sweep.modality!r} is not a recipe modality; "
+                            f"allowed: {sorted(recipe.modalities)}")
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(recipe.data, key)
         if split not in manifest.splits:

@@ -140,7 +140,9 @@ class Trainer:
         return {f"{key}/samples": total, f"{key}/max_rank_share": float(per_rank.max()) / max(total, 1.0)}
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        metrics = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.train_epoch(epoch)}
+        # ``epochs_done`` is the schedulers' clock (ASHA's time_attr): 1 after the first epoch.
+        metrics = {"epoch": epoch, "epochs_done": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                   **self.train_epoch(epoch)}
         metrics.update(self.score("val", epoch))
         metrics.update({f"objective/{k}": v for k, v in self.objective.epoch_metrics().items()})
         self.scheduler.step()

@@ -69,9 +69,31 @@ class RaySession(Session):
         ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank calls it once per epoch
 
 
+class TuneTrialSession(Session):
+    """In-process training inside a Tune trial (search spaces with ``workers: 0``): reports
+    go straight to Tune, so its scheduler sees every epoch."""
+
+    def restored_state(self) -> dict[str, Any] | None:
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()  # set when a trial is restored after an interruption
+        if checkpoint is None:
+            return super().restored_state()
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
 def make_session(config: dict[str, Any]) -> Session:
     if config.get("ray"):
         return RaySession(config, ProcessGroup.from_torch())
+    if config.get("tune"):
+        return TuneTrialSession(config, ProcessGroup())
     return Session(config, ProcessGroup())
 
 

@@ -22,7 +22,7 @@ CONTROLLER_FAILURE_LIMIT = 3
 
 def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, gpus_per_worker: float = 0.0,
         resume: bool = False, max_failures: int = 1, storage_path: str | None = None, name: str | None = None,
-        fault: dict[str, Any] | None = None, verbose: bool = True):
+        fault: dict[str, Any] | None = None, verbose: bool = True, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -49,6 +49,7 @@ def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, g
             # Keep the best-by-val checkpoint; Ray always keeps the latest as well.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val/acc_fused",
                                                          checkpoint_score_order="max"),
+            callbacks=callbacks or [],  # Tune trials pass TuneReportCallback: every epoch reaches the scheduler
         ),
     )
     return trainer.fit()

@@ -1,0 +1,105 @@
+"""Scoring a finished (or early-stopped) run from its best-val checkpoint, as a separate phase.
+
+A Tune scheduler may stop a trial at any report, so nothing after a trial's last report is
+guaranteed to run. The search therefore scores every trial here, from the best-val
+checkpoint it reported: test accuracy (fused and per modality) and robustness — accuracy
+with each modality missing (its input zeroed) and under each configured corruption level.
+The test split is read here and nowhere in model selection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mmbalance.config import Recipe
+from mmbalance.data.manifest import read_manifest
+from mmbalance.data.shards import SplitArrays, load_split
+from mmbalance.engine.batches import InMemorySplit
+from mmbalance.engine.build import build_bound_objective, build_model, resolve_device
+from mmbalance.engine.checkpoint import load_state
+from mmbalance.engine.metrics import imbalance_ratio
+from mmbalance.engine.steps import evaluate
+
+ArrayTransform = Callable[[SplitArrays], SplitArrays]
+
+
+def missing(modality: str) -> ArrayTransform:
+    def zero(arrays: SplitArrays) -> SplitArrays:
+        mods = dict(arrays.modalities, **{modality: np.zeros_like(arrays.modalities[modality])})
+        return SplitArrays(arrays.sample_ids, arrays.labels, mods)
+
+    return zero
+
+
+def corrupted(modality: str, name: str, level: float, p: float, seed: int) -> ArrayTransform:
+    """Per-sample seeded corruption of one modality (the same noise for a sample id wherever
+    and however often it is scored)."""
+    from mmbalance.data.corruptions import CorruptionPlan, apply_corruption, make_spec
+
+    plan = CorruptionPlan(corruptions=[make_spec(name, modality=modality, level=level, p=p)], seed=seed)
+
+    def apply(arrays: SplitArrays) -> SplitArrays:
+        return SplitArrays(arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, plan))
+
+    return apply
+
+
+def robustness_transforms(recipe: Recipe) -> dict[str, ArrayTransform]:
+    """Each modality missing, then every configured corruption level (``eval.corruptions``)."""
+    transforms = {f"missing_{m}": missing(m) for m in recipe.modalities}
+    for sweep in recipe.eval.corruptions:
+        for level in sweep.levels:
+            transforms[f"{sweep.name}_{sweep.modality}_{level:g}"] = corrupted(
+                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed)
+    return transforms
+
+
+def load_best_model(run_dir: str | Path, recipe: Recipe, device: torch.device):
+    """The best-val model of a run, rebuilt with its own head count, and its objective state."""
+    manifest = read_manifest(recipe.data.path)
+    state = load_state(Path(run_dir) / "checkpoints" / "best")
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe, manifest).to(device)
+    objective = build_bound_objective(recipe, model)
+    for m, count in state["head_counts"].items():
+        while model.head_counts()[m] < count:
+            model.add_head(m)
+    model.load_state_dict(state["model"])
+    objective.load_state_dict(state["objective"])
+    return model, objective, state
+
+
+def score_arrays(model, objective, arrays: SplitArrays, modalities: list[str], batch_size: int, epoch: int,
+                 device: torch.device) -> dict[str, float]:
+    split = InMemorySplit(arrays, modalities)
+    batches = split.iterate(batch_size, shuffle_seed=None, drop_last=False, device=device)
+    metrics = evaluate(model, objective, batches, epoch).means()
+    metrics["imbalance_ratio"] = imbalance_ratio(metrics, modalities, "")
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path, recipe_tree: dict[str, Any]) -> dict[str, Any]:
+    """Test and robustness metrics of a run's best-val checkpoint."""
+    recipe = Recipe.model_validate(recipe_tree)
+    device = resolve_device(recipe.scaling.device)
+    model, objective, state = load_best_model(run_dir, recipe, device)
+    modalities = list(recipe.modalities)
+    test = load_split(recipe.data.path, read_manifest(recipe.data.path), recipe.data.test_split, modalities)
+    epoch = state["progress"]["best_epoch"]
+
+    def score(arrays: SplitArrays) -> dict[str, float]:
+        return score_arrays(model, objective, arrays, modalities, recipe.eval.batch_size, epoch, device)
+
+    clean = score(test)
+    robustness = {name: score(transform(test))["acc_fused"] for name, transform in robustness_transforms(recipe).items()}
+    return {
+        "best_epoch": epoch,
+        "best_val": state["progress"]["best_val"],
+        "test": {"acc": clean["acc_fused"], "acc_per_modality": {m: clean[f"acc_{m}"] for m in modalities},
+                 "imbalance_ratio": clean["imbalance_ratio"], "samples": len(test)},
+        "robustness": robustness,
+    }

@@ -1,0 +1,185 @@
+"""``mmbalance tune``: Ray Tune over the Train driver, ASHA or grids, then a scoring phase.
+
+Each trial trains one recipe (base recipe + the space's fixed keys + its draw + its seed)
+and reports every epoch with a checkpoint: in the trial process (``workers: 0``, cheap
+trials on a laptop) or as a ``TorchTrainer`` with N workers whose rank-0 reports reach Tune
+through ``TuneReportCallback`` (ecosystem.md §2.2). ASHA reads ``val/acc_fused`` against
+``epochs_done``. After ``fit`` returns, every trial — finished or stopped early — is scored
+from its best-val checkpoint by Ray tasks (``engine/evaluation.py``), and one row per trial
+goes to ``results.parquet`` / ``results.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmbalance.config import Recipe
+from mmbalance.data.manifest import read_manifest
+from mmbalance.tune.space import SearchSpace, trial_recipe
+
+TRIALS_DIR = "trials"
+EXPERIMENT_STATE = "tune"
+
+
+def tune_param_space(space: SearchSpace) -> dict[str, Any]:
+    """All trial configurations, as one Tune grid: each draw is shared by every seed, so
+    results can be averaged over seeds per configuration (Tune would redraw per seed)."""
+    import ray.tune as tune
+
+    return {"params": tune.grid_search(space.configurations())}
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], output: str, workers: int,
+              gpus_per_worker: float) -> None:
+    """One Tune trial == one training run, named after its (stable) trial id."""
+    import ray.tune
+
+    from mmbalance.engine.loop import train_loop_per_worker
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = dict(config["params"])
+    seed = params.pop("seed")
+    tree = trial_recipe(base, fixed, params, seed)
+    run_dir = Path(output) / TRIALS_DIR / trial_id
+    if workers == 0:
+        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False})
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mmbalance.tune.driver import fit
+
+    recipe = Recipe.model_validate(tree)
+    fit(recipe, read_manifest(recipe.data.path), run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
+        name=f"train-{trial_id}", storage_path=str(Path(output) / "train"), verbose=False,
+        callbacks=[TuneReportCallback()])
+
+
+def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
+                storage: str | None = None):
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trainable = partial(run_trial, base=base, fixed=space.set, output=str(output), workers=space.workers,
+                        gpus_per_worker=space.gpus_per_worker)
+    # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
+    # Train driver and its workers request their own resources.
+    trainable = tune.with_resources(trainable, {"cpu": 1 if space.workers == 0 else 0})
+    storage_path = storage or str(output.resolve())
+    if resume:
+        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    if space.scheduler.name == "asha":
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=space.scheduler.max_t or epochs,
+                                  grace_period=space.scheduler.grace_period,
+                                  reduction_factor=space.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=tune_param_space(space),
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1,
+                                    scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
+        run_config=tune.RunConfig(name=EXPERIMENT_STATE, storage_path=storage_path,
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
+    )
+
+
+def trial_rows(grid, space: SearchSpace, output: Path, max_t: int) -> list[dict[str, Any]]:
+    """One dict per trial from Tune's result grid: its draw, seed, epochs and stop reason."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-2]
+        epochs_run = int(metrics.get("epochs_done", 0))
+        if result.error is not None:
+            reason = "error"
+        elif epochs_run >= max_t:
+            reason = "completed"
+        else:
+            reason = "stopped_early"
+        params = {k: _label(v) for k, v in result.config["params"].items()}
+        row = {"trial_id": trial_id, **params,
+               "epochs_run": epochs_run, "stop_reason": reason, "run_dir": str(output / TRIALS_DIR / trial_id)}
+        rows.append(row)
+    return rows
+
+
+def _label(value: Any) -> Any:
+    """Bundles become one readable cell: ``objective.name=arm,model.fusion=concat``."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+def score_trials(rows: list[dict[str, Any]], space: SearchSpace, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scoring phase: every trial with a best checkpoint, in parallel Ray tasks."""
+    import ray
+
+    from mmbalance.engine.evaluation import evaluate_run
+
+    remote = ray.remote(num_cpus=1, num_gpus=space.gpus_per_worker and 1)(evaluate_run)
+    pending = {}
+    for row in rows:
+        if (Path(row["run_dir"]) / "checkpoints" / "best" / "state.pt").is_file():
+            tree = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())  # the trial's own recipe
+            pending[row["trial_id"]] = remote.remote(row["run_dir"], tree)
+    scored = dict(zip(pending, ray.get(list(pending.values()))))
+    return [{**row, **_flatten_scores(scored.get(row["trial_id"]))} for row in rows]
+
+
+def _flatten_scores(score: dict[str, Any] | None) -> dict[str, Any]:
+    if score is None:
+        return {"best_val": None, "best_epoch": None, "test_acc": None}
+    flat = {"best_val": score["best_val"], "best_epoch": score["best_epoch"], "test_acc": score["test"]["acc"],
+            "test_imbalance_ratio": score["test"]["imbalance_ratio"], "test_samples": score["test"]["samples"]}
+    flat.update({f"test_acc_{m}": acc for m, acc in score["test"]["acc_per_modality"].items()})
+    flat.update({f"robust_{name}": acc for name, acc in score["robustness"].items()})
+    return flat
+
+
+def write_results(rows: list[dict[str, Any]], output: Path) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(output / "results.parquet", index=False)
+    frame.to_csv(output / "results.csv", index=False)
+    (output / "results.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    return output / "results.parquet"
+
+
+def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume: bool = False,
+               storage: str | None = None, address: str | None = None) -> "Any":
+    """Validate, connect, search, score, write results; returns the results DataFrame."""
+    import pandas as pd
+    import ray
+
+    from mmbalance.data.shards import validate_shards
+    from mmbalance.tune.cluster import Request, check_fits, connect
+    from mmbalance.tune.space import validate_against
+
+    fixed = validate_against(space, base)
+    validate_shards(fixed.data.path)
+    output.mkdir(parents=True, exist_ok=True)
+    per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
+    connect(Request(workers=per_trial.workers * space.max_concurrent, gpus_per_worker=space.gpus_per_worker), address)
+    check_fits(per_trial)
+    base = _absolute_data_path(base)
+    max_t = space.scheduler.max_t or fixed.schedule.epochs
+    grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage).fit()
+    rows = score_trials(trial_rows(grid, space, output, max_t), space, base)
+    write_results(rows, output)
+    return pd.DataFrame(rows)
+
+
+def _absolute_data_path(base: dict[str, Any]) -> dict[str, Any]:
+    """Trials run in other processes (other working directories): make the shard path absolute."""
+    path = str(base["data"]["path"])
+    if "://" in path:
+        return base
+    return {**base, "data": {**base["data"], "path": str(Path(path).resolve())}}

@@ -1,0 +1,243 @@
+"""Corruptions: identity at level 0, statistics per level, per-sample seeding, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmbalance.data.corruptions import (
+    CORRUPTIONS,
+    CorruptionError,
+    CorruptionPlan,
+    apply_corruption,
+    corrupt_batch,
+    make_spec,
+    parse_levels,
+    sweep_plans,
+)
+
+N = 1000
+IDS = [f"s{i:05d}" for i in range(N)]
+
+
+def _batch(n: int = N, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1000, 2000, size=(n, 48))
+    lengths = rng.integers(8, 48, size=n)
+    tokens[np.arange(48)[None, :] >= lengths[:, None]] = 0  # right padding with pad id 0
+    return {
+        "visual": rng.uniform(0.2, 0.8, size=(n, 3, 6, 6)).astype(np.float32),
+        "photo": rng.integers(1, 255, size=(n, 3, 6, 6), dtype=np.uint8),
+        "text": tokens.astype(np.int64),
+        "audio": rng.standard_normal((n, 400)).astype(np.float32),
+        "label": rng.integers(0, 4, size=n),
+    }
+
+
+def _plan(name: str, modality: str, level: float, seed: int = 0, **fields) -> CorruptionPlan:
+    return CorruptionPlan(seed=seed, corruptions=[make_spec(name, modality=modality, level=level, **fields)])
+
+
+MODALITY = {"gaussian": "visual", "salt_pepper": "visual", "word_replace": "text", "audio_snr": "audio", "missing": "audio"}
+SOME_LEVEL = {"gaussian": 5, "salt_pepper": 5, "word_replace": 5, "audio_snr": 10, "missing": 1}
+
+
+def _changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    return (before != after).reshape(len(before), -1).any(axis=1)  # [B]
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_level_zero_is_the_exact_identity(name):
+    batch = _batch(64)
+    out = apply_corruption(batch, IDS[:64], _plan(name, MODALITY[name], 0, p=1.0))
+    np.testing.assert_array_equal(out[MODALITY[name]], batch[MODALITY[name]])
+    assert out[MODALITY[name]] is not batch[MODALITY[name]]
+
+
+def test_gaussian_noise_std_is_ten_epsilon_pixels_on_about_p_of_the_samples():
+    batch = _batch()
+    for level in (1, 2):
+        out = apply_corruption(batch, IDS, _plan("gaussian", "visual", level, p=0.5))
+        hit = _changed(batch["visual"], out["visual"])
+        assert abs(hit.mean() - 0.5) < 0.05
+        noise = (out["visual"] - batch["visual"])[hit]  # images in [0.2, 0.8]: clipping is negligible
+        assert abs(noise.std() / (10 * level / 255) - 1) < 0.03
+        assert abs(noise.mean()) < 0.002
+
+
+def test_gaussian_on_uint8_uses_pixel_units_and_pixel_range_rescales_floats():
+    batch = _batch()
+    out = apply_corruption(batch, IDS, _plan("gaussian", "photo", 1, p=1.0))
+    assert out["photo"].dtype == np.uint8
+    noise = out["photo"].astype(np.float64) - batch["photo"]
+    inner = (batch["photo"] > 40) & (batch["photo"] < 215)
+    assert abs(noise[inner].std() / 10 - 1) < 0.03
+    scaled = {"visual": batch["visual"] * 255}
+    wide = apply_corruption(scaled, IDS, _plan("gaussian", "visual", 1, p=1.0, pixel_range=255))
+    assert abs((wide["visual"] - scaled["visual"]).std() / 10 - 1) < 0.03
+
+
+def test_gaussian_result_is_clipped_to_the_pixel_range():
+    batch = _batch(200)
+    out = apply_corruption(batch, IDS[:200], CorruptionPlan(corruptions=[
+        make_spec("gaussian", modality="visual", level=30, p=1.0),
+        make_spec("gaussian", modality="photo", level=30, p=1.0)]))
+    assert out["visual"].min() == 0.0 and out["visual"].max() == 1.0
+    assert out["photo"].min() == 0 and out["photo"].max() == 255
+
+
+def test_salt_pepper_sets_exactly_round_epsilon_percent_of_pixels_to_min_or_max():
+    batch = _batch(400)
+    out = apply_corruption(batch, IDS[:400], _plan("salt_pepper", "visual", 10, p=0.5))
+    hit = _changed(batch["visual"], out["visual"])
+    assert abs(hit.mean() - 0.5) < 0.08
+    changed = out["visual"] != batch["visual"]  # [B, 3, 6, 6]; inputs lie in (0, 1)
+    assert (changed[hit].reshape(hit.sum(), -1).sum(axis=1) == round(0.1 * 108)).all()
+    values = out["visual"][changed]
+    assert set(np.unique(values)) == {0.0, 1.0}
+    assert abs((values == 1.0).mean() - 0.5) < 0.05
+
+
+def test_salt_pepper_with_channel_axis_masks_whole_pixels():
+    batch = _batch(50)
+    out = apply_corruption(batch, IDS[:50], _plan("salt_pepper", "photo", 25, p=1.0, channel_axis=0))
+    changed = out["photo"] != batch["photo"]  # [B, 3, 6, 6]
+    pixels = changed.any(axis=1)  # [B, 6, 6]
+    assert (pixels.reshape(50, -1).sum(axis=1) == 9).all()
+    both = out["photo"].transpose(0, 2, 3, 1)[pixels]  # [K, 3]: one value across channels
+    assert ((both == 0).all(axis=1) | (both == 255).all(axis=1)).all()
+
+
+def test_word_replacement_rate_is_epsilon_over_ten_and_pads_stay():
+    batch = _batch()
+    out = apply_corruption(batch, IDS, _plan("word_replace", "text", 5, p=0.5))
+    hit = _changed(batch["text"], out["text"])
+    assert abs(hit.mean() - 0.5) < 0.05
+    real = batch["text"][hit] != 0
+    replaced = out["text"][hit] == 100
+    assert abs(replaced[real].mean() - 0.5) < 0.02
+    assert not replaced[~real].any()
+    np.testing.assert_array_equal(out["text"] == 0, batch["text"] == 0)
+    changed = out["text"] != batch["text"]
+    assert (out["text"][changed] == 100).all()
+
+
+def test_word_replace_honours_replacement_and_kept_ids():
+    tokens = np.tile(np.array([[101, 7, 8, 9, 102, 0]]), (200, 1))
+    out = apply_corruption({"t": tokens}, IDS[:200],
+                           _plan("word_replace", "t", 10, p=1.0, replacement_id=1, keep_ids=(101, 102)))
+    np.testing.assert_array_equal(out["t"], np.tile(np.array([[101, 1, 1, 1, 102, 0]]), (200, 1)))
+
+
+def test_audio_snr_matches_the_requested_level():
+    batch = _batch()
+    for snr in (5.0, 20.0):
+        out = apply_corruption(batch, IDS, _plan("audio_snr", "audio", snr, p=0.5))
+        hit = _changed(batch["audio"], out["audio"])
+        assert abs(hit.mean() - 0.5) < 0.05
+        x = batch["audio"][hit].astype(np.float64)
+        noise = out["audio"][hit] - x
+        measured = 10 * np.log10((x**2).mean(axis=1) / (noise**2).mean(axis=1))  # [hit]
+        assert abs(measured.mean() - snr) < 0.5
+        assert np.abs(measured - snr).max() < 0.05
+
+
+def test_missing_zeroes_the_modality_exactly():
+    batch = _batch(64)
+    out = apply_corruption(batch, IDS[:64], CorruptionPlan(corruptions=[
+        make_spec("missing", modality="audio"), make_spec("missing", modality="text")]))
+    assert not out["audio"].any() and not out["text"].any()
+    assert out["audio"].dtype == np.float32 and out["text"].dtype == np.int64
+    assert out["visual"] is batch["visual"]
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_two_workers_apply_the_same_noise_to_the_same_sample_id(name):
+    batch, modality = _batch(40), MODALITY[name]
+    plan = _plan(name, modality, SOME_LEVEL[name], seed=3, p=0.5)
+    whole = apply_corruption(batch, IDS[:40], plan)[modality]
+    halves = [apply_corruption({modality: batch[modality][part]}, [IDS[i] for i in part], plan)[modality]
+              for part in (np.arange(0, 40, 2), np.arange(1, 40, 2))]
+    np.testing.assert_array_equal(halves[0], whole[0::2])
+    np.testing.assert_array_equal(halves[1], whole[1::2])
+    order = np.random.default_rng(1).permutation(40)
+    shuffled = apply_corruption({modality: batch[modality][order]}, [IDS[i] for i in order], plan)[modality]
+    np.testing.assert_array_equal(shuffled, whole[order])
+    alone = apply_corruption({modality: batch[modality][7:8]}, IDS[7:8], plan)[modality]
+    np.testing.assert_array_equal(alone, whole[7:8])
+
+
+def test_different_ids_and_seeds_get_different_noise():
+    image = np.full((2, 3, 6, 6), 0.5, np.float32)  # two identical images
+    plan = _plan("gaussian", "visual", 5, seed=0, p=1.0)
+    out = apply_corruption({"visual": image}, ["a", "b"], plan)["visual"]
+    assert not np.array_equal(out[0], out[1])
+    other = apply_corruption({"visual": image}, ["a", "b"], _plan("gaussian", "visual", 5, seed=1, p=1.0))["visual"]
+    assert not np.array_equal(out, other)
+    again = apply_corruption({"visual": image}, ["a", "b"], plan)["visual"]
+    np.testing.assert_array_equal(out, again)
+
+
+def test_inputs_are_never_mutated():
+    batch = _batch(64)
+    before = {k: v.copy() for k, v in batch.items()}
+    plan = CorruptionPlan(seed=2, corruptions=[make_spec(name, modality=MODALITY[name], level=SOME_LEVEL[name], p=1.0)
+                                               for name in sorted(CORRUPTIONS)])
+    apply_corruption(batch, IDS[:64], plan)
+    for key, value in before.items():
+        np.testing.assert_array_equal(batch[key], value)
+
+
+def test_corrupt_batch_reads_ids_from_the_batch_column():
+    batch = _batch(16)
+    batch["sample_id"] = np.array(IDS[:16], dtype=object)
+    plan = _plan("gaussian", "visual", 5, p=1.0)
+    np.testing.assert_array_equal(corrupt_batch(batch, plan)["visual"], apply_corruption(batch, IDS[:16], plan)["visual"])
+    del batch["sample_id"]
+    with pytest.raises(CorruptionError, match="no 'sample_id' column"):
+        corrupt_batch(batch, plan)
+
+
+def test_parse_levels_reads_the_cli_form():
+    assert parse_levels("gaussian:0,5,10") == ("gaussian", [0.0, 5.0, 10.0])
+    assert parse_levels(" audio_snr:20, 10 ") == ("audio_snr", [20.0, 10.0])
+    assert parse_levels("missing") == ("missing", [1.0])
+    plans = sweep_plans("visual", "salt_pepper:0,5", seed=4, channel_axis=0)
+    assert [p.corruptions[0].level for p in plans] == [0.0, 5.0] and plans[1].seed == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("blur:1", "unknown corruption 'blur'; allowed: audio_snr, gaussian, missing, salt_pepper, word_replace"),
+    ("gaussian", "expected NAME:LEVEL"),
+    ("gaussian:1,x", "level 'x' is not a number"),
+    ("gaussian:-1", "greater than or equal to 0"),
+    ("salt_pepper:150", r"salt_pepper level must be in \[0, 100\]"),
+    ("word_replace:11", r"word_replace level must be in \[0, 10\]"),
+    ("missing:0.5", "missing level must be 0"),
+])
+def test_bad_level_strings_are_refused_with_a_clear_message(text, message):
+    with pytest.raises(CorruptionError, match=message):
+        parse_levels(text)
+
+
+def test_invalid_specs_are_refused():
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        make_spec("gaussian", modality="visual", level=-1)
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        make_spec("gaussian", modality="visual", level=1, p=1.5)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        make_spec("gaussian", modality="visual", level=1, std=3)
+    with pytest.raises(CorruptionError, match="allowed: audio_snr, gaussian"):
+        make_spec("blur", modality="visual", level=1)
+    with pytest.raises(ValueError, match="expected tags: 'gaussian'"):
+        CorruptionPlan.model_validate({"corruptions": [{"name": "blur", "modality": "visual", "level": 1}]})
+
+
+def test_arrays_a_corruption_cannot_handle_are_refused():
+    batch = _batch(8)
+    with pytest.raises(CorruptionError, match="word_replace cannot corrupt 'visual' of dtype float32"):
+        apply_corruption(batch, IDS[:8], _plan("word_replace", "visual", 1))
+    with pytest.raises(CorruptionError, match="modality 'depth' is not in the batch"):
+        apply_corruption(batch, IDS[:8], _plan("gaussian", "depth", 1))
+    with pytest.raises(CorruptionError, match="for 7 sample ids"):
+        apply_corruption(batch, IDS[:7], _plan("gaussian", "visual", 1))
