@@ -55,6 +55,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
+    # The dashboard hosts the state API that Ray Train's PlacementGroupCleaner needs to free the
+    # placement groups of trials Tune stops; without it they leak (ecosystem.md §2.8).
+    ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -1,4 +1,4 @@
-"""The ``mmbalance`` command line: prepare | train | tune | demo.
+"""The ``mmbalance`` command line: prepare | train | tune | demo | submit.
 
 Every command validates its whole configuration first and exits with status 2 and a
 message naming the bad key when something is wrong, before any data is read or written.
@@ -16,7 +16,9 @@ from pathlib import Path
 from mmbalance.config import ConfigError, check_against_data, load_recipe
 from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
 from mmbalance.data.shards import ShardError, validate_shards
+from mmbalance.jobs import add_submit_parser
 from mmbalance.tune.cluster import DoesNotFit
+from mmbalance.tune.search import SearchInterrupted
 
 DEFAULT_RECIPE = Path("trainables/synthetic.yaml")
 DEFAULT_SPACE = Path("search_spaces/quickstart.yaml")
@@ -104,8 +106,8 @@ def _train_on_ray(recipe, manifest, output: Path, args: argparse.Namespace) -> d
     from mmbalance.tune.driver import fit
 
     request = Request(workers=recipe.scaling.workers, gpus_per_worker=recipe.scaling.gpus_per_worker)
-    connect(request, args.address)
-    check_fits(request)
+    started_here = connect(request, args.address)
+    check_fits(request, autoscaling=not started_here)
     fit(recipe, manifest, output, workers=request.workers, gpus_per_worker=request.gpus_per_worker,
         resume=args.resume, max_failures=args.max_failures)
     result_file = output / "result.json"
@@ -135,7 +137,8 @@ def _demo(args: argparse.Namespace) -> None:
     _print_prepared(str(shards), prepare_synthetic(shards, overwrite=True))
     print(f"[2/2] searching {args.space} on it (Ray Tune, ASHA)")
     tune_args = argparse.Namespace(space=args.space, recipe=args.recipe, set=[f"data.path={shards}", *args.set],
-                                   samples=args.samples, max_concurrent=None, workers=None, output=str(root / "search"),
+                                   samples=args.samples, max_concurrent=None, workers=None, gpus_per_worker=None,
+                                   output=str(root / "search"),
                                    storage=None, resume=False, overwrite=True, address=None)
     _tune(tune_args)
 
@@ -148,7 +151,7 @@ def _tune(args: argparse.Namespace) -> None:
 
     space = load_space(args.space)
     updates = {k: v for k, v in {"samples": args.samples, "max_concurrent": args.max_concurrent,
-                                 "workers": args.workers}.items() if v is not None}
+                                 "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}.items() if v is not None}
     space = space.model_validate({**space.model_dump(), **updates})
     base = load_recipe_dict(args.recipe, args.set)
     output = Path(args.output or Path("runs") / f"tune-{Path(args.space).stem}")
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--samples", type=int, help="random draws (overrides the space's samples)")
     tune.add_argument("--max-concurrent", type=int, help="trials running at once")
     tune.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
+    tune.add_argument("--gpus-per-worker", type=float, help="GPUs per worker of each trial (overrides the space's)")
     tune.add_argument("--output", help="experiment directory (default runs/tune-<space name>)")
     tune.add_argument("--storage", help="Ray storage path for experiment state and checkpoints (s3://, gs://, shared path)")
     tune.add_argument("--resume", action="store_true", help="finish an interrupted search without re-running finished trials")
@@ -226,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, help="random draws of the quickstart space (default: the space's)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=_demo)
+    add_submit_parser(sub)
     return parser
 
 
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"mmbalance {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SearchInterrupted as err:
+        print(f"mmbalance {args.command}: interrupted: {err}", file=sys.stderr)
         return 130
     return 0
 

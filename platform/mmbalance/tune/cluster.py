@@ -34,17 +34,21 @@ class DoesNotFit(RuntimeError):
     """The cluster cannot hold the requested workers; raised before any actor starts."""
 
 
-def connect(request: Request, address: str | None = None) -> None:
+def connect(request: Request, address: str | None = None) -> bool:
+    """Returns True when Ray was started here (a local, fixed-size cluster)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return False
     local_cpus = max(os.cpu_count() or 1, int(request.cpus + 0.999) + DATA_HEADROOM_CPUS)
-    ray.init(num_cpus=local_cpus, object_store_memory=_object_store_bytes(), include_dashboard=False)
+    # The dashboard serves the state API that Ray Train's PlacementGroupCleaner needs to free the
+    # placement groups of Train-in-Tune trials that Tune stops (they leak otherwise).
+    ray.init(num_cpus=local_cpus, object_store_memory=_object_store_bytes(), include_dashboard=True)
+    return True
 
 
 def _object_store_bytes() -> int:
@@ -57,7 +61,9 @@ def _object_store_bytes() -> int:
     return int(min(1 << 30, total // 4))
 
 
-def check_fits(request: Request) -> None:
+def check_fits(request: Request, autoscaling: bool = False) -> None:
+    """Refuse a request the cluster cannot hold. On a cluster that may autoscale, GPUs and
+    CPUs not up yet are expected, so the shortfall is printed instead of refused."""
     import ray
 
     total = ray.cluster_resources()
@@ -69,5 +75,7 @@ def check_fits(request: Request) -> None:
     if request.gpus > gpus:
         problems.append(f"{request.workers} workers x {request.gpus_per_worker} GPU need {request.gpus:g} GPUs, "
                         f"the cluster has {gpus:g}")
-    if problems:
+    if problems and autoscaling:
+        print("note: the cluster is short now (" + "; ".join(problems) + "); waiting for the autoscaler")
+    elif problems:
         raise DoesNotFit("requested workers cannot fit: " + "; ".join(problems))

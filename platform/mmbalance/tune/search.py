@@ -61,14 +61,20 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
 
 def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
                 storage: str | None = None):
+    import ray
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = partial(run_trial, base=base, fixed=space.set, output=str(output), workers=space.workers,
                         gpus_per_worker=space.gpus_per_worker)
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
-    # Train driver and its workers request their own resources.
-    trainable = tune.with_resources(trainable, {"cpu": 1 if space.workers == 0 else 0})
+    # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
+    # their own resources.
+    resources = {"cpu": 1} if space.workers == 0 else {"cpu": 0.01}
+    if space.workers and "TRAIN_DRIVER" in ray.cluster_resources():
+        # Clusters in clusters/ advertise TRAIN_DRIVER on the non-preemptible head: drivers go there.
+        resources = {"cpu": 0.01, "TRAIN_DRIVER": 0.01}
+    trainable = tune.with_resources(trainable, resources)
     storage_path = storage or str(output.resolve())
     if resume:
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
@@ -153,6 +159,10 @@ def write_results(rows: list[dict[str, Any]], output: Path) -> Path:
     return output / "results.parquet"
 
 
+class SearchInterrupted(RuntimeError):
+    """The search stopped before every trial ended (SIGINT); it can be resumed."""
+
+
 def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume: bool = False,
                storage: str | None = None, address: str | None = None) -> "Any":
     """Validate, connect, search, score, write results; returns the results DataFrame."""
@@ -167,11 +177,16 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     validate_shards(fixed.data.path)
     output.mkdir(parents=True, exist_ok=True)
     per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
-    connect(Request(workers=per_trial.workers * space.max_concurrent, gpus_per_worker=space.gpus_per_worker), address)
-    check_fits(per_trial)
+    started_here = connect(Request(workers=per_trial.workers * space.max_concurrent,
+                                   gpus_per_worker=space.gpus_per_worker), address)
+    check_fits(per_trial, autoscaling=not started_here)
     base = _absolute_data_path(base)
     max_t = space.scheduler.max_t or fixed.schedule.epochs
     grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage).fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < space.trial_count():  # Tune returns normally after SIGINT with the state saved
+        raise SearchInterrupted(f"{finished} of {space.trial_count()} trials finished; the search state is saved in "
+                                f"{output}: rerun the same command with --resume to finish it")
     rows = score_trials(trial_rows(grid, space, output, max_t), space, base)
     write_results(rows, output)
     return pd.DataFrame(rows)

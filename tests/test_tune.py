@@ -1,0 +1,92 @@
+"""Ray Tune integration: ASHA over Train-in-Tune trials, leak check, scoring, SIGINT + resume (slow)."""
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from mmbalance.tune.search import run_search
+from mmbalance.tune.space import SearchSpace
+
+from conftest import REPO, recipe_dict
+
+pytestmark = pytest.mark.integration
+
+
+def _settled_resources(ray, baseline, timeout=60.0):
+    """Resources are returned asynchronously after trials end: wait until they are back."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = ray.available_resources()
+        if all(abs(now.get(k, 0.0) - v) < 1e-6 for k, v in baseline.items() if k in ("CPU", "GPU")):
+            return now
+        time.sleep(1.0)
+    return ray.available_resources()
+
+
+def test_asha_over_torch_trainers_scores_every_trial_and_leaks_nothing(ray_cluster, small_shards, tmp_path):
+    from ray.util import placement_group_table
+
+    baseline = ray_cluster.available_resources()
+    space = SearchSpace.model_validate({
+        "space": {"optim.lr": {"loguniform": [0.0005, 0.05]}},
+        "seeds": [0, 1], "samples": 3,
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
+        "max_concurrent": 2, "workers": 1})
+    tree = recipe_dict(small_shards)
+    tree["schedule"] = {"epochs": 3, "batch_size": 32}
+    frame = run_search(space, tree, tmp_path / "search")
+
+    assert len(frame) == 6
+    assert set(frame["stop_reason"]) <= {"completed", "stopped_early"}
+    assert (frame["epochs_run"] <= 3).all() and (frame["stop_reason"] == "completed").any()
+    # Every trial, stopped early or not, is scored on test from its best-val checkpoint.
+    assert frame["test_acc"].notna().all() and (frame["test_samples"] == 128).all()
+    for column in ("robust_missing_audio", "robust_missing_visual", "test_acc_audio", "test_acc_visual", "best_val"):
+        assert frame[column].notna().all(), column
+    saved = pd.read_parquet(tmp_path / "search" / "results.parquet")
+    assert list(saved["trial_id"]) == list(frame["trial_id"])
+    assert (tmp_path / "search" / "results.csv").is_file()
+
+    now = _settled_resources(ray_cluster, baseline)
+    assert now.get("CPU") == baseline.get("CPU") and now.get("GPU", 0) == baseline.get("GPU", 0)
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, small_shards, tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "space": {"optim.lr": {"choice": [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]}},
+        "samples": 6, "scheduler": {"name": "fifo"}, "max_concurrent": 1, "workers": 0}))
+    recipe = tmp_path / "recipe.yaml"
+    tree = recipe_dict(small_shards)
+    tree["schedule"] = {"epochs": 8, "batch_size": 32}
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "search"
+    command = [shutil.which("mmbalance"), "tune", str(space_file), "--recipe", str(recipe), "--output", str(out),
+               "--address", ray_cluster.get_runtime_context().gcs_address]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while len(list((out / "trials").glob("*/result.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    done_before = {p.parent.name: p.read_text() for p in (out / "trials").glob("*/result.json")}
+    assert len(done_before) >= 2, "no trial finished in time"
+    first.send_signal(signal.SIGINT)
+    log = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, log[-3000:]
+    assert "--resume" in log
+    assert not (out / "results.parquet").exists()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    frame = pd.read_parquet(out / "results.parquet")
+    assert len(frame) == 6 and frame["test_acc"].notna().all()
+    for trial_id, text in done_before.items():
+        # Finished trials were not trained again: their records are untouched.
+        assert (out / "trials" / trial_id / "result.json").read_text() == text
+        assert len((out / "trials" / trial_id / "metrics.jsonl").read_text().splitlines()) == 8
