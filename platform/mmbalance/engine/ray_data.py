@@ -34,7 +34,17 @@ def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str
     return out
 
 
-def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int) -> dict[str, Any]:
+def train_fits_in_cache(recipe: Recipe, manifest: Manifest, share: float = 0.25) -> bool:
+    """Whether the decoded train split takes at most ``share`` of the cluster's object store."""
+    import ray
+
+    itemsize = {"float32": 4, "uint8": 1, "int64": 8}
+    row_bytes = 8 + sum(manifest.modalities[m].size * itemsize[manifest.modalities[m].dtype] for m in recipe.modalities)
+    capacity = ray.cluster_resources().get("object_store_memory", 0.0)
+    return manifest.splits[recipe.data.train_split].rows * row_bytes <= share * capacity
+
+
+def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int, cache_train: bool = False) -> dict[str, Any]:
     import ray.data
 
     # Per-operator progress bars from every worker drown the epoch table; the engine shows its own.
@@ -53,9 +63,10 @@ def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int) 
             # one-file split would otherwise be evaluated by one worker alone.
             ds = ds.repartition(num_blocks=4 * workers)
         ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes})
-        # Eval splits never change between epochs: decode them once instead of re-reading
-        # and re-partitioning every epoch. Train keeps streaming (its file order changes).
-        datasets[key] = ds if key == "train" else ds.materialize()
+        # Eval splits never change between epochs: decode them once instead of re-reading and
+        # re-partitioning every epoch. Train streams (file order reshuffled per epoch) unless
+        # it is small enough to cache decoded; then each epoch shuffles the whole shard instead.
+        datasets[key] = ds if key == "train" and not cache_train else ds.materialize()
     return datasets
 
 
@@ -77,9 +88,13 @@ def split_config():
 
 
 class RayShardSource:
-    """This worker's share of each split, as device tensors."""
+    """This worker's share of each split, as device tensors.
 
-    def __init__(self, recipe: Recipe, manifest: Manifest, device: torch.device):
+    A streamed train split is shuffled by file order (per epoch, in the reader) and a local
+    buffer of a few batches; a cached one by a buffer as large as the shard, i.e. a full
+    seeded permutation of the shard every epoch."""
+
+    def __init__(self, recipe: Recipe, manifest: Manifest, device: torch.device, train_cached: bool = False):
         import ray.train
 
         self.recipe, self.device = recipe, device
@@ -87,7 +102,7 @@ class RayShardSource:
         self.shards = {key: ray.train.get_dataset_shard(key) for key in SPLIT_KEYS}
         world = ray.train.get_context().get_world_size()
         self.train_rows = manifest.splits[recipe.data.train_split].rows // world
-        self.buffer = max(4 * recipe.schedule.batch_size, 256)
+        self.buffer = self.train_rows if train_cached else max(4 * recipe.schedule.batch_size, 256)
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
         batches = self.shards["train"].iter_torch_batches(

@@ -51,7 +51,7 @@ class RaySession(Session):
     def source(self, recipe: Recipe, manifest: Manifest) -> BatchSource:
         from mmbalance.engine.ray_data import RayShardSource
 
-        return RayShardSource(recipe, manifest, self.device(recipe))
+        return RayShardSource(recipe, manifest, self.device(recipe), train_cached=self.config.get("train_cached", False))
 
     def restored_state(self) -> dict[str, Any] | None:
         import ray.train

@@ -14,7 +14,7 @@ from typing import Any
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.engine.loop import train_loop_per_worker
-from mmbalance.engine.ray_data import build_datasets, split_config
+from mmbalance.engine.ray_data import build_datasets, split_config, train_fits_in_cache
 
 # Fail a resource-starved start in minutes, not forever (ecosystem.md §2.8.3).
 CONTROLLER_FAILURE_LIMIT = 3
@@ -31,15 +31,16 @@ def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, g
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data_root})})
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1, "GPU": gpus_per_worker} if use_gpu else {"CPU": 1}
+    cache_train = train_fits_in_cache(recipe, manifest)
     loop_config = {"recipe": recipe.to_dict(), "output_dir": str(output_dir), "resume": resume, "ray": True,
-                   "verbose": verbose, "fault": fault}
+                   "verbose": verbose, "fault": fault, "train_cached": cache_train}
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(recipe, manifest, data_root, workers),
+        datasets=build_datasets(recipe, manifest, data_root, workers, cache_train=cache_train),
         dataset_config=split_config(),
         run_config=ray.train.RunConfig(
             name=name or output_dir.name,  # stable: a rerun with the same name resumes
