@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -24,8 +25,8 @@ from mmbalance.tune.space import SearchSpace
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 9
 SPACE = {
-    "space": {"objective.lam": {"grid": [0.1, 0.3, 1.0, 3.0]},
-              "objective.warmup_epochs": {"grid": [0, 1, 2]},
+    "space": {"objective.lam": {"grid": [0.1, 0.3, 1.0, 3.0, 10.0]},
+              "objective.warmup_epochs": {"grid": [0, 1]},
               "objective.guidance": {"grid": ["prior:audio", "confidence", "confidence_ucom"]}},
     "set": {"objective.name": "mnl", "model.fusion": "mean", "schedule.epochs": EPOCHS},
     "seeds": [0], "max_concurrent": 2, "workers": 0,
@@ -44,8 +45,9 @@ def main() -> None:
     base["data"]["path"] = str(shards)
     runs = {}
     for name, scheduler in (("grid", {"name": "fifo"}),
-                            ("asha", {"name": "asha", "grace_period": 2, "reduction_factor": 3, "max_t": EPOCHS})):
+                            ("asha", {"name": "asha", "grace_period": 1, "reduction_factor": 3, "max_t": EPOCHS})):
         space = SearchSpace.model_validate({**SPACE, "scheduler": scheduler})
+        shutil.rmtree(out / name, ignore_errors=True)
         frame = run_search(space, base, out / name)
         runs[name] = (int(frame["epochs_run"].sum()), float(frame["best_val"].max()), len(frame),
                       int((frame["stop_reason"] == "stopped_early").sum()))

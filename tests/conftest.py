@@ -45,9 +45,10 @@ def recipe_dict(shards: Path, modalities=("audio", "visual"), **sections) -> dic
     return recipe
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the whole session (one instance per host; ecosystem.md §2.8)."""
+    """A local Ray per test module, shut down before the next module starts: one Ray instance
+    per host at any time (ecosystem.md §2.8), and test_jobs.py can start its own head."""
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local tests only

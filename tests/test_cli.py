@@ -62,3 +62,21 @@ def test_avdigits_prepare_command(tmp_path):
     done = _cli("prepare", "avdigits", "--root", SHARED_DATA / "fsdd_mnist", "--out", tmp_path / "avd")
     assert done.returncode == 0, done.stderr
     assert "train 2430, val 270, test 300" in done.stdout
+
+
+def test_eval_prints_and_writes_accuracy_per_corruption_level_and_missing_modality(tmp_path, small_shards):
+    run = tmp_path / "run"
+    done = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", f"data.path={small_shards}",
+                "--set", "schedule.epochs=2", "--output", run)
+    assert done.returncode == 0, done.stderr
+    done = _cli("eval", run, "--corrupt", "visual=gaussian:0,50", "--missing", "audio,visual")
+    assert done.returncode == 0, done.stderr
+    table = json.loads((run / "eval-test.json").read_text())["accuracy"]
+    assert list(table) == ["clean", "gaussian:0 on visual", "gaussian:50 on visual", "missing audio", "missing visual"]
+    assert table["gaussian:0 on visual"] == table["clean"]  # level 0 is the identity
+    assert table["missing visual"]["acc_visual"] != table["clean"]["acc_visual"]
+    assert "gaussian:50 on visual" in done.stdout
+    implicit = _cli("eval", run, "--corrupt", "gaussian:5", "--out", tmp_path / "implicit.json")
+    assert implicit.returncode == 0 and "gaussian:5 on visual" in implicit.stdout  # the one image-like modality
+    wrong = _cli("eval", run, "--corrupt", "audio_snr:5")
+    assert wrong.returncode == 2 and "say which modality" in wrong.stderr

@@ -14,6 +14,7 @@ from mmbalance.tune.search import run_search
 from mmbalance.tune.space import SearchSpace
 
 from conftest import REPO, recipe_dict
+from test_wandb_tracker import read_offline_run
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +91,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
         # Finished trials were not trained again: their records are untouched.
         assert (out / "trials" / trial_id / "result.json").read_text() == text
         assert len((out / "trials" / trial_id / "metrics.jsonl").read_text().splitlines()) == 8
+    # One offline W&B run per trial, grouped by the experiment, holding every epoch's metrics.
+    for trial_id in frame["trial_id"]:
+        runs = sorted((out / "trials" / trial_id / "wandb").glob("offline-run-*"))
+        assert runs, trial_id
+        logged = read_offline_run(runs[-1])
+        assert logged["run"]["run_id"] == trial_id and logged["run"]["run_group"] == "search"
+    first = read_offline_run(sorted((out / "trials" / frame["trial_id"][0] / "wandb").glob("offline-run-*"))[0])
+    assert sorted(first["history"]) == list(range(8))
+    assert "val/acc_fused" in first["history"][7] and "test/acc" in first["summary"]

@@ -1,4 +1,4 @@
-"""The ``mmbalance`` command line: prepare | train | tune | demo | submit.
+"""The ``mmbalance`` command line: prepare | train | tune | eval | demo | submit.
 
 Every command validates its whole configuration first and exits with status 2 and a
 message naming the bad key when something is wrong, before any data is read or written.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mmbalance.config import ConfigError, check_against_data, load_recipe
+from mmbalance.data.corruptions import CorruptionError
 from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
 from mmbalance.data.shards import ShardError, validate_shards
 from mmbalance.jobs import add_submit_parser
@@ -69,7 +70,7 @@ def _print_prepared(out: str, manifest) -> None:
 def _train(args: argparse.Namespace) -> dict:
     from mmbalance.engine.loop import train_loop_per_worker
 
-    overrides = list(args.set)
+    overrides = list(args.set) + _tracking_overrides(args)
     if args.workers is not None:
         overrides.append(f"scaling.workers={args.workers}")
     if args.gpus_per_worker is not None:
@@ -87,6 +88,19 @@ def _train(args: argparse.Namespace) -> dict:
         result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(output), "resume": args.resume})
     _print_result(result, output, time.perf_counter() - started)
     return result
+
+
+def _tracking_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"tracking.wandb": args.wandb, "tracking.project": args.wandb_project, "tracking.entity": args.wandb_entity}
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
+def _add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb", choices=["online", "offline", "disabled"],
+                        help="W&B mode (default: the recipe's tracking.wandb, offline); online falls back to offline "
+                        "without an API key or network")
+    parser.add_argument("--wandb-project", help="W&B project (default: tracking.project)")
+    parser.add_argument("--wandb-entity", help="W&B team or user (default: tracking.entity)")
 
 
 def _prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
@@ -109,7 +123,7 @@ def _train_on_ray(recipe, manifest, output: Path, args: argparse.Namespace) -> d
     started_here = connect(request, args.address)
     check_fits(request, autoscaling=not started_here)
     fit(recipe, manifest, output, workers=request.workers, gpus_per_worker=request.gpus_per_worker,
-        resume=args.resume, max_failures=args.max_failures)
+        resume=args.resume, max_failures=args.max_failures, storage_path=args.storage)
     result_file = output / "result.json"
     if not result_file.is_file():
         raise RuntimeError(f"training finished but {result_file} is missing (on a multi-node cluster --output must be "
@@ -139,8 +153,54 @@ def _demo(args: argparse.Namespace) -> None:
     tune_args = argparse.Namespace(space=args.space, recipe=args.recipe, set=[f"data.path={shards}", *args.set],
                                    samples=args.samples, max_concurrent=None, workers=None, gpus_per_worker=None,
                                    output=str(root / "search"),
-                                   storage=None, resume=False, overwrite=True, address=None)
+                                   storage=None, resume=False, overwrite=True, address=None, wandb=None,
+                                   wandb_project=None, wandb_entity=None)
     _tune(tune_args)
+
+
+IMAGE_LIKE = ("image", "visual", "video", "frames", "rgb")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import yaml
+
+    from mmbalance.data.corruptions import parse_levels
+    from mmbalance.engine.evaluation import corrupted, missing, sweep
+
+    run_dir = Path(args.checkpoint)
+    if run_dir.name == "best" and run_dir.parent.name == "checkpoints":
+        run_dir = run_dir.parent.parent
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints" / "best").is_dir():
+        raise ConfigError(f"{args.checkpoint}: expected a run directory with config.yaml and checkpoints/best")
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    modalities = list(tree["modalities"])
+    transforms = {}
+    for item in args.corrupt:
+        modality, _, spec = item.rpartition("=")
+        name, levels = parse_levels(spec)
+        modality = modality or _default_modality(name, modalities)
+        for level in levels:
+            transforms[f"{name}:{level:g} on {modality}"] = corrupted(modality, name, level, args.p, args.seed)
+    for modality in [m for m in (args.missing or "").split(",") if m]:
+        if modality not in modalities:
+            raise ConfigError(f"--missing {modality}: not a modality of this run; allowed: {modalities}")
+        transforms[f"missing {modality}"] = missing(modality)
+    table = sweep(run_dir, tree, args.split, transforms)
+    header = ["condition", "fused", *modalities]
+    rows = [[label, *(f"{row[k]:.4f}" for k in ["acc_fused", *[f"acc_{m}" for m in modalities]])] for label, row in table.items()]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]
+    print(f"{args.split} accuracy of {run_dir} (best-val checkpoint)\n" + "\n".join(lines))
+    out = Path(args.out or run_dir / f"eval-{args.split}.json")
+    out.write_text(json.dumps({"split": args.split, "p": args.p, "seed": args.seed, "accuracy": table}, indent=1) + "\n")
+    print(f"written to {out}")
+
+
+def _default_modality(name: str, modalities: list[str]) -> str:
+    candidates = [m for m in modalities if m in IMAGE_LIKE] if name in ("gaussian", "salt_pepper") else []
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ConfigError(f"--corrupt {name}: say which modality, e.g. {modalities[0]}={name}:0,5,10 (modalities: {modalities})")
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -153,7 +213,7 @@ def _tune(args: argparse.Namespace) -> None:
     updates = {k: v for k, v in {"samples": args.samples, "max_concurrent": args.max_concurrent,
                                  "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}.items() if v is not None}
     space = space.model_validate({**space.model_dump(), **updates})
-    base = load_recipe_dict(args.recipe, args.set)
+    base = load_recipe_dict(args.recipe, [*args.set, *_tracking_overrides(args)])
     output = Path(args.output or Path("runs") / f"tune-{Path(args.space).stem}")
     if not args.resume and ((output / "results.parquet").exists() or (output / "tune").exists()):
         if not args.overwrite:
@@ -206,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: scaling.gpus_per_worker)")
     train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the latest checkpoint")
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
+    train.add_argument("--storage", help="Ray storage path for checkpoints (s3://, gs://, or a shared path; "
+                       "default OUTPUT/ray); with --workers only")
+    _add_tracking_flags(train)
     train.set_defaults(func=_train)
 
     tune = sub.add_parser("tune", help="search recipe keys with Ray Tune (ASHA or grids, seeds), then score every trial")
@@ -221,7 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="finish an interrupted search without re-running finished trials")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing search in --output")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
+    _add_tracking_flags(tune)
     tune.set_defaults(func=_tune)
+
+    ev = sub.add_parser("eval", help="score a run's best-val checkpoint under corruptions and missing modalities")
+    ev.add_argument("checkpoint", help="a run directory (or its checkpoints/best)")
+    ev.add_argument("--split", choices=["test", "val"], default="test")
+    ev.add_argument("--corrupt", action="append", default=[], metavar="[MODALITY=]NAME:L1,L2",
+                    help="e.g. image=gaussian:0,5,10 (repeatable); names: gaussian, salt_pepper, word_replace, audio_snr, missing")
+    ev.add_argument("--missing", help="comma-separated modalities to zero, one condition each")
+    ev.add_argument("--p", type=float, default=0.5, help="probability a sample is corrupted (MNL protocol: 0.5)")
+    ev.add_argument("--seed", type=int, default=0, help="corruption seed (per-sample streams derive from it)")
+    ev.add_argument("--out", help="where to write the JSON table (default RUN/eval-<split>.json)")
+    ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="prepare the synthetic dataset and run the quickstart search on it (the README's first command)")
     demo.add_argument("--out", default="demo", help="directory for shards and the search (default ./demo)")
@@ -238,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
+    except (ConfigError, CorruptionError, ShardError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
         print(f"mmbalance {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

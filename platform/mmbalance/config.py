@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmbalance.models.encoders import ENCODERS
+from mmbalance.tracking.wandb_tracker import TrackingConfig
 from mmbalance.objectives import OBJECTIVES
 
 
@@ -132,6 +133,7 @@ class Recipe(_Strict):
     schedule: ScheduleConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

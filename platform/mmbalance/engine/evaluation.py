@@ -82,6 +82,24 @@ def score_arrays(model, objective, arrays: SplitArrays, modalities: list[str], b
     return metrics
 
 
+def sweep(run_dir: str | Path, recipe_tree: dict[str, Any], split: str,
+          transforms: dict[str, ArrayTransform]) -> dict[str, dict[str, float]]:
+    """Fused and per-modality accuracy of the best-val checkpoint on ``split`` under each
+    transform (``"clean"`` first), for `mmbalance eval`."""
+    recipe = Recipe.model_validate(recipe_tree)
+    device = resolve_device(recipe.scaling.device)
+    model, objective, state = load_best_model(run_dir, recipe, device)
+    modalities = list(recipe.modalities)
+    name = getattr(recipe.data, f"{split}_split")
+    arrays = load_split(recipe.data.path, read_manifest(recipe.data.path), name, modalities)
+    table = {}
+    for label, transform in {"clean": None, **transforms}.items():
+        metrics = score_arrays(model, objective, transform(arrays) if transform else arrays, modalities,
+                               recipe.eval.batch_size, state["progress"]["best_epoch"], device)
+        table[label] = {"acc_fused": metrics["acc_fused"], **{f"acc_{m}": metrics[f"acc_{m}"] for m in modalities}}
+    return table
+
+
 def evaluate_run(run_dir: str | Path, recipe_tree: dict[str, Any]) -> dict[str, Any]:
     """Test and robustness metrics of a run's best-val checkpoint."""
     recipe = Recipe.model_validate(recipe_tree)

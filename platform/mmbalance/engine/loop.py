@@ -14,6 +14,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,7 @@ from mmbalance.engine.session import Session, make_session
 from mmbalance.engine.sources import BatchSource
 from mmbalance.engine.steps import StepClock, evaluate, train_batch
 from mmbalance.tracking.records import RunRecord
+from mmbalance.tracking.wandb_tracker import WandbTracker
 
 StepHook = Callable[[int, int], None]  # (epoch, step within epoch) -> None
 
@@ -178,7 +180,8 @@ def _stat_pairs(counter: SumCounter, group: ProcessGroup) -> dict[str, tuple[tor
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """``config = {"recipe": dict, "output_dir": str, "resume": bool, "verbose": bool, "fault": dict|None}``.
+    """``config = {"recipe": dict, "output_dir": str, "resume": bool, "verbose": bool, "fault": dict|None,
+    "wandb": {"run_id", "run_name", "group"}}`` (only recipe and output_dir are required).
 
     Runs unchanged in-process and on every Ray Train worker (``make_session`` tells which).
     Rank 0 alone writes the run record and checkpoints; every rank reports each epoch.
@@ -198,18 +201,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank0:
         _start_record(record, recipe, trainer.progress.epoch)
     table = EpochTable(trainer.modalities, enabled=rank0 and config.get("verbose", True))
-    result = None
-    for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
-        metrics = trainer.run_epoch(epoch)
-        if epoch == recipe.schedule.epochs - 1:
-            latest = trainer.state()  # before final_test swaps in the best weights
+    with _tracker(config, recipe, session.group.rank) as tracker:
+        result = None
+        for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
+            metrics = trainer.run_epoch(epoch)
+            if epoch == recipe.schedule.epochs - 1:
+                latest = trainer.state()  # before final_test swaps in the best weights
+                result = trainer.final_test()
+            _finish_epoch(session, trainer, record, table, metrics, latest if result else trainer.state(), result)
+            tracker.log_epoch(metrics)  # after the checkpoint: a restarted run never logs an epoch twice
+        if result is None:  # resumed after the last epoch had already been reported
             result = trainer.final_test()
-        _finish_epoch(session, trainer, record, table, metrics, latest if result else trainer.state(), result)
-    if result is None:  # resumed after the last epoch had already been reported
-        result = trainer.final_test()
-        if rank0:
-            record.write_result(result)
+            if rank0:
+                record.write_result(result)
+        tracker.summary(result)
     return result
+
+
+def _tracker(config: dict[str, Any], recipe: Recipe, rank: int) -> WandbTracker:
+    """W&B on rank 0 only: one run per training run (per trial), grouped by experiment, with an
+    id that survives restarts (the trial id under Tune, the run directory's name otherwise)."""
+    run_dir = Path(config["output_dir"])
+    wandb = config.get("wandb", {})
+    return WandbTracker.start(recipe.tracking, run_dir=run_dir, run_id=wandb.get("run_id", run_dir.name),
+                              run_name=wandb.get("run_name", run_dir.name), group=wandb.get("group"),
+                              config=recipe.to_dict(), rank=rank)
 
 
 def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:

@@ -22,7 +22,8 @@ CONTROLLER_FAILURE_LIMIT = 3
 
 def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, gpus_per_worker: float = 0.0,
         resume: bool = False, max_failures: int = 1, storage_path: str | None = None, name: str | None = None,
-        fault: dict[str, Any] | None = None, verbose: bool = True, callbacks: list | None = None):
+        fault: dict[str, Any] | None = None, verbose: bool = True, callbacks: list | None = None,
+        wandb: dict[str, str] | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -33,7 +34,7 @@ def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, g
     resources = {"CPU": 1, "GPU": gpus_per_worker} if use_gpu else {"CPU": 1}
     cache_train = train_fits_in_cache(recipe, manifest)
     loop_config = {"recipe": recipe.to_dict(), "output_dir": str(output_dir), "resume": resume, "ray": True,
-                   "verbose": verbose, "fault": fault, "train_cached": cache_train}
+                   "verbose": verbose, "fault": fault, "train_cached": cache_train, "wandb": wandb or {}}
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     trainer = TorchTrainer(
         train_loop_per_worker,

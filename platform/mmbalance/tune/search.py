@@ -35,7 +35,7 @@ def tune_param_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], output: str, workers: int,
-              gpus_per_worker: float) -> None:
+              gpus_per_worker: float, storage: str | None = None) -> None:
     """One Tune trial == one training run, named after its (stable) trial id."""
     import ray.tune
 
@@ -46,8 +46,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     seed = params.pop("seed")
     tree = trial_recipe(base, fixed, params, seed)
     run_dir = Path(output) / TRIALS_DIR / trial_id
+    wandb = {"run_id": trial_id, "run_name": f"{Path(output).name}-{trial_id}", "group": Path(output).name}
     if workers == 0:
-        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False})
+        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False,
+                               "wandb": wandb})
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -55,8 +57,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
 
     recipe = Recipe.model_validate(tree)
     fit(recipe, read_manifest(recipe.data.path), run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
-        name=f"train-{trial_id}", storage_path=str(Path(output) / "train"), verbose=False,
-        callbacks=[TuneReportCallback()])
+        name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", verbose=False,
+        callbacks=[TuneReportCallback()], wandb=wandb)
 
 
 def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
@@ -65,8 +67,8 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    trainable = partial(run_trial, base=base, fixed=space.set, output=str(output), workers=space.workers,
-                        gpus_per_worker=space.gpus_per_worker)
+    trainable = partial(run_trial, base=base, fixed=space.set, output=str(output.resolve()), workers=space.workers,
+                        gpus_per_worker=space.gpus_per_worker, storage=storage)
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
     # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
     # their own resources.

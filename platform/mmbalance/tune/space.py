@@ -114,7 +114,8 @@ class SearchSpace(_Strict):
 
     def configurations(self) -> list[dict[str, Any]]:
         """Every trial's searched values and seed: ``samples`` random draws (seeded by
-        ``sample_seed``) x every grid combination x every seed; a draw is shared by its seeds."""
+        ``sample_seed``) x every grid combination x every seed, in a seeded random order; a
+        draw is shared by its seeds."""
         rng = np.random.default_rng(self.sample_seed)
         random_keys = [k for k, d in self.space.items() if d.kind != "grid"]
         grid_keys = [k for k, d in self.space.items() if d.kind == "grid"]
@@ -124,7 +125,9 @@ class SearchSpace(_Strict):
             for combo in itertools.product(*(self.space[k].grid for k in grid_keys)):
                 for seed in self.seeds:
                     configs.append({**draw, **dict(zip(grid_keys, combo)), "seed": seed})
-        return configs
+        # Seeded shuffle: trials start in mixed order, so ASHA's first rung decisions are not
+        # made among near-identical neighbours of a grid.
+        return [configs[i] for i in rng.permutation(len(configs))]
 
 
 def load_space(path: str | Path) -> SearchSpace:
