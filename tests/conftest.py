@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def recipe_dict(shards: Path, modalities=("audio", "visual"), **sections) -> dic
     recipe["modalities"] = {m: {"encoder": "mlp", "params": {"hidden": [16], "out_dim": 8}} for m in modalities}
     recipe["schedule"] = {"epochs": 3, "batch_size": 32}
     recipe["eval"] = {"batch_size": 64}
+    recipe["tracking"] = {"wandb": "disabled"}  # tests that check W&B turn it on themselves
     for key, value in sections.items():
         recipe[key] = value
     return recipe
@@ -61,3 +63,9 @@ def ray_cluster():
     ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

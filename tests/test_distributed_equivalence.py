@@ -7,7 +7,6 @@ coefficients and ARM's scales are updated every step.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from mmbalance.data.synthetic import prepare_synthetic
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.loop import Trainer
 
-from conftest import recipe_dict, small_spec
+from conftest import free_port, recipe_dict, small_spec
 
 pytestmark = pytest.mark.integration
 
@@ -83,18 +82,13 @@ def _worker(rank, world, port, shards, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     shards = tmp_path_factory.mktemp("eq") / "shards"
     prepare_synthetic(shards, small_spec())
     out = tmp_path_factory.mktemp("eq-out")
-    mp.spawn(_worker, args=(2, _free_port(), str(shards), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(shards), str(out)), nprocs=2, join=True)
     return shards, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

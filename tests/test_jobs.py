@@ -8,7 +8,6 @@ shut down by then (the shared fixture is module-scoped: one Ray instance per hos
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 
@@ -16,15 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, recipe_dict
+from conftest import REPO, free_port, recipe_dict
 
 pytestmark = pytest.mark.integration
 
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +28,8 @@ def head(tmp_path_factory):
     env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
     ray = shutil.which("ray")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, text=True)
-    dashboard = _free_port()
-    started = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+    dashboard = free_port()
+    started = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
                               f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
                               "--object-store-memory=300000000", "--disable-usage-stats"],
                              env=env, capture_output=True, text=True, timeout=180)

@@ -65,7 +65,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
         "space": {"optim.lr": {"choice": [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]}},
         "samples": 6, "scheduler": {"name": "fifo"}, "max_concurrent": 1, "workers": 0}))
     recipe = tmp_path / "recipe.yaml"
-    tree = recipe_dict(small_shards)
+    tree = recipe_dict(small_shards, tracking={"wandb": "offline"})
     tree["schedule"] = {"epochs": 8, "batch_size": 32}
     recipe.write_text(yaml.safe_dump(tree))
     out = tmp_path / "search"

@@ -1,4 +1,4 @@
-"""The ``mmbalance`` command line: prepare | train | tune | eval | demo | submit.
+"""The ``mmbalance`` command line: prepare | train | tune | eval | report | demo | submit.
 
 Every command validates its whole configuration first and exits with status 2 and a
 message naming the bad key when something is wrong, before any data is read or written.
@@ -18,6 +18,7 @@ from mmbalance.data.corruptions import CorruptionError
 from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
 from mmbalance.data.shards import ShardError, validate_shards
 from mmbalance.jobs import add_submit_parser
+from mmbalance.reports.command import add_report_parser
 from mmbalance.tune.cluster import DoesNotFit
 from mmbalance.tune.search import SearchInterrupted
 
@@ -147,15 +148,19 @@ def _demo(args: argparse.Namespace) -> None:
         if not Path(needed).is_file():
             raise ConfigError(f"{needed} not found; run `mmbalance demo` from the repository root or pass --recipe/--space")
     shards = root / "shards" / "synthetic"
-    print(f"[1/2] preparing the synthetic dataset in {shards}")
+    print(f"[1/3] preparing the synthetic dataset in {shards}")
     _print_prepared(str(shards), prepare_synthetic(shards, overwrite=True))
-    print(f"[2/2] searching {args.space} on it (Ray Tune, ASHA)")
+    print(f"[2/3] searching {args.space} on it (Ray Tune, ASHA)")
     tune_args = argparse.Namespace(space=args.space, recipe=args.recipe, set=[f"data.path={shards}", *args.set],
                                    samples=args.samples, max_concurrent=None, workers=None, gpus_per_worker=None,
                                    output=str(root / "search"),
                                    storage=None, resume=False, overwrite=True, address=None, wandb=None,
                                    wandb_project=None, wandb_entity=None)
     _tune(tune_args)
+    from mmbalance.reports.render import build_report
+
+    print("[3/3] writing the experiment report")
+    print(f"report written to {build_report(root / 'search')}")
 
 
 IMAGE_LIKE = ("image", "visual", "video", "frames", "rgb")
@@ -306,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=_demo)
     add_submit_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

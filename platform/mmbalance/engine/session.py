@@ -21,79 +21,58 @@ from mmbalance.engine.sources import BatchSource, InMemorySource
 
 
 class Session:
-    def __init__(self, config: dict[str, Any], group: ProcessGroup):
-        self.config, self.group = config, group
+    """The loop's view of where it runs. ``api`` is the Ray module whose ``get_checkpoint``,
+    ``Checkpoint`` and ``report`` it uses (``ray.train`` on a Train worker, ``ray.tune`` in a
+    Tune trial that trains in-process, ``None`` in-process); ``train_worker`` selects Ray's
+    device and dataset shard over the local ones."""
+
+    def __init__(self, config: dict[str, Any], group: ProcessGroup, api: Any = None, train_worker: bool = False):
+        self.config, self.group, self.api, self.train_worker = config, group, api, train_worker
 
     def device(self, recipe: Recipe) -> torch.device:
+        if self.train_worker:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
         return resolve_device(recipe.scaling.device)
 
     def source(self, recipe: Recipe, manifest: Manifest) -> BatchSource:
+        if self.train_worker:
+            from mmbalance.engine.ray_data import RayShardSource
+
+            return RayShardSource(recipe, manifest, self.device(recipe), train_cached=self.config.get("train_cached", False))
         return InMemorySource(recipe, manifest, self.device(recipe))
 
     def restored_state(self) -> dict[str, Any] | None:
+        # Ray hands back the latest reported checkpoint after a worker restart or a restored
+        # trial; otherwise `--resume` restores the run directory's latest checkpoint.
+        checkpoint = self.api.get_checkpoint() if self.api is not None else None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                return load_state(directory)
         if not self.config.get("resume"):
             return None
         return load_state(Path(self.config["output_dir"]) / "checkpoints" / "latest")
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        return None
+        if self.api is None:
+            return
+        checkpoint = self.api.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self.api.report(metrics, checkpoint=checkpoint)  # on Train workers a barrier: every rank, once per epoch
 
     def step_hook(self) -> Callable[[int, int], None] | None:
         return fault_hook(self.config.get("fault"), self.group.rank)
 
 
-class RaySession(Session):
-    def device(self, recipe: Recipe) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-
-    def source(self, recipe: Recipe, manifest: Manifest) -> BatchSource:
-        from mmbalance.engine.ray_data import RayShardSource
-
-        return RayShardSource(recipe, manifest, self.device(recipe), train_cached=self.config.get("train_cached", False))
-
-    def restored_state(self) -> dict[str, Any] | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()  # set after a worker-failure restart
-        if checkpoint is None:
-            return super().restored_state()
-        with checkpoint.as_directory() as directory:
-            return load_state(directory)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank calls it once per epoch
-
-
-class TuneTrialSession(Session):
-    """In-process training inside a Tune trial (search spaces with ``workers: 0``): reports
-    go straight to Tune, so its scheduler sees every epoch."""
-
-    def restored_state(self) -> dict[str, Any] | None:
-        import ray.tune
-
-        checkpoint = ray.tune.get_checkpoint()  # set when a trial is restored after an interruption
-        if checkpoint is None:
-            return super().restored_state()
-        with checkpoint.as_directory() as directory:
-            return load_state(directory)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        import ray.tune
-
-        checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=checkpoint)
-
-
 def make_session(config: dict[str, Any]) -> Session:
     if config.get("ray"):
-        return RaySession(config, ProcessGroup.from_torch())
+        import ray.train
+
+        return Session(config, ProcessGroup.from_torch(), api=ray.train, train_worker=True)
     if config.get("tune"):
-        return TuneTrialSession(config, ProcessGroup())
+        import ray.tune
+
+        return Session(config, ProcessGroup(), api=ray.tune)
     return Session(config, ProcessGroup())
 
 

@@ -26,6 +26,7 @@ from mmbalance.reports.render import Section, group_keys, report_sections, table
 
 SPEC_FILE = "wandb_report.json"
 TYPE_TAG = "__type__"
+DEFAULT_PROJECT = "mmbalance"  # the recipe's tracking.project default
 BEST_VAL = "val/best_acc"  # the run summary's best val accuracy (tracking/wandb_tracker.py flatten_result)
 MEAN_STD = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev"}
 EXTRA_HINT = "pip install 'mmbalance[reports]' (or: pip install wandb-workspaces==0.4.13)"
@@ -80,17 +81,17 @@ def build_wandb_report(experiment_dir: str | Path, project: str | None, entity: 
 
 
 def _destination(results, project: str | None, entity: str | None) -> tuple[str, str]:
-    """Explicit values, else the trials' recipe ``tracking`` section, else WANDB_PROJECT/WANDB_ENTITY."""
+    """Explicit values, else the trials' recipe ``tracking`` section, else WANDB_PROJECT/WANDB_ENTITY
+    (the project last defaults to ``mmbalance``; the entity has no offline default)."""
     def first(column: str):
         values = results[column].dropna() if column in results else []
         return values.iloc[0] if len(values) else None
 
-    project = project or first("_wandb_project") or os.environ.get("WANDB_PROJECT")
+    project = project or first("_wandb_project") or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
     entity = entity or first("_wandb_entity") or os.environ.get("WANDB_ENTITY")
-    if not entity or not project:
-        raise ConfigError("a W&B report needs an explicit entity and project (--wandb-entity/--wandb-project, the "
-                          "recipe's tracking section, or WANDB_ENTITY/WANDB_PROJECT): looking up the default entity "
-                          "needs the W&B server")
+    if not entity:
+        raise ConfigError("a W&B report needs an explicit entity (--wandb-entity, the recipe's tracking.entity, "
+                          "or WANDB_ENTITY): looking up the default entity needs the W&B server")
     return project, entity
 
 
