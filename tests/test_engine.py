@@ -117,3 +117,15 @@ def test_synthetic_default_shows_the_imbalance_under_lf(tmp_path):
     accs = result["test"]["acc_per_modality"]
     assert accs["audio"] - accs["visual"] >= 0.15
     assert result["test"]["acc"] >= accs["audio"]
+
+
+def test_no_secret_reaches_any_file_a_tracked_run_writes(tmp_path, small_shards, monkeypatch):
+    fake = "fakekey-" + "0123456789abcdef" * 2 + "XYZ"
+    monkeypatch.setenv("WANDB_API_KEY", fake)
+    tree = recipe_dict(small_shards, tracking={"wandb": "offline"})
+    tree["schedule"]["epochs"] = 2
+    _run(tmp_path, "run", tree)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files), "the run must have logged to W&B offline"
+    leaks = [p for p in files if fake.encode() in p.read_bytes()]
+    assert leaks == []
