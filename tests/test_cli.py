@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED_DATA
@@ -51,11 +52,14 @@ def test_bad_recipe_fails_before_any_work_with_the_key_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_prepares_and_trains(tmp_path):
-    done = _cli("demo", "--out", tmp_path / "demo", "--set", "schedule.epochs=2")
+def test_demo_prepares_searches_and_reports(tmp_path):
+    done = _cli("demo", "--out", tmp_path / "demo", "--samples", "2")
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "demo" / "runs" / "lf" / "result.json").is_file()
-    assert "test acc" in done.stdout
+    search = tmp_path / "demo" / "search"
+    assert len(pd.read_parquet(search / "results.parquet")) == 4  # 2 draws x 2 seeds
+    assert "val acc (mean ± std)" in done.stdout  # the leaderboard
+    assert f"report written to {search / 'report' / 'report.html'}" in done.stdout
+    assert (search / "report" / "report.html").is_file()
 
 
 def test_avdigits_prepare_command(tmp_path):

@@ -7,6 +7,7 @@ checkpoints, report). In-process every call has a local meaning, so the loop is 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,6 +87,10 @@ def fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, int], 
     def maybe_die(epoch: int, step: int) -> None:
         if epoch == fault["epoch"] and step == fault["step"] and not marker.exists():
             marker.touch()
+            # Die a moment after the last report, as a real failure would: Ray's controller
+            # registers a reported checkpoint asynchronously, and a kill within milliseconds of
+            # the report restarts from the checkpoint before it.
+            time.sleep(fault.get("delay_s", 3.0))
             os._exit(17)
 
     return maybe_die

@@ -217,12 +217,19 @@ class WandbTracker:
             return
         run, self.run = self.run, None
         run.finish(exit_code=exit_code)
+        # Shut wandb's service down now, while this process is healthy: a Tune trial process is
+        # ended right after its last report, and wandb's own exit hook then fails noisily.
+        import wandb
+
+        wandb.teardown()
 
     def __enter__(self) -> "WandbTracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
+        # SystemExit(0) is how Tune ends a trial it stops (ASHA): a clean finish, not a crash.
+        clean = exc_type is None or (exc_type is SystemExit and not getattr(exc, "code", 0))
+        self.finish(exit_code=0 if clean else 1)
 
 
 def _say(line: str) -> None:

@@ -12,6 +12,7 @@ goes to ``results.parquet`` / ``results.csv``.
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,15 @@ def tune_param_space(space: SearchSpace) -> dict[str, Any]:
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], output: str, workers: int,
               gpus_per_worker: float, storage: str | None = None) -> None:
     """One Tune trial == one training run, named after its (stable) trial id."""
+    import logging
+
     import ray.tune
 
     from mmbalance.engine.loop import train_loop_per_worker
 
+    # Per-checkpoint INFO lines from every trial would bury the search's own progress lines.
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     trial_id = ray.tune.get_context().get_trial_id()
     params = dict(config["params"])
     seed = params.pop("seed")
@@ -61,6 +67,31 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
         callbacks=[TuneReportCallback()], wandb=wandb)
 
 
+def trial_progress_callback(total: int, max_t: int):
+    """One line per ended trial (Tune's own tables are turned off): which, how far, how good."""
+    import ray.tune
+
+    class TrialProgress(ray.tune.Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def _line(self, trial, how: str) -> None:
+            self.ended += 1
+            result = trial.last_result or {}
+            val = result.get("val/acc_fused")
+            val_text = f"val acc {val:.4f}" if isinstance(val, float) else "no result"
+            print(f"[{self.ended}/{total}] trial {trial.trial_id}: {how} after {result.get('epochs_done', 0)}/{max_t} "
+                  f"epochs, {val_text}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "finished" if trial.last_result.get("epochs_done", 0) >= max_t else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED")
+
+    return TrialProgress()
+
+
 def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
                 storage: str | None = None):
     import ray
@@ -78,11 +109,14 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
         resources = {"cpu": 0.01, "TRAIN_DRIVER": 0.01}
     trainable = tune.with_resources(trainable, resources)
     storage_path = storage or str(output.resolve())
+    max_t = space.scheduler.max_t or epochs
+    # Frequent small trials trip Tune's "snapshotting too often" warning on every report.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
                                   resume_unfinished=True, resume_errored=True)
     if space.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=space.scheduler.max_t or epochs,
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_t,
                                   grace_period=space.scheduler.grace_period,
                                   reduction_factor=space.scheduler.reduction_factor)
     else:
@@ -94,7 +128,8 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
                                     scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT_STATE, storage_path=storage_path,
                                   failure_config=tune.FailureConfig(max_failures=1),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
+                                  callbacks=[trial_progress_callback(space.trial_count(), max_t)]),
     )
 
 
