@@ -208,13 +208,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if epoch == recipe.schedule.epochs - 1:
                 latest = trainer.state()  # before final_test swaps in the best weights
                 result = trainer.final_test()
-            _finish_epoch(session, trainer, record, table, metrics, latest if result else trainer.state(), result)
-            tracker.log_epoch(metrics)  # after the checkpoint: a restarted run never logs an epoch twice
+            _finish_epoch(session, trainer, record, table, tracker, metrics, latest if result else trainer.state(), result)
         if result is None:  # resumed after the last epoch had already been reported
             result = trainer.final_test()
             if rank0:
                 record.write_result(result)
-        tracker.summary(result)
+            tracker.summary(result)
     return result
 
 
@@ -235,7 +234,10 @@ def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:
 
 
 def _finish_epoch(session: Session, trainer: Trainer, record: RunRecord | None, table: EpochTable,
-                  metrics: dict[str, Any], state: dict[str, Any], result: dict[str, Any] | None) -> None:
+                  tracker: WandbTracker, metrics: dict[str, Any], state: dict[str, Any],
+                  result: dict[str, Any] | None) -> None:
+    """Persist, log, then report — in that order: the report is where a scheduler may end the
+    trial, so everything about this epoch is on disk and in W&B before it."""
     checkpoint_dir = None
     if record is not None:
         if metrics["improved"]:
@@ -246,4 +248,7 @@ def _finish_epoch(session: Session, trainer: Trainer, record: RunRecord | None, 
         if result is not None:
             record.write_result(result)
         table.row(metrics)
+    tracker.log_epoch(metrics)  # after the checkpoint: a restarted run never logs an epoch twice
+    if result is not None:
+        tracker.summary(result)
     session.report(metrics, checkpoint_dir)

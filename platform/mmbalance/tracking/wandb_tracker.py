@@ -13,6 +13,8 @@ upload it later with ``wandb sync <run_dir>/wandb``, or read it locally with
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import numbers
 import os
@@ -178,7 +180,8 @@ class WandbTracker:
                       resume="allow", dir=str(run_dir), job_type=job_type,
                       config=sanitize(config, os.environ.get("WANDB_API_KEY")))
         try:
-            run = wandb.init(**kwargs, settings=_settings(mode))
+            with _quiet_exit_hooks():
+                run = wandb.init(**kwargs, settings=_settings(mode))
         except Exception as error:  # noqa: BLE001 - tracking must never end a trial
             if mode != "online":
                 _say(f"wandb: init failed ({type(error).__name__}: {error}); W&B tracking is off for this run")
@@ -217,19 +220,50 @@ class WandbTracker:
             return
         run, self.run = self.run, None
         run.finish(exit_code=exit_code)
-        # Shut wandb's service down now, while this process is healthy: a Tune trial process is
-        # ended right after its last report, and wandb's own exit hook then fails noisily.
-        import wandb
-
-        wandb.teardown()
 
     def __enter__(self) -> "WandbTracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # SystemExit(0) is how Tune ends a trial it stops (ASHA): a clean finish, not a crash.
-        clean = exc_type is None or (exc_type is SystemExit and not getattr(exc, "code", 0))
-        self.finish(exit_code=0 if clean else 1)
+        # The process is torn down while the run finishes, so wandb's complaints are muted.
+        if exc_type is SystemExit and not getattr(exc, "code", 0):
+            _silenced(self.finish, exit_code=0)
+            return
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+
+@contextlib.contextmanager
+def _quiet_exit_hooks():
+    """Wrap the exit hooks wandb registers during ``init`` so they cannot print tracebacks.
+
+    A Tune trial that ASHA stops is ended while its run is still open; wandb's exit hook then
+    finds its service connection gone and prints a traceback per trial. What was logged is
+    already on disk (every ``log`` goes to the run file as it happens), so the hook's failure
+    costs nothing but noise — which, in a 100-trial search, buries the search's own output."""
+    captured = []
+    register = atexit.register
+
+    def capture(func, *args, **kwargs):
+        captured.append((func, args, kwargs))
+        return register(func, *args, **kwargs)
+
+    atexit.register = capture
+    try:
+        yield
+    finally:
+        atexit.register = register
+        for func, args, kwargs in captured:
+            atexit.unregister(func)
+            register(_silenced, func, *args, **kwargs)
+
+
+def _silenced(func, *args, **kwargs) -> None:
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
+        try:
+            func(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - see _quiet_exit_hooks
+            pass
 
 
 def _say(line: str) -> None:

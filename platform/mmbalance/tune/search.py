@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from mmbalance.config import Recipe
+from mmbalance.tracking.search_wandb import record_scores, search_callback
+from mmbalance.tracking.wandb_tracker import TrackingConfig
 from mmbalance.data.manifest import read_manifest
 from mmbalance.tune.space import SearchSpace, trial_recipe
 
@@ -51,11 +53,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     params = dict(config["params"])
     seed = params.pop("seed")
     tree = trial_recipe(base, fixed, params, seed)
+    tree.setdefault("tracking", {})["wandb"] = "disabled"  # the driver logs this trial (tracking/search_wandb.py)
     run_dir = Path(output) / TRIALS_DIR / trial_id
-    wandb = {"run_id": trial_id, "run_name": f"{Path(output).name}-{trial_id}", "group": Path(output).name}
     if workers == 0:
-        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False,
-                               "wandb": wandb})
+        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False})
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -64,7 +65,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     recipe = Recipe.model_validate(tree)
     fit(recipe, read_manifest(recipe.data.path), run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
         name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", verbose=False,
-        callbacks=[TuneReportCallback()], wandb=wandb)
+        callbacks=[TuneReportCallback()])
 
 
 def trial_progress_callback(total: int, max_t: int):
@@ -92,8 +93,14 @@ def trial_progress_callback(total: int, max_t: int):
     return TrialProgress()
 
 
+def _callbacks(space: SearchSpace, max_t: int, tracking: TrackingConfig | None, output: Path) -> list:
+    callbacks = [trial_progress_callback(space.trial_count(), max_t)]
+    wandb = search_callback(tracking, output.name, output) if tracking is not None else None
+    return callbacks + ([wandb] if wandb is not None else [])
+
+
 def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
-                storage: str | None = None):
+                storage: str | None = None, tracking: TrackingConfig | None = None):
     import ray
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -113,6 +120,7 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
     # Frequent small trials trip Tune's "snapshotting too often" warning on every report.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
+        # The saved Tuner holds its run config, callbacks included (the W&B logger resumes too).
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
                                   resume_unfinished=True, resume_errored=True)
     if space.scheduler.name == "asha":
@@ -124,12 +132,14 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
     return tune.Tuner(
         trainable,
         param_space=tune_param_space(space),
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1,
+        # A fresh process per trial: W&B's service connection (and torch's global state) never
+        # leaks from one trial into the next.
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, reuse_actors=False,
                                     scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT_STATE, storage_path=storage_path,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
-                                  callbacks=[trial_progress_callback(space.trial_count(), max_t)]),
+                                  callbacks=_callbacks(space, max_t, tracking, output)),
     )
 
 
@@ -160,18 +170,26 @@ def _label(value: Any) -> Any:
     return value
 
 
-def score_trials(rows: list[dict[str, Any]], space: SearchSpace, base: dict[str, Any]) -> list[dict[str, Any]]:
+def score_trial(run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], output: str) -> dict[str, Any]:
+    """Score one trial and add the scores to its W&B run (runs as a Ray task)."""
+    from mmbalance.engine.evaluation import evaluate_run
+
+    score = evaluate_run(run_dir, tree)
+    record_scores(TrackingConfig.model_validate(tracking), Path(output).name, Path(output), Path(run_dir).name, score)
+    return score
+
+
+def score_trials(rows: list[dict[str, Any]], space: SearchSpace, tracking: TrackingConfig,
+                 output: Path) -> list[dict[str, Any]]:
     """The scoring phase: every trial with a best checkpoint, in parallel Ray tasks."""
     import ray
 
-    from mmbalance.engine.evaluation import evaluate_run
-
-    remote = ray.remote(num_cpus=1, num_gpus=space.gpus_per_worker and 1)(evaluate_run)
+    remote = ray.remote(num_cpus=1, num_gpus=space.gpus_per_worker and 1)(score_trial)
     pending = {}
     for row in rows:
         if (Path(row["run_dir"]) / "checkpoints" / "best" / "state.pt").is_file():
             tree = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())  # the trial's own recipe
-            pending[row["trial_id"]] = remote.remote(row["run_dir"], tree)
+            pending[row["trial_id"]] = remote.remote(row["run_dir"], tree, tracking.model_dump(), str(output.resolve()))
     scored = dict(zip(pending, ray.get(list(pending.values()))))
     return [{**row, **_flatten_scores(scored.get(row["trial_id"]))} for row in rows]
 
@@ -219,12 +237,12 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     check_fits(per_trial, autoscaling=not started_here)
     base = _absolute_data_path(base)
     max_t = space.scheduler.max_t or fixed.schedule.epochs
-    grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage).fit()
+    grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking).fit()
     finished = grid.num_terminated + grid.num_errors
     if finished < space.trial_count():  # Tune returns normally after SIGINT with the state saved
         raise SearchInterrupted(f"{finished} of {space.trial_count()} trials finished; the search state is saved in "
                                 f"{output}: rerun the same command with --resume to finish it")
-    rows = score_trials(trial_rows(grid, space, output, max_t), space, base)
+    rows = score_trials(trial_rows(grid, space, output, max_t), space, fixed.tracking, output)
     write_results(rows, output)
     return pd.DataFrame(rows)
 

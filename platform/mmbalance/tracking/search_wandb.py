@@ -1,0 +1,58 @@
+"""W&B for searches: logged from the Tune driver, not from inside trials.
+
+A scheduler ends a trial at any report, and a trial process that is ended while a W&B run
+is open loses the tail of that run. So for a search, every result Tune receives is logged
+by Ray's ``WandbLoggerCallback`` (a logging actor per trial that outlives the trial), one
+run per trial (id = trial id) grouped by the experiment, and the final scores — computed
+after the search — are added to each trial's run as its summary.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mmbalance.tracking.wandb_tracker import (TrackingConfig, WandbTracker, _quiet_exit_hooks, _say, _settings,
+                                             resolve_mode)
+
+# Tune's bookkeeping keys carry nothing a reader of the run needs.
+EXCLUDED_RESULTS = ["improved", "date", "hostname", "node_ip", "pid", "timestamp", "time_this_iter_s",
+                    "time_total_s", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name"]
+
+
+def search_callback(cfg: TrackingConfig, group: str, out_dir: Path):
+    """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled."""
+    mode, reason = resolve_mode(cfg)
+    if mode == "disabled":
+        return None
+    wandb_dir = Path(out_dir).resolve()
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    if reason is not None:
+        _say(f"wandb: {reason}; logging offline to {wandb_dir / 'wandb'} (sync later with: wandb sync {wandb_dir / 'wandb'})")
+    if mode == "offline":
+        # Ray's callback demands an API key unless WANDB_MODE says offline (this driver process only).
+        os.environ["WANDB_MODE"] = "offline"
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class QuietLoggingActor(_WandbLoggingActor):
+        """Ray's logging actor with wandb's exit hooks muted (see ``_quiet_exit_hooks``): the
+        actor is ended right after its run finishes, and the hooks' failure is only noise."""
+
+        def run(self):
+            with _quiet_exit_hooks():
+                return super().run()
+
+    class Callback(WandbLoggerCallback):
+        _logger_actor_cls = QuietLoggingActor
+
+    return Callback(project=cfg.project, entity=cfg.entity, group=group, excludes=EXCLUDED_RESULTS,
+                    dir=str(wandb_dir), mode=mode, settings=_settings(mode))
+
+
+def record_scores(cfg: TrackingConfig, group: str, out_dir: Path, trial_id: str, score: dict[str, Any]) -> None:
+    """Add a trial's final scores (test, robustness) to its W&B run's summary."""
+    tracker = WandbTracker.start(cfg, run_dir=Path(out_dir), run_id=trial_id, run_name=trial_id, group=group,
+                                 config={}, job_type="score")
+    with tracker:
+        tracker.summary(score)
