@@ -21,18 +21,26 @@ EXCLUDED_RESULTS = ["improved", "date", "hostname", "node_ip", "pid", "timestamp
                     "time_total_s", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name"]
 
 
-def search_callback(cfg: TrackingConfig, group: str, out_dir: Path):
-    """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled."""
+def prepare_driver(cfg: TrackingConfig, out_dir: Path) -> str:
+    """Resolve the mode for this search and ready the driver process for it; returns the mode.
+    Also needed when a search is resumed: the restored callback sets itself up again."""
     mode, reason = resolve_mode(cfg)
-    if mode == "disabled":
-        return None
     wandb_dir = Path(out_dir).resolve()
-    wandb_dir.mkdir(parents=True, exist_ok=True)
     if reason is not None:
         _say(f"wandb: {reason}; logging offline to {wandb_dir / 'wandb'} (sync later with: wandb sync {wandb_dir / 'wandb'})")
     if mode == "offline":
         # Ray's callback demands an API key unless WANDB_MODE says offline (this driver process only).
         os.environ["WANDB_MODE"] = "offline"
+    return mode
+
+
+def search_callback(cfg: TrackingConfig, group: str, out_dir: Path):
+    """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled."""
+    mode = prepare_driver(cfg, out_dir)
+    if mode == "disabled":
+        return None
+    wandb_dir = Path(out_dir).resolve()
+    wandb_dir.mkdir(parents=True, exist_ok=True)
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
     class QuietLoggingActor(_WandbLoggingActor):

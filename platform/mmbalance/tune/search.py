@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mmbalance.config import Recipe
-from mmbalance.tracking.search_wandb import record_scores, search_callback
+from mmbalance.tracking.search_wandb import prepare_driver, record_scores, search_callback
 from mmbalance.tracking.wandb_tracker import TrackingConfig
 from mmbalance.data.manifest import read_manifest
 from mmbalance.tune.space import SearchSpace, trial_recipe
@@ -121,6 +121,8 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
         # The saved Tuner holds its run config, callbacks included (the W&B logger resumes too).
+        if tracking is not None:
+            prepare_driver(tracking, output)
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
                                   resume_unfinished=True, resume_errored=True)
     if space.scheduler.name == "asha":
