@@ -175,13 +175,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_recipe_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, label: str, hint: str = "") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (recipe, search space, runtime_env), or a
+    ConfigError naming ``label`` and the file."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"recipe {file} does not exist")
+        raise ConfigError(f"{label} {file} does not exist{hint}")
     tree = yaml.safe_load(file.read_text()) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"recipe {file}: top level must be a mapping of sections")
+        raise ConfigError(f"{label} {file}: top level must be a mapping, got {type(tree).__name__}")
+    return tree
+
+
+def load_recipe_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    tree = read_yaml_mapping(path, "recipe")
     for item in overrides:
         set_dotted(tree, *parse_override(item))
     return tree

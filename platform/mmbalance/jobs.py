@@ -33,9 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
 
-from mmbalance.config import ConfigError
+from mmbalance.config import ConfigError, read_yaml_mapping
 
 DEFAULT_RUNTIME_ENV = Path("clusters/runtime_env.yaml")
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # the SDK lets these override an explicit address
@@ -48,11 +47,7 @@ def load_runtime_env(path: str | Path) -> dict[str, Any]:
     from ray.runtime_env import RuntimeEnv
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--runtime-env {path}: no such file (run from the repository root, or pass --runtime-env)")
-    env = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(env, dict):
-        raise ConfigError(f"--runtime-env {path}: expected a mapping of runtime_env fields, got {type(env).__name__}")
+    env = read_yaml_mapping(path, "--runtime-env", " (run from the repository root, or pass --runtime-env)")
     for key in ("working_dir", "py_modules"):
         values = env.get(key) or []
         for value in values if isinstance(values, list) else [values]:

@@ -29,6 +29,18 @@ def build_bound_objective(recipe: Recipe, model: LateFusion) -> Objective:
     return objective
 
 
+def load_model_state(model: LateFusion, objective: Objective, state: dict, on_new_head=None) -> None:
+    """Grow the model to the saved head counts (AUG adds heads mid-run), then load weights and
+    objective state. ``on_new_head(params)`` sees each added head's parameters."""
+    for m, count in state["head_counts"].items():
+        while model.head_counts()[m] < count:
+            params = model.add_head(m)
+            if on_new_head is not None:
+                on_new_head(params)
+    model.load_state_dict(state["model"])
+    objective.load_state_dict(state["objective"])
+
+
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

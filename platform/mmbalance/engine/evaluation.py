@@ -19,7 +19,7 @@ from mmbalance.config import Recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import SplitArrays, load_split
 from mmbalance.engine.batches import InMemorySplit
-from mmbalance.engine.build import build_bound_objective, build_model, resolve_device
+from mmbalance.engine.build import build_bound_objective, build_model, load_model_state, resolve_device
 from mmbalance.engine.checkpoint import load_state
 from mmbalance.engine.metrics import imbalance_ratio
 from mmbalance.engine.steps import evaluate
@@ -65,11 +65,7 @@ def load_best_model(run_dir: str | Path, recipe: Recipe, device: torch.device):
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, manifest).to(device)
     objective = build_bound_objective(recipe, model)
-    for m, count in state["head_counts"].items():
-        while model.head_counts()[m] < count:
-            model.add_head(m)
-    model.load_state_dict(state["model"])
-    objective.load_state_dict(state["objective"])
+    load_model_state(model, objective, state)
     return model, objective, state
 
 

@@ -22,7 +22,7 @@ import torch
 from mmbalance.config import Recipe, check_against_data
 from mmbalance.data.shards import validate_shards
 from mmbalance.engine.build import (add_param_group, build_bound_objective, build_model, build_optimizer,
-                                    build_scheduler)
+                                    build_scheduler, load_model_state)
 from mmbalance.engine.checkpoint import rng_state, save_state, set_rng_state
 from mmbalance.engine.console import EpochTable, progress_bar
 from mmbalance.engine.distributed import ProcessGroup
@@ -89,14 +89,12 @@ class Trainer:
     def load_model_state(self, state: dict[str, Any]) -> None:
         if any(self.model.head_counts()[m] > n for m, n in state["head_counts"].items()):
             self._rebuild()  # the saved model is smaller (it predates a head addition)
-        for m, count in state["head_counts"].items():
-            while self.model.head_counts()[m] < count:
-                self._add_head(m)
-        self.model.load_state_dict(state["model"])
-        self.objective.load_state_dict(state["objective"])
+        load_model_state(self.model, self.objective, state, on_new_head=self._train_new_head)
 
     def _add_head(self, modality: str) -> None:
-        params = self.model.add_head(modality)
+        self._train_new_head(self.model.add_head(modality))
+
+    def _train_new_head(self, params) -> None:
         # AUG's official code never gives new heads to the optimizer; the paper does.
         if getattr(self.objective, "trains_new_heads", True):
             add_param_group(self.optimizer, self.scheduler, params)

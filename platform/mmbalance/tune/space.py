@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mmbalance.config import ConfigError, Recipe, set_dotted, validate_recipe
+from mmbalance.config import ConfigError, Recipe, read_yaml_mapping, set_dotted, validate_recipe
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -132,10 +132,9 @@ class SearchSpace(_Strict):
 
 def load_space(path: str | Path) -> SearchSpace:
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"search space {file} does not exist")
+    tree = read_yaml_mapping(file, "search space")
     try:
-        return SearchSpace.model_validate(yaml.safe_load(file.read_text()) or {})
+        return SearchSpace.model_validate(tree)
     except ValidationError as err:
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"search space {file} is invalid:\n  " + "\n  ".join(lines)) from None
