@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from mmbalance.config import ConfigError, check_against_data, load_recipe
+from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, set_dotted
+from mmbalance.data.convert.pipeline import ConversionError
 from mmbalance.data.corruptions import CorruptionError
 from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
 from mmbalance.data.shards import ShardError, validate_shards
@@ -59,6 +60,63 @@ def _prepare_avdigits(args: argparse.Namespace) -> None:
 
     manifest = prepare_avdigits(args.root, args.out, val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
     _print_prepared(args.out, manifest)
+
+
+DATASET_HELP = {
+    "cremad": "CREMA-D audio-visual emotion (AudioWAV/*.wav + VideoFlash/*.flv), 6 classes",
+    "ave": "AVE audio-visual events (AVE/*.mp4 + Annotations.txt + train/val/testSet.txt), 28 classes",
+    "kinetics_sounds": "Kinetics-Sounds (Kinetics layout: annotations/*.csv + train/ val/ mp4 clips)",
+    "mvsa_single": "MVSA-Single image+text sentiment (train/dev/test.jsonl, or data/ + labelResultAll.txt)",
+    "food101": "UPMC Food-101 image+text (images/{train,test}/<class>/ + texts/*_titles.csv), 101 classes",
+}
+
+
+def _prepare_dataset(args: argparse.Namespace) -> None:
+    """A raw dataset tree -> shards through the Ray Data conversion pipeline (docs/datasets.md)."""
+    from mmbalance.data.convert import build_converter
+    from mmbalance.data.convert.pipeline import convert
+
+    settings: dict = {}
+    for item in args.set:
+        set_dotted(settings, *parse_override(item))
+    if getattr(args, "tokenizer", None):
+        settings["tokenizer"] = args.tokenizer
+    try:
+        converter = build_converter(args.dataset, settings)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    started_ray = args.engine == "ray" and _start_ray_for_prepare(args)
+    try:
+        manifest = convert(converter, args.root, args.out, engine=args.engine, skip_bad=args.skip_bad,
+                           overwrite=args.overwrite, chunk_size=args.chunk_size)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    _print_prepared(args.out, manifest)
+    skipped = manifest.preprocessing.get("skipped_bad", {}).get("count", 0)
+    if skipped:
+        print(f"skipped {skipped} sample(s) with missing or corrupt files (listed in manifest.json preprocessing.skipped_bad)")
+
+
+def _start_ray_for_prepare(args: argparse.Namespace) -> bool:
+    import os
+
+    import ray
+
+    from mmbalance.tune.cluster import _object_store_bytes
+
+    if ray.is_initialized():
+        return False
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=args.num_cpus, object_store_memory=_object_store_bytes(), include_dashboard=False)
+    return True
 
 
 def _print_prepared(out: str, manifest) -> None:
@@ -233,6 +291,25 @@ def _tune(args: argparse.Namespace) -> None:
     print(format_leaderboard(leaderboard(frame, keys), keys))
 
 
+def _add_dataset_parser(prep_sub, name: str, text: str) -> None:
+    ds = prep_sub.add_parser(name, help=text, description=f"{text}. Expected raw tree and every setting: docs/datasets.md.")
+    ds.add_argument("--root", required=True, help="the dataset folder, in the layout it is distributed in")
+    ds.add_argument("--out", required=True, help="shard directory to create (on shared storage for a multi-node cluster)")
+    ds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="preprocessing setting, repeatable, e.g. frames=3, image.crop=112, audio.clip_seconds=3")
+    if name in ("mvsa_single", "food101"):
+        ds.add_argument("--tokenizer", help="local transformers tokenizer directory (e.g. a saved bert-base-uncased)")
+    ds.add_argument("--skip-bad", action="store_true", help="leave out samples whose files are missing or corrupt "
+                    "(counted and listed in the manifest) instead of failing")
+    ds.add_argument("--engine", choices=["ray", "local"], default="ray",
+                    help="ray: a Ray Data pipeline over every CPU of the cluster (default); local: in this process")
+    ds.add_argument("--chunk-size", type=int, default=64, help="samples per conversion task (the unit of resume)")
+    ds.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
+    ds.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    ds.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ds.set_defaults(func=_prepare_dataset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmbalance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--seed", type=int, default=0)
     av.add_argument("--overwrite", action="store_true")
     av.set_defaults(func=_prepare_avdigits)
+    for name, text in DATASET_HELP.items():
+        _add_dataset_parser(prep_sub, name, text)
 
     train = sub.add_parser("train", help="train one recipe (in-process, or data-parallel on Ray with --workers)")
     train.add_argument("--recipe", required=True, help="recipe YAML (trainables/*.yaml)")
@@ -319,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CorruptionError, ShardError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
+    except (ConfigError, ConversionError, CorruptionError, ShardError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
         print(f"mmbalance {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

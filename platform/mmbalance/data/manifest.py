@@ -26,6 +26,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Normalization(_Strict):
+    """``(x - mean) / std`` that the model applies to this input, per channel along ``axis`` of the
+    per-sample shape (``None``: one scalar pair). Stored values stay raw (uint8 pixels, log
+    magnitudes) so corruptions act in the data's own units, as the robustness protocol defines them;
+    the statistics travel with the data instead of being copied into every recipe."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+    axis: int | None = None
+    source: str = Field("", description="where the numbers come from, e.g. 'train split' or 'ImageNet'")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Normalization":
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"normalize: {len(self.mean)} means for {len(self.std)} stds")
+        if any(not s > 0 for s in self.std):
+            raise ValueError("normalize: every std must be > 0")
+        if self.axis is None and len(self.mean) != 1:
+            raise ValueError("normalize: axis is null but there is more than one mean")
+        return self
+
+
 class ModalitySpec(_Strict):
     """One modality column: a fixed-shape tensor per row, stored flattened as a Parquet
     ``fixed_size_list<dtype>[prod(shape)]`` (row-major)."""
@@ -33,6 +55,15 @@ class ModalitySpec(_Strict):
     dtype: Dtype
     shape: list[int] = Field(min_length=1)
     encoding: Literal["tensor"] = "tensor"
+    normalize: Normalization | None = None
+
+    @model_validator(mode="after")
+    def _check_normalize(self) -> "ModalitySpec":
+        norm = self.normalize
+        if norm is not None and norm.axis is not None:
+            if not 0 <= norm.axis < len(self.shape) or self.shape[norm.axis] != len(norm.mean):
+                raise ValueError(f"normalize: axis {norm.axis} of shape {self.shape} must have {len(norm.mean)} entries")
+        return self
 
     @property
     def size(self) -> int:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -81,25 +81,82 @@ def write_shards(
     rows_per_file: int = 2048,
     overwrite: bool = False,
 ) -> Manifest:
-    """Write ``splits`` as ``out_dir/<split>/part-NNNNN.parquet`` + ``manifest.json``, atomically."""
+    """Write in-memory ``splits`` as ``out_dir/<split>/part-NNNNN.parquet`` + ``manifest.json``, atomically."""
+    for split, arrays in splits.items():
+        _check_arrays(split, arrays, modalities, len(classes))
+
+    def tables(split: str, arrays: SplitArrays):
+        for lo in range(0, len(arrays), rows_per_file):
+            yield _table(split, arrays, modalities, lo, min(lo + rows_per_file, len(arrays)))
+
+    return write_split_tables(out_dir, dataset=dataset, classes=classes, modalities=modalities,
+                              split_tables={split: tables(split, arrays) for split, arrays in splits.items()},
+                              generator=generator, preprocessing=preprocessing, rows_per_file=rows_per_file,
+                              overwrite=overwrite)
+
+
+class _SplitFileWriter:
+    """Regroups a stream of Arrow tables into files of exactly ``rows_per_file`` rows (the last
+    may be shorter), so the file layout depends on the rows alone, not on how they arrived."""
+
+    def __init__(self, root: Path, split: str, schema: pa.Schema, rows_per_file: int):
+        self.root, self.split, self.schema, self.rows_per_file = root, split, schema, rows_per_file
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.files: list[ShardFile] = []
+
+    def add(self, table: pa.Table) -> None:
+        if table.schema != self.schema:
+            raise ValueError(f"split {self.split!r}: table schema {table.schema} differs from {self.schema}")
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def close(self) -> SplitInfo:
+        if self.pending_rows or not self.files:  # an empty split still gets one (empty) file
+            self._flush(self.pending_rows)
+        return SplitInfo(rows=sum(f.rows for f in self.files), files=self.files)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+        head, rest = table.slice(0, rows), table.slice(rows)
+        rel = f"{self.split}/part-{len(self.files):05d}.parquet"
+        pq.write_table(head.combine_chunks(), self.root / rel, compression="zstd")
+        self.files.append(ShardFile(path=rel, rows=rows, sha256=sha256_of(self.root / rel)))
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+def write_split_tables(
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    classes: list[str],
+    modalities: dict[str, ModalitySpec],
+    split_tables: dict[str, Iterable[pa.Table]],
+    generator: dict[str, Any],
+    preprocessing: dict[str, Any],
+    rows_per_file: int = 2048,
+    overwrite: bool = False,
+) -> Manifest:
+    """Stream each split's Arrow tables (schema ``arrow_schema(modalities)``) into shards, so a
+    dataset larger than memory is written one file at a time. Atomic like ``write_shards``."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    schema = arrow_schema(modalities)
     try:
         split_infos = {}
-        for split, arrays in splits.items():
-            _check_arrays(split, arrays, modalities, len(classes))
+        for split, tables in split_tables.items():
             (tmp / split).mkdir()
-            files = []
-            for index, lo in enumerate(range(0, max(len(arrays), 1), rows_per_file)):
-                hi = min(lo + rows_per_file, len(arrays))
-                rel = f"{split}/part-{index:05d}.parquet"
-                pq.write_table(_table(split, arrays, modalities, lo, hi), tmp / rel, compression="zstd")
-                files.append(ShardFile(path=rel, rows=hi - lo, sha256=sha256_of(tmp / rel)))
-            split_infos[split] = SplitInfo(rows=len(arrays), files=files)
+            writer = _SplitFileWriter(tmp, split, schema, rows_per_file)
+            for table in tables:
+                _check_table(split, table, len(classes))
+                writer.add(table)
+            split_infos[split] = writer.close()
         manifest = Manifest(dataset=dataset, classes=classes, modalities=modalities, splits=split_infos,
                             generator=generator, preprocessing=preprocessing)
         manifest.dump(tmp / MANIFEST_NAME)
@@ -108,6 +165,22 @@ def write_shards(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_table(split: str, table: pa.Table, num_classes: int) -> None:
+    labels = table.column("label").to_numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"split {split!r}: labels must lie in [0, {num_classes})")
+    if table.num_rows and set(table.column("split").to_pylist()) != {split}:
+        raise ValueError(f"split {split!r}: rows carry split values {sorted(set(table.column('split').to_pylist()))}")
+
+
+def rows_per_file_for(modalities: dict[str, ModalitySpec], target_bytes: int = 64 << 20, cap: int = 2048) -> int:
+    """Rows per shard file so a file holds about ``target_bytes`` of tensors: Ray Data reads a
+    file per task, and 2048 rows of 224x224 frames would make single files of gigabytes."""
+    itemsize = {"float32": 4, "uint8": 1, "int64": 8}
+    row_bytes = sum(spec.size * itemsize[spec.dtype] for spec in modalities.values())
+    return max(1, min(cap, target_bytes // max(row_bytes, 1)))
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -12,15 +12,22 @@ from torch import nn
 from mmbalance.config import OptimConfig, Recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.models import LateFusion, build_encoder
+from mmbalance.models.normalize import NormalizedEncoder
 from mmbalance.objectives import Objective, build_objective
 
 
 def build_model(recipe: Recipe, manifest: Manifest) -> LateFusion:
-    encoders = {
-        m: build_encoder(cfg.encoder, cfg.params, tuple(manifest.modalities[m].shape))
-        for m, cfg in recipe.modalities.items()
-    }
+    encoders = {m: _encoder(m, cfg, manifest) for m, cfg in recipe.modalities.items()}
     return LateFusion(encoders, manifest.num_classes, fusion=recipe.model.fusion, boost_hidden=recipe.model.boost_hidden)
+
+
+def _encoder(modality: str, cfg, manifest: Manifest) -> nn.Module:
+    spec = manifest.modalities[modality]
+    encoder = build_encoder(cfg.encoder, cfg.params, tuple(spec.shape))
+    if spec.normalize is None:
+        return encoder
+    norm = spec.normalize
+    return NormalizedEncoder(encoder, tuple(spec.shape), norm.mean, norm.std, norm.axis)
 
 
 def build_bound_objective(recipe: Recipe, model: LateFusion) -> Objective:

@@ -1,0 +1,301 @@
+"""Raw dataset -> shards, as a resumable Ray Data pipeline.
+
+1. The converter lists samples on the driver (names, labels, splits; nothing decoded).
+2. Samples, ordered by (split, sample id), are cut into fixed chunks. Ray Data runs one task
+   per pending chunk (``from_items`` -> ``map_batches``): decode and extract features, write
+   ``<out>.partial/chunks/chunk-NNNNN.parquet`` and a small JSON summary (rows, bad files,
+   per-sample sums for train statistics). Tasks spread over every CPU of the cluster.
+3. The driver assembles the chunk files, in order, into the final shards (atomically) and
+   deletes the work directory.
+
+Resume: a chunk whose summary exists is not redone, so rerunning the same command after an
+interruption continues where it stopped. The work directory is keyed by a fingerprint of the
+listing and every parameter; if either changed, it starts over. Chunk files depend only on
+their samples, so the output is byte-identical whatever the engine, worker count or resume
+history. A cluster run needs ``--out`` on storage every node can write (NFS, a shared volume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmbalance.data.convert.base import BadInput, Converter, Listing, RawSample, listing_text
+from mmbalance.data.manifest import SPLITS, Manifest, ModalitySpec, Normalization
+from mmbalance.data.shards import arrow_schema, rows_per_file_for, write_split_tables
+
+Engine = Literal["ray", "local"]
+GENERATOR_VERSION = 1
+ARROW_TYPES = {"float32": pa.float32(), "uint8": pa.uint8(), "int64": pa.int64()}
+
+
+class ConversionError(ValueError):
+    """Raw files are missing or corrupt; the message lists them."""
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def convert(
+    converter: Converter,
+    root: str | Path,
+    out: str | Path,
+    *,
+    engine: Engine = "ray",
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    chunk_size: int = 64,
+    progress: Callable[[str], None] = print,
+) -> Manifest:
+    """Convert the raw tree at ``root`` into shards at ``out``; return the manifest."""
+    root, out = Path(root), Path(out)
+    if out.exists() and not overwrite:  # before any listing or decoding
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    listing = converter.list_samples(root)
+    samples = _usable_samples(listing, skip_bad)
+    chunks = _chunks(samples, chunk_size)
+    work = work_dir_for(out)
+    _open_work_dir(work, _fingerprint(converter, listing, samples, chunk_size), progress)
+    pending = [i for i in range(len(chunks)) if not _summary_path(work, i).exists()]
+    if len(pending) < len(chunks):
+        progress(f"resuming: {len(chunks) - len(pending)} of {len(chunks)} chunks already converted in {work}")
+    progress(f"converting {len(samples)} samples of {converter.name} in {len(chunks)} chunks "
+             f"({len(pending)} to do) with the {engine} engine")
+    run = _run_ray if engine == "ray" else _run_local
+    _report_progress(run(converter, chunks, pending, work), len(chunks), len(chunks) - len(pending), progress)
+    summaries = [json.loads(_summary_path(work, i).read_text()) for i in range(len(chunks))]
+    corrupt = [entry for s in summaries for entry in s["bad"]]
+    if corrupt and not skip_bad:
+        raise ConversionError(f"{len(corrupt)} raw file(s) could not be decoded:{listing_text(corrupt)}\n"
+                              f"Fix or remove them and rerun (converted chunks are kept in {work}), "
+                              f"or pass --skip-bad to leave those samples out.")
+    manifest = _assemble(converter, listing, work, out, summaries, corrupt, overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _usable_samples(listing: Listing, skip_bad: bool) -> list[RawSample]:
+    if listing.missing and not skip_bad:
+        raise ConversionError(f"{len(listing.missing)} raw file(s) are missing:{listing_text(listing.missing)}\n"
+                              f"Pass --skip-bad to convert without those samples.")
+    samples = [s for s in listing.samples if s.sample_id not in listing.missing_ids]
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConversionError(f"sample ids are not unique:{listing_text(dupes)}")
+    order = {split: k for k, split in enumerate(SPLITS)}
+    return sorted(samples, key=lambda s: (order.get(s.split, len(order)), s.split, s.sample_id))
+
+
+def _chunks(samples: list[RawSample], chunk_size: int) -> list[list[RawSample]]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [samples[i:i + chunk_size] for i in range(0, len(samples), chunk_size)]
+
+
+def _fingerprint(converter: Converter, listing: Listing, samples: list[RawSample], chunk_size: int) -> str:
+    blob = json.dumps({"converter": converter.name, "version": GENERATOR_VERSION,
+                       "params": converter.params.model_dump(mode="json"), "classes": listing.classes,
+                       "chunk_size": chunk_size, "samples": [s.to_json() for s in samples]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _open_work_dir(work: Path, fingerprint: str, progress: Callable[[str], None]) -> None:
+    stamp = work / "fingerprint.txt"
+    if work.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+        progress(f"{work}: left by a conversion with other inputs or parameters; starting over")
+        shutil.rmtree(work)
+    (work / "chunks").mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+
+
+def _summary_path(work: Path, index: int) -> Path:
+    return work / "chunks" / f"chunk-{index:05d}.json"
+
+
+def _chunk_path(work: Path, index: int) -> Path:
+    return work / "chunks" / f"chunk-{index:05d}.parquet"
+
+
+def convert_chunk(converter: Converter, index: int, samples: list[RawSample], work: Path) -> dict[str, Any]:
+    """Decode one chunk and write its Parquet file and summary (both via rename, so a killed
+    task leaves either nothing or a complete chunk). Runs inside a Ray Data task."""
+    outputs = converter.outputs()
+    specs = {m: o.spec for m, o in outputs.items()}
+    good: list[tuple[RawSample, dict[str, np.ndarray]]] = []
+    bad: list[str] = []
+    for sample in samples:
+        try:
+            arrays = converter.extract(sample)
+            _check_arrays(sample, arrays, specs)
+        except BadInput as err:
+            bad.append(f"{err} (sample {sample.sample_id})")
+            continue
+        good.append((sample, arrays))
+    stats = {m: _per_sample_sums([a for s, a in good if s.split == "train"], m, o.axis)
+             for m, o in outputs.items() if o.normalize == "train_stats"}
+    table = _chunk_table(good, specs)
+    _write_atomic(_chunk_path(work, index), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    summary = {"index": index, "rows": table.num_rows, "bad": bad, "stats": stats}
+    _write_atomic(_summary_path(work, index), lambda tmp: Path(tmp).write_text(json.dumps(summary)))
+    return summary
+
+
+def _check_arrays(sample: RawSample, arrays: dict[str, np.ndarray], specs: dict[str, ModalitySpec]) -> None:
+    for m, spec in specs.items():
+        got = arrays.get(m)
+        if got is None or tuple(got.shape) != tuple(spec.shape) or got.dtype != np.dtype(spec.dtype):
+            detail = None if got is None else (tuple(got.shape), str(got.dtype))
+            # A converter bug, not a bad file: fail loudly instead of counting it as corrupt input.
+            raise RuntimeError(f"converter produced {detail} for {m!r} of sample {sample.sample_id}, "
+                               f"manifest says {(tuple(spec.shape), spec.dtype)}")
+
+
+def _per_sample_sums(arrays: list[dict[str, np.ndarray]], modality: str, axis: int | None) -> dict[str, list]:
+    """Per sample and channel: sum, sum of squares, count (float64). Summed exactly across
+    samples at assembly (math.fsum), so the statistics do not depend on the chunking."""
+    sums, squares, counts = [], [], []
+    for sample in arrays:
+        x = sample[modality].astype(np.float64)
+        x = x.reshape(1, -1) if axis is None else np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+        sums.append(x.sum(axis=1).tolist())
+        squares.append((x * x).sum(axis=1).tolist())
+        counts.append(x.shape[1])
+    return {"sum": sums, "sumsq": squares, "count": counts}
+
+
+def _chunk_table(good: list[tuple[RawSample, dict[str, np.ndarray]]], specs: dict[str, ModalitySpec]) -> pa.Table:
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array([s.sample_id for s, _ in good], pa.string()),
+        "label": pa.array([s.label for s, _ in good], pa.int64()),
+        "split": pa.array([s.split for s, _ in good], pa.string()),
+    }
+    for m, spec in specs.items():
+        flat = np.concatenate([a[m].reshape(-1) for _, a in good]) if good else np.zeros(0, spec.dtype)
+        columns[m] = pa.FixedSizeListArray.from_arrays(pa.array(flat, ARROW_TYPES[spec.dtype]), spec.size)
+    return pa.table(columns, schema=arrow_schema(specs))
+
+
+def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _run_local(converter: Converter, chunks: list[list[RawSample]], pending: list[int], work: Path) -> Iterator[dict]:
+    for index in pending:
+        yield convert_chunk(converter, index, chunks[index], work)
+
+
+def _ray_task(batch: dict[str, np.ndarray], converter: Converter, work: str) -> dict[str, np.ndarray]:
+    rows = []
+    for index, payload in zip(batch["index"], batch["samples"]):
+        samples = [RawSample.from_json(s) for s in json.loads(payload)]
+        summary = convert_chunk(converter, int(index), samples, Path(work))
+        rows.append((summary["index"], summary["rows"], len(summary["bad"])))
+    return {"index": np.array([r[0] for r in rows]), "rows": np.array([r[1] for r in rows]),
+            "bad": np.array([r[2] for r in rows])}
+
+
+def _run_ray(converter: Converter, chunks: list[list[RawSample]], pending: list[int], work: Path) -> Iterator[dict]:
+    if not pending:
+        return
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own per-chunk lines instead
+    items = [{"index": i, "samples": json.dumps([s.to_json() for s in chunks[i]])} for i in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_ray_task, batch_size=1, num_cpus=1,
+                        fn_kwargs={"converter": converter, "work": str(work.resolve())})
+    for row in ds.iter_rows():
+        yield {"index": int(row["index"]), "rows": int(row["rows"]), "bad": [None] * int(row["bad"])}
+
+
+def _report_progress(results: Iterator[dict], total: int, done: int, progress: Callable[[str], None]) -> None:
+    started, converted, samples = time.perf_counter(), 0, 0
+    try:
+        for summary in results:
+            converted += 1
+            samples += summary["rows"] + len(summary["bad"])
+            elapsed = time.perf_counter() - started
+            rate = samples / elapsed if elapsed > 0 else float("inf")
+            remaining_chunks = total - done - converted
+            eta = remaining_chunks * elapsed / converted
+            bad = f", {len(summary['bad'])} bad" if summary["bad"] else ""
+            progress(f"  chunk {done + converted}/{total} done ({summary['rows']} samples{bad}; "
+                     f"{rate:.1f} samples/s, about {eta:.0f} s left)")
+    except KeyboardInterrupt:
+        progress(f"interrupted after {done + converted} of {total} chunks; rerun the same command to resume")
+        raise
+
+
+def _assemble(converter: Converter, listing: Listing, work: Path, out: Path, summaries: list[dict],
+              corrupt: list[str], overwrite: bool) -> Manifest:
+    outputs = converter.outputs()
+    modalities = {m: _final_spec(m, o, summaries) for m, o in outputs.items()}
+    skipped = sorted(listing.missing) + corrupt
+    preprocessing = {
+        **converter.preprocessing(),
+        "params": converter.params.model_dump(mode="json"),
+        "split_source": listing.split_source,
+        "dropped_by_listing": dict(sorted(listing.dropped.items())),
+        "skipped_bad": {"count": len(skipped), "missing": len(listing.missing), "corrupt": len(corrupt),
+                        "files": skipped[:1000]},
+    }
+
+    def split_tables(split: str) -> Iterator[pa.Table]:
+        for summary in summaries:
+            table = pq.read_table(_chunk_path(work, summary["index"]))
+            mask = pc.equal(table.column("split"), split)
+            part = table.filter(mask)
+            if part.num_rows:
+                yield part
+
+    splits_present = sorted({s.split for s in listing.samples if s.sample_id not in listing.missing_ids},
+                            key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    return write_split_tables(out, dataset=converter.name, classes=listing.classes, modalities=modalities,
+                              split_tables={split: split_tables(split) for split in splits_present},
+                              generator={"name": f"mmbalance.data.convert.{converter.name}",
+                                         "version": GENERATOR_VERSION},
+                              preprocessing=preprocessing, rows_per_file=rows_per_file_for(modalities),
+                              overwrite=overwrite)
+
+
+def _final_spec(modality: str, output, summaries: list[dict]) -> ModalitySpec:
+    spec = output.spec
+    if output.normalize is None:
+        return spec
+    if output.normalize == "train_stats":
+        mean, std = _combine_stats([s["stats"][modality] for s in summaries], modality)
+        source = output.source or "train split"
+    else:
+        mean, std = output.normalize
+        source = output.source
+    return spec.model_copy(update={"normalize": Normalization(mean=mean, std=std, axis=output.axis, source=source)})
+
+
+def _combine_stats(parts: list[dict[str, list]], modality: str) -> tuple[list[float], list[float]]:
+    sums = [row for part in parts for row in part["sum"]]
+    squares = [row for part in parts for row in part["sumsq"]]
+    count = math.fsum(c for part in parts for c in part["count"])
+    if not count:
+        raise ConversionError(f"no train samples left to compute {modality!r} statistics from")
+    mean = [math.fsum(col) / count for col in zip(*sums)]
+    var = [max(math.fsum(col) / count - mu * mu, 0.0) for col, mu in zip(zip(*squares), mean)]
+    # A constant channel (std 0) would divide by zero; leave it unscaled.
+    return mean, [math.sqrt(v) if v > 0 else 1.0 for v in var]
