@@ -79,3 +79,57 @@ def test_cnn_resnet_and_text_encoders_produce_features():
 def test_late_fusion_needs_two_modalities():
     with pytest.raises(ValueError, match="at least 2"):
         LateFusion({"a": build_encoder("mlp", {}, (3,))}, 2)
+
+
+def test_normalized_encoder_standardises_per_channel_before_the_encoder():
+    import torch
+    from torch import nn
+
+    from mmbalance.models.normalize import NormalizedEncoder
+
+    class Probe(nn.Module):
+        out_dim = 1
+
+        def forward(self, x):
+            self.seen = x
+            return x.flatten(1)[:, :1]
+
+    probe = Probe()
+    enc = NormalizedEncoder(probe, (2, 3, 4, 4), mean=[10.0, 20.0, 30.0], std=[2.0, 4.0, 5.0], axis=1)
+    x = torch.randint(0, 255, (5, 2, 3, 4, 4), dtype=torch.uint8)
+    enc(x)
+    expected = (x.float() - torch.tensor([10.0, 20.0, 30.0]).view(1, 1, 3, 1, 1)) / torch.tensor([2.0, 4.0, 5.0]).view(1, 1, 3, 1, 1)
+    torch.testing.assert_close(probe.seen, expected)
+    assert enc.out_dim == 1
+
+
+def test_manifest_normalisation_must_fit_the_shape():
+    import pytest
+    from pydantic import ValidationError
+
+    from mmbalance.data.manifest import ModalitySpec
+
+    ModalitySpec(dtype="uint8", shape=[3, 8, 8], normalize={"mean": [1, 2, 3], "std": [1, 1, 1], "axis": 0})
+    with pytest.raises(ValidationError, match="axis 1 of shape"):
+        ModalitySpec(dtype="uint8", shape=[3, 8, 8], normalize={"mean": [1, 2, 3], "std": [1, 1, 1], "axis": 1})
+    with pytest.raises(ValidationError, match="std must be > 0"):
+        ModalitySpec(dtype="float32", shape=[4], normalize={"mean": [0], "std": [0]})
+
+
+def test_model_built_from_a_normalised_manifest_applies_it(tmp_path):
+    import torch
+
+    from mmbalance.config import validate_recipe
+    from mmbalance.data.manifest import Manifest
+    from mmbalance.engine.build import build_model
+    from mmbalance.models.normalize import NormalizedEncoder
+
+    from conftest import recipe_dict
+
+    manifest = Manifest(dataset="t", classes=["a", "b"], splits={}, modalities={
+        "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [3.0], "std": [2.0]}},
+        "visual": {"dtype": "float32", "shape": [8]}})
+    model = build_model(validate_recipe(recipe_dict(tmp_path)), manifest)
+    assert isinstance(model.encoders["audio"], NormalizedEncoder)
+    assert not isinstance(model.encoders["visual"], NormalizedEncoder)
+    assert model.encoders["audio"].mean.flatten().tolist() == [3.0]
