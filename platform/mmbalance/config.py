@@ -28,11 +28,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TrainCorruption(_Strict):
+    """One corruption of training batches: ``name`` at ``level`` on ``modality``, each sample hit
+    with probability ``p``. Fresh noise every epoch, identical on a rerun or resume
+    (``engine/augment.py``); val and test are never corrupted, so selection stays clean."""
+
+    modality: str
+    name: str
+    level: float
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted")
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> "TrainCorruption":
+        # Built once here so a bad name or level fails at recipe validation, not in a worker.
+        self.spec()
+        return self
+
+    def spec(self):
+        """The validated ``CorruptionSpec`` (``data/corruptions.py``); raises ValueError with a short message."""
+        from mmbalance.data.corruptions import CORRUPTIONS, make_spec
+
+        if self.name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {self.name!r}; allowed: {sorted(CORRUPTIONS)}")
+        try:
+            return make_spec(self.name, modality=self.modality, level=self.level, p=self.p)
+        except ValidationError as err:
+            raise ValueError("; ".join(_describe(e, None).replace("Value error, ", "") for e in err.errors())) from None
+
+
 class DataConfig(_Strict):
     path: str = Field(description="shard directory (manifest.json + Parquet files); relative paths are from the working directory")
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    train_corruptions: list[TrainCorruption] = Field(
+        default_factory=list, description="corruptions applied, in order, to training batches only (augmentation)")
 
     @model_validator(mode="after")
     def _val_is_not_test(self) -> "DataConfig":
@@ -216,9 +246,28 @@ def check_against_data(recipe: Recipe, manifest: Any) -> None:
         if sweep.modality not in recipe.modalities:
             problems.append(f"eval.corruptions.{i}.modality: {sweep.modality!r} is not a recipe modality; "
                             f"allowed: {sorted(recipe.modalities)}")
+    problems += _train_corruption_problems(recipe, manifest)
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(recipe.data, key)
         if split not in manifest.splits:
             problems.append(f"data.{key}: split {split!r} not in the data; allowed: {sorted(manifest.splits)}")
     if problems:
         raise ConfigError("recipe does not match its data:\n  " + "\n  ".join(problems))
+
+
+def _train_corruption_problems(recipe: Recipe, manifest: Any) -> list[str]:
+    """Each ``data.train_corruptions`` item names a recipe modality whose manifest dtype it can corrupt."""
+    from mmbalance.data.corruptions import accepts_dtype
+
+    problems = []
+    for i, item in enumerate(recipe.data.train_corruptions):
+        key = f"data.train_corruptions.{i}"
+        if item.modality not in recipe.modalities:
+            problems.append(f"{key}.modality: {item.modality!r} is not a recipe modality; allowed: {sorted(recipe.modalities)}")
+            continue
+        dtype = manifest.modalities[item.modality].dtype if item.modality in manifest.modalities else None
+        spec = item.spec()
+        if dtype is not None and not accepts_dtype(spec, dtype):
+            problems.append(f"{key}.name: {item.name} cannot corrupt {item.modality!r} of dtype {dtype}; "
+                            f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
+    return problems

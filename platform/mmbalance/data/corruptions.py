@@ -260,13 +260,19 @@ def sample_rng(seed: int, spec: CorruptionSpec, sample_id: Any) -> np.random.Gen
     return np.random.default_rng(np.random.SeedSequence([seed, digest]))
 
 
+def accepts_dtype(spec: CorruptionSpec, dtype: Any) -> bool:
+    """Whether ``spec`` can corrupt arrays of ``dtype`` (a numpy dtype or its name, e.g. a manifest's ``"uint8"``)."""
+    dtype = np.dtype(dtype)
+    return dtype.name in spec.accepts or dtype.kind in spec.accepts
+
+
 def _checked_input(arrays: dict[str, np.ndarray], spec: CorruptionSpec, rows: int) -> np.ndarray:
     if spec.modality not in arrays:
         raise CorruptionError(f"{spec.name}: modality {spec.modality!r} is not in the batch (keys: {sorted(arrays)})")
     x = np.asarray(arrays[spec.modality])
     if x.ndim == 0 or x.shape[0] != rows:
         raise CorruptionError(f"{spec.modality}: {x.shape[:1]} rows for {rows} sample ids")
-    if x.dtype.name not in spec.accepts and x.dtype.kind not in spec.accepts:
+    if not accepts_dtype(spec, x.dtype):
         raise CorruptionError(f"{spec.name} cannot corrupt {spec.modality!r} of dtype {x.dtype}; "
                               f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
     return x

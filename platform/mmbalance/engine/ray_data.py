@@ -6,7 +6,10 @@ training split afresh each epoch with a seed, and decodes in ``map_batches`` (fl
 fixed-size lists -> ``[B, *shape]`` arrays). ``split_config`` splits train equally across
 workers (same number of steps on every rank) and val/test unequally (no row dropped, so
 all-reduced counts equal the split size). Worker side, ``RayShardSource`` iterates the shard
-with a local shuffle buffer seeded per epoch.
+with a local shuffle buffer seeded per epoch. With ``data.train_corruptions`` the train split
+also carries ``sample_id``, and the worker corrupts each batch in Ray's collate step (its
+prefetch threads) with the same ``TrainCorruptor`` as the in-process path, so a sample gets the
+same noise on either path, on any worker.
 """
 
 from __future__ import annotations
@@ -16,18 +19,23 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import Tensor
 
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
+from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import Batch, epoch_seed
 
 SPLIT_KEYS = ("train", "val", "test")
 
 
 def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
-    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` (runs in Ray Data tasks)."""
+    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` (runs in Ray Data tasks).
+    A selected ``sample_id`` column passes through as a ``[B]`` object array of str."""
     n = table.num_rows
     out = {"label": table.column("label").to_numpy().astype(np.int64)}
+    if "sample_id" in table.column_names:
+        out["sample_id"] = table.column("sample_id").to_numpy(zero_copy_only=False)
     for m, shape in shapes.items():
         flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         out[m] = flat.astype(dtypes[m], copy=False).reshape(n, *shape)
@@ -57,7 +65,9 @@ def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int, 
         split = getattr(recipe.data, f"{key}_split")
         files = [f"{root.rstrip('/')}/{f.path}" for f in manifest.splits[split].files]
         shuffle = ray.data.FileShuffleConfig(seed=recipe.seed, reseed_after_execution=True) if key == "train" else None
-        ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(["label", *modalities])
+        # Train corruption is seeded per sample id, so only then does train carry the ids.
+        ids = ["sample_id"] if key == "train" and recipe.data.train_corruptions else []
+        ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(["label", *ids, *modalities])
         if key != "train":
             # Several blocks per worker: an unequal split hands out whole blocks, and a
             # one-file split would otherwise be evaluated by one worker alone.
@@ -103,11 +113,12 @@ class RayShardSource:
         world = ray.train.get_context().get_world_size()
         self.train_rows = manifest.splits[recipe.data.train_split].rows // world
         self.buffer = self.train_rows if train_cached else max(4 * recipe.schedule.batch_size, 256)
+        self.corruptor = TrainCorruptor.from_recipe(recipe)
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
-        batches = self.shards["train"].iter_torch_batches(
-            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=self.buffer,
-            local_shuffle_seed=epoch_seed(self.recipe.seed, epoch))
+        batches = iter_train_batches(self.shards["train"], batch_size, buffer=self.buffer,
+                                     seed=epoch_seed(self.recipe.seed, epoch), corruptor=self.corruptor, epoch=epoch,
+                                     modalities=self.modalities)
         # equal=True gives every rank the same rows, so the step count agrees across ranks.
         return self._to_device(batches), self.train_rows // batch_size
 
@@ -117,3 +128,37 @@ class RayShardSource:
     def _to_device(self, batches) -> Iterator[Batch]:
         for batch in batches:
             yield {m: batch[m].to(self.device) for m in self.modalities}, batch["label"].to(self.device)
+
+
+def iter_train_batches(shard: Any, batch_size: int, *, buffer: int, seed: int, corruptor: TrainCorruptor | None,
+                       epoch: int, modalities: list[str]) -> Iterator[dict[str, Tensor]]:
+    """A train shard (a Ray ``DataIterator``) as tensor batches, locally shuffled with ``seed``.
+
+    Without corruption this is Ray's default collate, unchanged. With it, a numpy collate runs
+    ``collate_train_batch`` in Ray's prefetch threads; Ray still moves the tensors to the device.
+    """
+    collate = None if corruptor is None else _corrupting_collate(corruptor, epoch, modalities)
+    return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer,
+                                    local_shuffle_seed=seed, collate_fn=collate)
+
+
+def collate_train_batch(batch: dict[str, np.ndarray], corruptor: TrainCorruptor, epoch: int,
+                        modalities: list[str]) -> dict[str, Tensor]:
+    """A decoded numpy train batch with ``sample_id`` -> corrupted CPU tensors (ids dropped)."""
+    arrays = corruptor.apply({m: batch[m] for m in modalities}, batch["sample_id"], epoch)
+    return {**{m: _tensor(arrays[m]) for m in modalities}, "label": _tensor(batch["label"])}
+
+
+def _tensor(x: np.ndarray) -> Tensor:
+    # Arrow-backed numpy batches may be read-only; a tensor sharing them would warn and be unsafe to write.
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
+def _corrupting_collate(corruptor: TrainCorruptor, epoch: int, modalities: list[str]):
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class CorruptTrainBatch(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
+            return collate_train_batch(batch, corruptor, epoch, modalities)
+
+    return CorruptTrainBatch()
