@@ -118,7 +118,7 @@ def _stable_order(samples: list[RawSample]) -> list[RawSample]:
 
 
 def carve_split(samples: list[RawSample], source: str, target: str, fraction: float, seed: int) -> list[RawSample]:
-    """Move ``round(fraction * n)`` samples of each label from split ``source`` to ``target``,
+    """Move ``floor(fraction * n + 0.5)`` samples of each label from split ``source`` to ``target``,
     drawn by one ``default_rng(seed)`` stream visiting labels in ascending order over samples
     sorted by id: the same listing always gives the same split, whatever the file system's order."""
     if not 0.0 < fraction < 1.0:
@@ -131,7 +131,7 @@ def carve_split(samples: list[RawSample], source: str, target: str, fraction: fl
     moved: set[str] = set()
     for label in sorted(by_label):
         pool = by_label[label]
-        count = int(round(fraction * len(pool)))
+        count = int(np.floor(fraction * len(pool) + 0.5))  # halves round up (Python's round() would give 0.1 * 5 -> 0)
         moved.update(pool[i].sample_id for i in rng.permutation(len(pool))[:count])
     return [RawSample(s.sample_id, s.label, target, s.files, s.text) if s.sample_id in moved else s for s in samples]
 

@@ -108,6 +108,9 @@ def _chunks(samples: list[RawSample], chunk_size: int) -> list[list[RawSample]]:
 def _fingerprint(converter: Converter, listing: Listing, samples: list[RawSample], chunk_size: int) -> str:
     blob = json.dumps({"converter": converter.name, "version": GENERATOR_VERSION,
                        "params": converter.params.model_dump(mode="json"), "classes": listing.classes,
+                       # preprocessing() carries content hashes of side inputs (a tokenizer's files),
+                       # so replacing them in place also invalidates the partial work
+                       "preprocessing": converter.preprocessing(),
                        "chunk_size": chunk_size, "samples": [s.to_json() for s in samples]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
