@@ -8,7 +8,7 @@ first. Audio maths runs in float64 so the float32 result does not hinge on reduc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -140,22 +140,36 @@ def _open_container(path: str | Path):
 
 def video_frames(path: str | Path, count: int, params: ImageParams) -> np.ndarray:
     """``count`` frames sampled uniformly over the clip (frame ``floor((i + 0.5) n / count)`` of
-    the ``n`` decoded frames) -> uint8 ``[count, 3, crop, crop]``."""
+    the ``n`` decoded frames) -> uint8 ``[count, 3, crop, crop]``.
+
+    Two decoding passes, the first only counting: keeping every frame of a 10 s 720p clip to pick
+    three would hold close to a gigabyte per task, and container frame counts (where present at
+    all) need not match what actually decodes."""
+    total = sum(1 for _ in _decoded_frames(path))
+    if total == 0:
+        raise BadInput(f"{path}: no decodable video frames")
+    picks = [int((i + 0.5) * total / count) for i in range(count)]
+    wanted = {index: [] for index in picks}
+    for index, frame in enumerate(_decoded_frames(path)):
+        if index in wanted:
+            wanted[index] = image_from_pil(frame.to_image(), params)
+    if any(isinstance(v, list) for v in wanted.values()):  # the second pass decoded fewer frames
+        raise BadInput(f"{path}: video decodes inconsistently ({total} frames on the first pass)")
+    return np.stack([wanted[i] for i in picks])
+
+
+def _decoded_frames(path: str | Path) -> Iterator:
     import av
 
     container = _open_container(path)
     try:
         if not container.streams.video:
             raise BadInput(f"{path}: no video stream")
-        frames = [frame.to_image() for frame in container.decode(video=0)]
+        yield from container.decode(video=0)
     except av.error.FFmpegError as err:
         raise BadInput(f"{path}: video decoding failed ({err})") from err
     finally:
         container.close()
-    if not frames:
-        raise BadInput(f"{path}: no decodable video frames")
-    picks = [int((i + 0.5) * len(frames) / count) for i in range(count)]
-    return np.stack([image_from_pil(frames[i], params) for i in picks])
 
 
 def container_audio(path: str | Path, params: AudioParams) -> np.ndarray:
