@@ -61,3 +61,13 @@ def test_shipped_cremad_recipe_trains_on_a_converted_fixture(tmp_path):
     expected = {"gaussian_visual_5", "gaussian_visual_10", "audio_snr_audio_10", "audio_snr_audio_5"}
     assert expected <= set(scores["robustness"])
     assert all(0.0 <= v <= 1.0 for v in scores["robustness"].values())
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTERS))
+def test_datasets_doc_has_a_section_with_the_default_shapes(name):
+    text = (REPO / "docs" / "datasets.md").read_text()
+    assert f"\n## {name}\n" in text, f"docs/datasets.md has no section for {name}"
+    section = text.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+    for modality, spec in _default_manifest(name).modalities.items():
+        assert f"`{modality}`" in section and str(spec.shape) in section, (name, modality, spec.shape)
+    assert f"mmbalance prepare {name} --root" in section
