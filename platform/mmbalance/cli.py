@@ -87,6 +87,9 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
         raise ConfigError(str(err)) from None
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if "://" in args.out:
+        raise ConfigError(f"--out {args.out}: conversion writes to a file system path (local or a shared volume); "
+                          "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)")
     started_ray = args.engine == "ray" and _start_ray_for_prepare(args)
     try:
         manifest = convert(converter, args.root, args.out, engine=args.engine, skip_bad=args.skip_bad,
