@@ -5,11 +5,9 @@ HOME, so the token and session files stay in the test's directory; other modules
 shut down by then (the shared fixture is module-scoped: one Ray instance per host).
 """
 
-import json
 import os
 import shutil
 import subprocess
-import time
 
 import pandas as pd
 import pytest

@@ -117,8 +117,6 @@ def test_manifest_normalisation_must_fit_the_shape():
 
 
 def test_model_built_from_a_normalised_manifest_applies_it(tmp_path):
-    import torch
-
     from mmbalance.config import validate_recipe
     from mmbalance.data.manifest import Manifest
     from mmbalance.engine.build import build_model

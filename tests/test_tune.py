@@ -1,6 +1,5 @@
 """Ray Tune integration: ASHA over Train-in-Tune trials, leak check, scoring, SIGINT + resume (slow)."""
 
-import json
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import yaml
 from mmbalance.tune.search import run_search
 from mmbalance.tune.space import SearchSpace
 
-from conftest import REPO, recipe_dict
+from conftest import recipe_dict
 from test_wandb_tracker import read_offline_run
 
 pytestmark = pytest.mark.integration

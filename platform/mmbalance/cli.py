@@ -16,7 +16,7 @@ from pathlib import Path
 from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, set_dotted
 from mmbalance.data.convert.pipeline import ConversionError
 from mmbalance.data.corruptions import CorruptionError
-from mmbalance.data.manifest import SPLITS as SPLIT_ORDER, read_manifest
+from mmbalance.data.manifest import SPLITS as SPLIT_ORDER
 from mmbalance.data.shards import ShardError, validate_shards
 from mmbalance.jobs import add_submit_parser
 from mmbalance.reports.command import add_report_parser

@@ -131,3 +131,21 @@ def test_converted_fixture_trains_one_epoch(tree, tmp_path):
     result = train_one_epoch(tmp_path / "shards", {"audio": cnn, "visual": res}, tmp_path)
     assert 0.0 <= result["test"]["acc"] <= 1.0
     assert set(result["test"]["acc_per_modality"]) == {"audio", "visual"}
+
+
+def test_prepare_command_lists_missing_files_and_counts_skips(tmp_path, capsys):
+    from mmbalance.cli import main
+
+    root = tmp_path / "raw"
+    make_tree(root, actors=(1001, 1002))
+    (root / "AudioWAV" / "1002_DFA_HAP_XX.wav").unlink()
+    common = ["prepare", "cremad", "--root", str(root), "--out", str(tmp_path / "out"), "--engine", "local",
+              "--set", "image.resize=36", "--set", "image.crop=32", "--set", "audio.clip_seconds=0.5",
+              "--set", "val_fraction=0.25", "--set", "test_fraction=0.25"]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert "1 raw file(s) are missing" in err and "1002_DFA_HAP_XX.wav" in err and "--skip-bad" in err
+    assert main(common + ["--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "chunk 1/1 done" in out and "skipped 1 sample(s)" in out
+    assert main(common) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_round_trip_classes_txt_filters_val_is_carved_and_kinetics_val_is_test(t
     pre = manifest.preprocessing
     assert pre["dropped_by_listing"] == {TRAIN_DROPS: 1, "annotations/val.csv rows whose label is not in "
                                          "classes.txt": 1, "annotations/train.csv duplicate rows": 1}
-    assert pre["class_list"]["sha256"] == hashlib.sha256((root / "classes.txt").read_bytes()).hexdigest()
+    assert pre["provenance"]["class_list"]["sha256"] == hashlib.sha256((root / "classes.txt").read_bytes()).hexdigest()
     assert pre["split_source"]["test"] == "annotations/val.csv (the Kinetics validation set)"
     assert pre["split_source"]["val"] == "0.2 of annotations/train.csv per class, seed 0"
     assert pre["skipped_bad"]["count"] == 0

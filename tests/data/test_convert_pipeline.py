@@ -3,7 +3,6 @@ bad-file accounting, train statistics, engines, and the ``mmbalance prepare`` co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

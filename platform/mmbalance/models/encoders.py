@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 

@@ -224,7 +224,6 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
                storage: str | None = None, address: str | None = None) -> "Any":
     """Validate, connect, search, score, write results; returns the results DataFrame."""
     import pandas as pd
-    import ray
 
     from mmbalance.data.shards import validate_shards
     from mmbalance.tune.cluster import Request, check_fits, connect

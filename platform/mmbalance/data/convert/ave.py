@@ -24,7 +24,6 @@ Resize 256 -> CenterCrop 224 -> uint8 [frames, 3, 224, 224], ImageNet normalisat
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, check_files, check_nonempty_splits,
-                                         require_dir, require_file)
-from mmbalance.data.convert.media import (IMAGENET_MEAN, IMAGENET_STD, AudioParams, ImageParams, container_audio,
-                                          log_spectrogram, video_frames)
-from mmbalance.data.manifest import ModalitySpec
+                                         require_dir, require_file, sha256_file)
+from mmbalance.data.convert.clips import audio_visual_outputs, clip_features
+from mmbalance.data.convert.media import AudioParams, ImageParams
 
 ANNOTATIONS = "Annotations.txt"
 SET_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
@@ -98,7 +96,7 @@ class AveConverter:
         check_nonempty_splits(samples)
         unlisted = len(set(categories) - set(listed_at))
         listing = Listing(classes=classes, samples=samples,
-                          split_source={**SET_FILES, "sha256": {name: _sha256(root / name)
+                          split_source={**SET_FILES, "sha256": {name: sha256_file(root / name)
                                                                 for name in (ANNOTATIONS, *SET_FILES.values())}})
         if unlisted:
             listing.dropped[f"clips of {ANNOTATIONS} in no set file"] = unlisted
@@ -108,18 +106,10 @@ class AveConverter:
         return listing
 
     def outputs(self) -> dict[str, ModalityOutput]:
-        crop, frames = self.params.image.crop, self.params.frames
-        return {
-            "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=self.params.audio.shape), "train_stats"),
-            "visual": ModalityOutput(ModalitySpec(dtype="uint8", shape=[frames, 3, crop, crop]),
-                                     (IMAGENET_MEAN, IMAGENET_STD), axis=1, source="ImageNet"),
-        }
+        return audio_visual_outputs(self.params.audio, self.params.image, self.params.frames)
 
     def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        path = sample.files["video"]
-        wave = container_audio(path, self.params.audio)
-        return {"audio": log_spectrogram(wave, self.params.audio),
-                "visual": video_frames(path, self.params.frames, self.params.image)}
+        return clip_features(sample.files["video"], self.params.audio, self.params.image, self.params.frames)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "
@@ -129,9 +119,6 @@ class AveConverter:
                 "class_order": f"sorted unique Category of {ANNOTATIONS} (Python string order)",
                 "splits": "trainSet.txt / valSet.txt / testSet.txt followed exactly"}
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_rows(path: Path) -> list[tuple[str, tuple[str, str]]]:

@@ -8,6 +8,7 @@ execution, resume, bad-file accounting, train-split statistics and the final sha
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class Listing:
     missing_ids: set[str] = field(default_factory=set)  # samples that cannot be built because of ``missing``
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, e.g. rows outside the class list
     split_source: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
+    provenance: dict[str, Any] = field(default_factory=dict)  # where else the listing came from (a class list and its hash)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class Converter(Protocol):
     def extract(self, sample: RawSample) -> dict[str, np.ndarray]: ...
 
     def preprocessing(self) -> dict[str, Any]: ...
+
+
+def sha256_file(path: Path) -> str:
+    """Hex digest of an index file, recorded so a changed split or class list shows in the manifest."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def listing_text(items: list[str]) -> str:

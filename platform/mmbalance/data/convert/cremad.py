@@ -28,9 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split, check_files,
                                          check_nonempty_splits, require_dir)
-from mmbalance.data.convert.media import (IMAGENET_MEAN, IMAGENET_STD, AudioParams, ImageParams, load_audio_file,
-                                          log_spectrogram, video_frames)
-from mmbalance.data.manifest import ModalitySpec
+from mmbalance.data.convert.clips import audio_visual_outputs
+from mmbalance.data.convert.media import AudioParams, ImageParams, load_audio_file, log_spectrogram, video_frames
 
 EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 
@@ -86,12 +85,7 @@ class CremadConverter:
         return listing
 
     def outputs(self) -> dict[str, ModalityOutput]:
-        crop, frames = self.params.image.crop, self.params.frames
-        return {
-            "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=self.params.audio.shape), "train_stats"),
-            "visual": ModalityOutput(ModalitySpec(dtype="uint8", shape=[frames, 3, crop, crop]),
-                                     (IMAGENET_MEAN, IMAGENET_STD), axis=1, source="ImageNet"),
-        }
+        return audio_visual_outputs(self.params.audio, self.params.image, self.params.frames)
 
     def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
         wave = load_audio_file(sample.files["audio"], self.params.audio)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,10 +37,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split, check_files,
-                                         check_nonempty_splits, require_dir)
-from mmbalance.data.convert.media import (IMAGENET_MEAN, IMAGENET_STD, AudioParams, ImageParams, container_audio,
-                                          log_spectrogram, video_frames)
-from mmbalance.data.manifest import ModalitySpec
+                                         check_nonempty_splits, require_dir, sha256_file)
+from mmbalance.data.convert.clips import audio_visual_outputs, clip_features
+from mmbalance.data.convert.media import AudioParams, ImageParams
 
 COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 VAL_NAMES = ("val.csv", "validate.csv")
@@ -71,8 +69,6 @@ class KineticsSoundsConverter:
 
     def __init__(self, params: KineticsSoundsParams):
         self.params = params
-        # Where the class list came from; set by list_samples, recorded by preprocessing().
-        self.class_list: dict[str, Any] = {}
 
     def list_samples(self, root: Path) -> Listing:
         require_dir(root, "the Kinetics folder holding annotations/, train/ and val/")
@@ -88,17 +84,17 @@ class KineticsSoundsConverter:
         if classes_txt.is_file():
             classes = _read_classes(classes_txt, train_labels)
             rule = "classes.txt"
-            self.class_list = {"source": "classes.txt (its line order)", "sha256": _sha256(classes_txt),
+            class_list = {"source": "classes.txt (its line order)", "sha256": sha256_file(classes_txt),
                                "count": len(classes)}
         else:
             classes = train_labels
             rule = "annotations/train.csv's labels"
-            self.class_list = {"source": "sorted labels of annotations/train.csv (no classes.txt)",
+            class_list = {"source": "sorted labels of annotations/train.csv (no classes.txt)",
                                "count": len(classes)}
         if len(classes) < 2:
             raise ValueError(f"the class list ({rule}) holds {len(classes)} label(s); need at least 2")
         index = {label: k for k, label in enumerate(classes)}
-        listing = Listing(classes=classes, samples=[])
+        listing = Listing(classes=classes, samples=[], provenance={"class_list": class_list})
         seen: dict[str, tuple[str, _Row]] = {}  # sample id -> (split, row)
         samples: list[RawSample] = []
         for split, split_rows in rows.items():
@@ -125,31 +121,22 @@ class KineticsSoundsConverter:
             "train": f"annotations/{train_csv.name} minus val",
             "val": f"{self.params.val_fraction} of annotations/{train_csv.name} per class, seed {self.params.seed}",
             "test": f"annotations/{val_csv.name} (the Kinetics validation set)",
-            "sha256": {f"annotations/{p.name}": _sha256(p) for p in (train_csv, val_csv)},
+            "sha256": {f"annotations/{p.name}": sha256_file(p) for p in (train_csv, val_csv)},
         }
         check_files(samples, listing)
         return listing
 
     def outputs(self) -> dict[str, ModalityOutput]:
-        crop, frames = self.params.image.crop, self.params.frames
-        return {
-            "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=self.params.audio.shape), "train_stats"),
-            "visual": ModalityOutput(ModalitySpec(dtype="uint8", shape=[frames, 3, crop, crop]),
-                                     (IMAGENET_MEAN, IMAGENET_STD), axis=1, source="ImageNet"),
-        }
+        return audio_visual_outputs(self.params.audio, self.params.image, self.params.frames)
 
     def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        path = sample.files["video"]
-        wave = container_audio(path, self.params.audio)
-        return {"audio": log_spectrogram(wave, self.params.audio),
-                "visual": video_frames(path, self.params.frames, self.params.image)}
+        return clip_features(sample.files["video"], self.params.audio, self.params.image, self.params.frames)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "
                          "Hann, center",
                 "visual": "PyAV decode all frames of the clip -> pick floor((i + 0.5) n / frames) -> "
                           "resize shorter side, centre crop",
-                "class_list": dict(self.class_list),
                 "splits": "Kinetics val -> test; val carved from train per class"}
 
 
@@ -162,9 +149,6 @@ class _Row(NamedTuple):
 def _count(listing: Listing, reason: str) -> None:
     listing.dropped[reason] = listing.dropped.get(reason, 0) + 1
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _val_csv(annotations: Path) -> Path:

@@ -108,6 +108,7 @@ def _chunks(samples: list[RawSample], chunk_size: int) -> list[list[RawSample]]:
 def _fingerprint(converter: Converter, listing: Listing, samples: list[RawSample], chunk_size: int) -> str:
     blob = json.dumps({"converter": converter.name, "version": GENERATOR_VERSION,
                        "params": converter.params.model_dump(mode="json"), "classes": listing.classes,
+                       "provenance": listing.provenance,
                        # preprocessing() carries content hashes of side inputs (a tokenizer's files),
                        # so replacing them in place also invalidates the partial work
                        "preprocessing": converter.preprocessing(),
@@ -256,6 +257,7 @@ def _assemble(converter: Converter, listing: Listing, work: Path, out: Path, sum
         **converter.preprocessing(),
         "params": converter.params.model_dump(mode="json"),
         "split_source": listing.split_source,
+        **({"provenance": listing.provenance} if listing.provenance else {}),
         "dropped_by_listing": dict(sorted(listing.dropped.items())),
         "skipped_bad": {"count": len(skipped), "missing": len(listing.missing), "corrupt": len(corrupt),
                         "files": skipped[:1000]},

@@ -1,0 +1,32 @@
+"""What the audio-visual clip datasets (CREMA-D, AVE, Kinetics-Sounds) share: the two output
+modalities and the extraction of one container clip.
+
+``audio`` is a log-|STFT| spectrogram normalised by train-split statistics; ``visual`` is
+``frames`` uint8 RGB frames ``[frames, 3, crop, crop]`` normalised with ImageNet statistics along
+the channel axis, as the papers' ResNet-18 encoders expect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mmbalance.data.convert.base import ModalityOutput
+from mmbalance.data.convert.media import (IMAGENET_MEAN, IMAGENET_STD, AudioParams, ImageParams, container_audio,
+                                          log_spectrogram, video_frames)
+from mmbalance.data.manifest import ModalitySpec
+
+
+def audio_visual_outputs(audio: AudioParams, image: ImageParams, frames: int) -> dict[str, ModalityOutput]:
+    return {
+        "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=audio.shape), "train_stats"),
+        "visual": ModalityOutput(ModalitySpec(dtype="uint8", shape=[frames, 3, image.crop, image.crop]),
+                                 (IMAGENET_MEAN, IMAGENET_STD), axis=1, source="ImageNet"),
+    }
+
+
+def clip_features(path: str | Path, audio: AudioParams, image: ImageParams, frames: int) -> dict[str, np.ndarray]:
+    """Audio track and sampled frames of one video file with sound (.mp4, .flv, ...)."""
+    return {"audio": log_spectrogram(container_audio(path, audio), audio),
+            "visual": video_frames(path, frames, image)}
