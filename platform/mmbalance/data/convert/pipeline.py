@@ -57,9 +57,10 @@ def convert(
     skip_bad: bool = False,
     overwrite: bool = False,
     chunk_size: int = 64,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Convert the raw tree at ``root`` into shards at ``out``; return the manifest."""
+    progress = progress or _print_now
     root, out = Path(root), Path(out)
     if out.exists() and not overwrite:  # before any listing or decoding
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -84,6 +85,12 @@ def convert(
     manifest = _assemble(converter, listing, work, out, summaries, corrupt, overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _print_now(line: str) -> None:
+    # Flushed per line: under `ray job submit` or a pipe, stdout is block-buffered and progress
+    # would arrive in one lump at the end.
+    print(line, flush=True)
 
 
 def _usable_samples(listing: Listing, skip_bad: bool) -> list[RawSample]:
