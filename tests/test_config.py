@@ -91,3 +91,22 @@ def test_stdlib_platform_module_is_not_shadowed():
 
     assert platform.python_version()
     assert not (REPO / "platform" / "__init__.py").exists()
+
+
+def test_corruption_items_take_the_corruptions_own_settings(small_shards):
+    from mmbalance.engine.evaluation import robustness_transforms
+
+    tree = recipe_dict(small_shards)
+    tree["eval"] = {"corruptions": [{"modality": "visual", "name": "gaussian", "levels": [5],
+                                     "params": {"pixel_range": 4.0}}]}
+    recipe = validate_recipe(tree)
+    assert recipe.eval.corruptions[0].spec(5).pixel_range == 4.0
+    assert "gaussian_visual_5" in robustness_transforms(recipe)
+    tree["eval"]["corruptions"][0]["params"] = {"pixel_rang": 4.0}
+    assert "pixel_rang: unknown key" in _error(tree)
+    tree["eval"]["corruptions"][0]["params"] = {"level": 3}
+    assert "are set by the item itself" in _error(tree)
+    tree = recipe_dict(small_shards)
+    tree["data"]["train_corruptions"] = [{"modality": "visual", "name": "salt_pepper", "level": 10,
+                                          "params": {"channel_axis": -7, "bogus": 1}}]
+    assert "bogus: unknown key" in _error(tree)

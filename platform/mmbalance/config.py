@@ -28,6 +28,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+RESERVED_CORRUPTION_KEYS = {"name", "modality", "level", "p"}
+
+
+def _check_params(params: dict[str, Any]) -> dict[str, Any]:
+    clash = RESERVED_CORRUPTION_KEYS & set(params)
+    if clash:
+        raise ValueError(f"params: {sorted(clash)} are set by the item itself, not in params")
+    return params
+
+
 class TrainCorruption(_Strict):
     """One corruption of training batches: ``name`` at ``level`` on ``modality``, each sample hit
     with probability ``p``. Fresh noise every epoch, identical on a rerun or resume
@@ -37,9 +47,12 @@ class TrainCorruption(_Strict):
     name: str
     level: float
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted")
+    params: dict[str, Any] = Field(default_factory=dict, description="the corruption's own settings, e.g. "
+                                   "word_replace keep_ids / replacement_id, gaussian pixel_range")
 
     @model_validator(mode="after")
     def _valid_spec(self) -> "TrainCorruption":
+        _check_params(self.params)
         # Built once here so a bad name or level fails at recipe validation, not in a worker.
         self.spec()
         return self
@@ -51,9 +64,13 @@ class TrainCorruption(_Strict):
         if self.name not in CORRUPTIONS:
             raise ValueError(f"unknown corruption {self.name!r}; allowed: {sorted(CORRUPTIONS)}")
         try:
-            return make_spec(self.name, modality=self.modality, level=self.level, p=self.p)
+            return make_spec(self.name, **self.params, modality=self.modality, level=self.level, p=self.p)
         except ValidationError as err:
-            raise ValueError("; ".join(_describe(e, None).replace("Value error, ", "") for e in err.errors())) from None
+            raise ValueError(_spec_errors(err)) from None
+
+
+def _spec_errors(err: ValidationError) -> str:
+    return "; ".join(_describe(e, None).replace("Value error, ", "") for e in err.errors())
 
 
 class DataConfig(_Strict):
@@ -132,14 +149,25 @@ class EvalCorruption(_Strict):
     name: str
     levels: list[float] = Field(min_length=1)
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted (MNL protocol: 0.5)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the corruption's own settings, e.g. "
+                                   "word_replace keep_ids / replacement_id, gaussian pixel_range")
 
     @model_validator(mode="after")
     def _known(self) -> "EvalCorruption":
-        from mmbalance.data.corruptions import CORRUPTIONS
+        _check_params(self.params)
+        for level in self.levels:  # every level's spec, so a bad level or setting fails here
+            self.spec(level)
+        return self
+
+    def spec(self, level: float):
+        from mmbalance.data.corruptions import CORRUPTIONS, make_spec
 
         if self.name not in CORRUPTIONS:
             raise ValueError(f"unknown corruption {self.name!r}; allowed: {sorted(CORRUPTIONS)}")
-        return self
+        try:
+            return make_spec(self.name, **self.params, modality=self.modality, level=level, p=self.p)
+        except ValidationError as err:
+            raise ValueError(_spec_errors(err)) from None
 
 
 class EvalConfig(_Strict):

@@ -35,12 +35,12 @@ def missing(modality: str) -> ArrayTransform:
     return zero
 
 
-def corrupted(modality: str, name: str, level: float, p: float, seed: int) -> ArrayTransform:
+def corrupted(modality: str, name: str, level: float, p: float, seed: int, **params) -> ArrayTransform:
     """Per-sample seeded corruption of one modality (the same noise for a sample id wherever
-    and however often it is scored)."""
+    and however often it is scored); ``params`` are the corruption's own settings."""
     from mmbalance.data.corruptions import CorruptionPlan, apply_corruption, make_spec
 
-    plan = CorruptionPlan(corruptions=[make_spec(name, modality=modality, level=level, p=p)], seed=seed)
+    plan = CorruptionPlan(corruptions=[make_spec(name, **params, modality=modality, level=level, p=p)], seed=seed)
 
     def apply(arrays: SplitArrays) -> SplitArrays:
         return SplitArrays(arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, plan))
@@ -54,7 +54,7 @@ def robustness_transforms(recipe: Recipe) -> dict[str, ArrayTransform]:
     for sweep in recipe.eval.corruptions:
         for level in sweep.levels:
             transforms[f"{sweep.name}_{sweep.modality}_{level:g}"] = corrupted(
-                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed)
+                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed, **sweep.params)
     return transforms
 
 
