@@ -101,7 +101,7 @@ def test_corruption_items_take_the_corruptions_own_settings(small_shards):
                                      "params": {"pixel_range": 4.0}}]}
     recipe = validate_recipe(tree)
     assert recipe.eval.corruptions[0].spec(5).pixel_range == 4.0
-    assert "gaussian_visual_5" in robustness_transforms(recipe)
+    assert "gaussian_visual_5" in robustness_transforms(recipe, read_manifest(small_shards))
     tree["eval"]["corruptions"][0]["params"] = {"pixel_rang": 4.0}
     assert "pixel_rang: unknown key" in _error(tree)
     tree["eval"]["corruptions"][0]["params"] = {"level": 3}

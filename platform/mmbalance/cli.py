@@ -230,7 +230,8 @@ IMAGE_LIKE = ("image", "visual", "video", "frames", "rgb")
 def _eval(args: argparse.Namespace) -> None:
     import yaml
 
-    from mmbalance.data.corruptions import parse_levels
+    from mmbalance.data.corruptions import neutral_fill, parse_levels
+    from mmbalance.data.manifest import read_manifest
     from mmbalance.engine.evaluation import corrupted, missing, sweep
 
     run_dir = Path(args.checkpoint)
@@ -240,17 +241,19 @@ def _eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.checkpoint}: expected a run directory with config.yaml and checkpoints/best")
     tree = yaml.safe_load((run_dir / "config.yaml").read_text())
     modalities = list(tree["modalities"])
+    data = read_manifest(tree["data"]["path"]).modalities
     transforms = {}
     for item in args.corrupt:
         modality, _, spec = item.rpartition("=")
         name, levels = parse_levels(spec)
         modality = modality or _default_modality(name, modalities)
         for level in levels:
-            transforms[f"{name}:{level:g} on {modality}"] = corrupted(modality, name, level, args.p, args.seed)
+            fill = neutral_fill(data[modality]) if name == "missing" and modality in data else {}
+            transforms[f"{name}:{level:g} on {modality}"] = corrupted(modality, name, level, args.p, args.seed, **fill)
     for modality in [m for m in (args.missing or "").split(",") if m]:
         if modality not in modalities:
             raise ConfigError(f"--missing {modality}: not a modality of this run; allowed: {modalities}")
-        transforms[f"missing {modality}"] = missing(modality)
+        transforms[f"missing {modality}"] = missing(modality, neutral_fill(data[modality]))
     table = sweep(run_dir, tree, args.split, transforms)
     header = ["condition", "fused", *modalities]
     rows = [[label, *(f"{row[k]:.4f}" for k in ["acc_fused", *[f"acc_{m}" for m in modalities]])] for label, row in table.items()]

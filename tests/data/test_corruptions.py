@@ -241,3 +241,56 @@ def test_arrays_a_corruption_cannot_handle_are_refused():
         apply_corruption(batch, IDS[:8], _plan("gaussian", "depth", 1))
     with pytest.raises(CorruptionError, match="for 7 sample ids"):
         apply_corruption(batch, IDS[:7], _plan("gaussian", "visual", 1))
+
+
+def test_missing_fills_the_value_the_models_normalisation_maps_to_zero():
+    import torch
+
+    from mmbalance.data.corruptions import apply_corruption, for_modality, make_spec, neutral_fill
+    from mmbalance.data.manifest import ModalitySpec
+    from mmbalance.models.normalize import NormalizedEncoder
+
+    frames = ModalitySpec(dtype="uint8", shape=[2, 3, 4, 4],
+                          normalize={"mean": [123.675, 116.28, 103.53], "std": [58.4, 57.1, 57.4], "axis": 1})
+    spec = for_modality(make_spec("missing", modality="visual", level=1), frames)
+    x = np.random.default_rng(0).integers(0, 256, (5, 2, 3, 4, 4)).astype(np.uint8)
+    y = apply_corruption({"visual": x}, list("abcde"), {"corruptions": [spec], "seed": 0})["visual"]
+    assert y.dtype == np.uint8
+    assert (y[:, :, 0] == 124).all() and (y[:, :, 1] == 116).all() and (y[:, :, 2] == 104).all()
+
+    spectrogram = ModalitySpec(dtype="float32", shape=[5, 7], normalize={"mean": [-9.1], "std": [3.1]})
+    spec = for_modality(make_spec("missing", modality="audio", level=1), spectrogram)
+    y = apply_corruption({"audio": np.ones((3, 5, 7), np.float32)}, [1, 2, 3], {"corruptions": [spec], "seed": 0})["audio"]
+    identity = torch.nn.Identity()
+    identity.out_dim = 35
+    probe = NormalizedEncoder(identity, (5, 7), [-9.1], [3.1], None)
+    assert torch.allclose(probe(torch.from_numpy(y)), torch.zeros(3, 5, 7), atol=1e-6)
+
+    assert neutral_fill(ModalitySpec(dtype="int64", shape=[8])) == {}  # token ids: pad zeros
+    explicit = make_spec("missing", modality="audio", level=1, fill=[0.0])
+    assert for_modality(explicit, spectrogram).fill == [0.0]  # an explicit fill is kept
+    assert for_modality(make_spec("gaussian", modality="audio", level=5), spectrogram).name == "gaussian"
+
+
+def test_train_and_eval_missing_use_the_manifest_fill(small_shards):
+    from conftest import recipe_dict
+    from mmbalance.config import validate_recipe
+    from mmbalance.data.manifest import Manifest
+    from mmbalance.data.shards import SplitArrays
+    from mmbalance.engine.augment import TrainCorruptor
+    from mmbalance.engine.evaluation import robustness_transforms
+
+    manifest = Manifest(dataset="t", classes=["a", "b"], splits={}, modalities={
+        "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [2.5], "std": [1.0]}},
+        "visual": {"dtype": "float32", "shape": [8]}})
+    tree = recipe_dict(small_shards)
+    tree["data"]["train_corruptions"] = [{"modality": "audio", "name": "missing", "level": 1, "p": 1.0}]
+    recipe = validate_recipe(tree)
+    corruptor = TrainCorruptor.from_recipe(recipe, manifest)
+    batch = corruptor.apply({"audio": np.zeros((2, 8), np.float32), "visual": np.ones((2, 8), np.float32)}, ["x", "y"], 0)
+    assert (batch["audio"] == 2.5).all() and (batch["visual"] == 1).all()
+    arrays = SplitArrays(["x", "y"], np.array([0, 1]), {"audio": np.ones((2, 8), np.float32),
+                                                        "visual": np.ones((2, 8), np.float32)})
+    transforms = robustness_transforms(recipe, manifest)
+    assert (transforms["missing_audio"](arrays).modalities["audio"] == 2.5).all()
+    assert (transforms["missing_visual"](arrays).modalities["visual"] == 0).all()

@@ -30,8 +30,9 @@ Level -> parameter (level 0 is the exact identity for every corruption):
   On log-mel spectrograms this acts in the feature domain, not on the waveform.
   Level 0 means clean (the shared "level 0 = identity" rule), so 0 dB SNR is not expressible;
   silent samples (power 0) are left unchanged.
-- ``missing`` (any modality, level 0 or 1): level 1 zeroes the whole input of the sample
-  (pad ids for text) with probability ``p`` (default 1.0).
+- ``missing`` (any modality, level 0 or 1): level 1 replaces the whole input of the sample
+  with probability ``p`` (default 1.0) by ``fill``: zeros (pad ids for text), or, for a modality
+  the model normalises, the normalisation mean (``for_modality``), so the encoder sees zeros.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class MissingSpec(CorruptionSpec):
     max_level: ClassVar[float | None] = 1.0
     level: float = Field(1.0, ge=0.0, allow_inf_nan=False)
     p: float = Field(1.0, ge=0.0, le=1.0, description="probability that a sample's modality is dropped")
+    fill: list[float] | None = Field(None, description="raw value(s) meaning 'no signal': the manifest's "
+                                     "normalisation mean (per channel along fill_axis); null fills zeros")
+    fill_axis: int | None = None
 
     @model_validator(mode="after")
     def _binary(self) -> "MissingSpec":
@@ -170,7 +174,32 @@ def _audio_snr(x: np.ndarray, rng: np.random.Generator, spec: AudioSNRSpec) -> n
 
 
 def _missing(x: np.ndarray, rng: np.random.Generator, spec: MissingSpec) -> np.ndarray:
-    return np.zeros_like(x)
+    if spec.fill is None:
+        return np.zeros_like(x)
+    view = [1] * x.ndim
+    if spec.fill_axis is not None:
+        view[spec.fill_axis] = len(spec.fill)
+    fill = np.asarray(spec.fill, dtype=np.float64).reshape(view)
+    if np.issubdtype(x.dtype, np.integer):
+        fill = np.rint(fill)
+    return np.broadcast_to(fill, x.shape).astype(x.dtype)
+
+
+def neutral_fill(modality: Any) -> dict[str, Any]:
+    """``missing``'s fill for a manifest ``ModalitySpec``: its normalisation mean, so the encoder
+    sees zeros after the model's normalisation (the input standing for "no signal"). Raw zeros
+    would be a loud signal there: a log-spectrogram of 0 is far above silence, a black frame is
+    -2 sigma. Without a normalisation the fill is zero (pad ids for text)."""
+    norm = getattr(modality, "normalize", None)
+    return {} if norm is None else {"fill": list(norm.mean), "fill_axis": norm.axis}
+
+
+def for_modality(spec: "CorruptionSpec", modality: Any) -> "CorruptionSpec":
+    """``spec`` adapted to the data it corrupts: a ``missing`` without an explicit fill gets
+    ``neutral_fill(modality)``; every other corruption is returned unchanged."""
+    if isinstance(spec, MissingSpec) and spec.fill is None:
+        return spec.model_copy(update=neutral_fill(modality))
+    return spec
 
 
 CORRUPTIONS: dict[str, tuple[type[CorruptionSpec], SampleFn]] = {

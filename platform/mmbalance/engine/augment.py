@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmbalance.data.corruptions import CorruptionPlan, CorruptionSpec, apply_corruption
+from mmbalance.data.corruptions import CorruptionPlan, CorruptionSpec, apply_corruption, for_modality
 from mmbalance.engine.batches import epoch_seed
 
 
@@ -27,10 +27,16 @@ class TrainCorruptor:
         self._plans: dict[int, CorruptionPlan] = {}
 
     @classmethod
-    def from_recipe(cls, recipe: Any) -> "TrainCorruptor | None":
-        """None when the recipe corrupts nothing, so the clean path stays exactly as it was."""
+    def from_recipe(cls, recipe: Any, manifest: Any = None) -> "TrainCorruptor | None":
+        """None when the recipe corrupts nothing, so the clean path stays exactly as it was.
+        With the manifest, ``missing`` fills the modality's normalisation mean (``for_modality``)."""
         items = recipe.data.train_corruptions
-        return cls([item.spec() for item in items], recipe.seed) if items else None
+        if not items:
+            return None
+        specs = [item.spec() for item in items]
+        if manifest is not None:
+            specs = [for_modality(spec, manifest.modalities[spec.modality]) for spec in specs]
+        return cls(specs, recipe.seed)
 
     def plan(self, epoch: int) -> CorruptionPlan:
         # The shuffle's seed for this epoch (epoch_seed) also seeds the noise: the streams are

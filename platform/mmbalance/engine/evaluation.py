@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from mmbalance.config import Recipe
-from mmbalance.data.manifest import read_manifest
+from mmbalance.data.manifest import Manifest, read_manifest
 from mmbalance.data.shards import SplitArrays, load_split
 from mmbalance.engine.batches import InMemorySplit
 from mmbalance.engine.build import build_bound_objective, build_model, load_model_state, resolve_device
@@ -27,12 +26,10 @@ from mmbalance.engine.steps import evaluate
 ArrayTransform = Callable[[SplitArrays], SplitArrays]
 
 
-def missing(modality: str) -> ArrayTransform:
-    def zero(arrays: SplitArrays) -> SplitArrays:
-        mods = dict(arrays.modalities, **{modality: np.zeros_like(arrays.modalities[modality])})
-        return SplitArrays(arrays.sample_ids, arrays.labels, mods)
-
-    return zero
+def missing(modality: str, fill: dict[str, Any] | None = None) -> ArrayTransform:
+    """The modality absent from every sample: zeros, or ``fill`` (``corruptions.neutral_fill``
+    of its manifest spec: the raw value that the model's normalisation maps to zero)."""
+    return corrupted(modality, "missing", 1.0, 1.0, 0, **(fill or {}))
 
 
 def corrupted(modality: str, name: str, level: float, p: float, seed: int, **params) -> ArrayTransform:
@@ -48,13 +45,17 @@ def corrupted(modality: str, name: str, level: float, p: float, seed: int, **par
     return apply
 
 
-def robustness_transforms(recipe: Recipe) -> dict[str, ArrayTransform]:
+def robustness_transforms(recipe: Recipe, manifest: Manifest) -> dict[str, ArrayTransform]:
     """Each modality missing, then every configured corruption level (``eval.corruptions``)."""
-    transforms = {f"missing_{m}": missing(m) for m in recipe.modalities}
+    from mmbalance.data.corruptions import neutral_fill
+
+    fills = {m: neutral_fill(manifest.modalities[m]) for m in recipe.modalities}
+    transforms = {f"missing_{m}": missing(m, fills[m]) for m in recipe.modalities}
     for sweep in recipe.eval.corruptions:
+        params = {**fills[sweep.modality], **sweep.params} if sweep.name == "missing" else sweep.params
         for level in sweep.levels:
             transforms[f"{sweep.name}_{sweep.modality}_{level:g}"] = corrupted(
-                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed, **sweep.params)
+                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed, **params)
     return transforms
 
 
@@ -102,14 +103,15 @@ def evaluate_run(run_dir: str | Path, recipe_tree: dict[str, Any]) -> dict[str, 
     device = resolve_device(recipe.scaling.device)
     model, objective, state = load_best_model(run_dir, recipe, device)
     modalities = list(recipe.modalities)
-    test = load_split(recipe.data.path, read_manifest(recipe.data.path), recipe.data.test_split, modalities)
+    manifest = read_manifest(recipe.data.path)
+    test = load_split(recipe.data.path, manifest, recipe.data.test_split, modalities)
     epoch = state["progress"]["best_epoch"]
 
     def score(arrays: SplitArrays) -> dict[str, float]:
         return score_arrays(model, objective, arrays, modalities, recipe.eval.batch_size, epoch, device)
 
     clean = score(test)
-    robustness = {name: score(transform(test))["acc_fused"] for name, transform in robustness_transforms(recipe).items()}
+    robustness = {name: score(transform(test))["acc_fused"] for name, transform in robustness_transforms(recipe, manifest).items()}
     return {
         "best_epoch": epoch,
         "best_val": state["progress"]["best_val"],

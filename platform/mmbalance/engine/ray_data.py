@@ -113,7 +113,7 @@ class RayShardSource:
         world = ray.train.get_context().get_world_size()
         self.train_rows = manifest.splits[recipe.data.train_split].rows // world
         self.buffer = self.train_rows if train_cached else max(4 * recipe.schedule.batch_size, 256)
-        self.corruptor = TrainCorruptor.from_recipe(recipe)
+        self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
         batches = iter_train_batches(self.shards["train"], batch_size, buffer=self.buffer,

@@ -33,7 +33,7 @@ class InMemorySource:
 
     def __init__(self, recipe: Recipe, manifest: Manifest, device: torch.device):
         self.seed, self.device = recipe.seed, device
-        self.corruptor = TrainCorruptor.from_recipe(recipe)
+        self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
         modalities = list(recipe.modalities)
         self.splits = {key: InMemorySplit(load_split(recipe.data.path, manifest, getattr(recipe.data, f"{key}_split"),
                                                      modalities), modalities)
