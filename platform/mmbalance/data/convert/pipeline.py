@@ -159,7 +159,8 @@ def convert_chunk(converter: Converter, index: int, samples: list[RawSample], wo
              for m, o in outputs.items() if o.normalize == "train_stats"}
     table = _chunk_table(good, specs)
     _write_atomic(_chunk_path(work, index), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    summary = {"index": index, "rows": table.num_rows, "bad": bad, "stats": stats}
+    summary = {"index": index, "rows": table.num_rows, "bad": bad, "stats": stats,
+               "splits": sorted({s.split for s, _ in good})}
     _write_atomic(_summary_path(work, index), lambda tmp: Path(tmp).write_text(json.dumps(summary)))
     return summary
 
@@ -272,6 +273,8 @@ def _assemble(converter: Converter, listing: Listing, work: Path, out: Path, sum
 
     def split_tables(split: str) -> Iterator[pa.Table]:
         for summary in summaries:
+            if split not in summary["splits"]:  # samples are ordered by split: most chunks hold one
+                continue
             table = pq.read_table(_chunk_path(work, summary["index"]))
             mask = pc.equal(table.column("split"), split)
             part = table.filter(mask)
