@@ -59,18 +59,18 @@ class TrainCorruption(_Strict):
 
     def spec(self):
         """The validated ``CorruptionSpec`` (``data/corruptions.py``); raises ValueError with a short message."""
-        from mmbalance.data.corruptions import CORRUPTIONS, make_spec
-
-        if self.name not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {self.name!r}; allowed: {sorted(CORRUPTIONS)}")
-        try:
-            return make_spec(self.name, **self.params, modality=self.modality, level=self.level, p=self.p)
-        except ValidationError as err:
-            raise ValueError(_spec_errors(err)) from None
+        return _corruption_spec(self.name, self.params, modality=self.modality, level=self.level, p=self.p)
 
 
-def _spec_errors(err: ValidationError) -> str:
-    return "; ".join(_describe(e, None).replace("Value error, ", "") for e in err.errors())
+def _corruption_spec(name: str, params: dict[str, Any], **fields: Any):
+    from mmbalance.data.corruptions import CORRUPTIONS, make_spec
+
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; allowed: {sorted(CORRUPTIONS)}")
+    try:
+        return make_spec(name, **params, **fields)
+    except ValidationError as err:
+        raise ValueError("; ".join(_describe(e, None).replace("Value error, ", "") for e in err.errors())) from None
 
 
 class DataConfig(_Strict):
@@ -160,14 +160,7 @@ class EvalCorruption(_Strict):
         return self
 
     def spec(self, level: float):
-        from mmbalance.data.corruptions import CORRUPTIONS, make_spec
-
-        if self.name not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {self.name!r}; allowed: {sorted(CORRUPTIONS)}")
-        try:
-            return make_spec(self.name, **self.params, modality=self.modality, level=level, p=self.p)
-        except ValidationError as err:
-            raise ValueError(_spec_errors(err)) from None
+        return _corruption_spec(self.name, self.params, modality=self.modality, level=level, p=self.p)
 
 
 class EvalConfig(_Strict):

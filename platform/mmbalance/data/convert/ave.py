@@ -32,28 +32,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, check_files, check_nonempty_splits,
                                          require_dir, require_file, sha256_file)
-from mmbalance.data.convert.clips import audio_visual_outputs, clip_features
-from mmbalance.data.convert.media import AudioParams, ImageParams
+from mmbalance.data.convert.clips import TenSecondClipAudio, audio_visual_outputs, clip_features
+from mmbalance.data.convert.media import ImageParams
 
 ANNOTATIONS = "Annotations.txt"
 SET_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
 HEADER = ("category", "videoid", "quality", "starttime", "endtime")
 
 
-class AveAudio(AudioParams):
-    """The whole 10 s AVE clip at 16 kHz; hop 512 (32 ms) keeps the spectrogram at [257, 313].
-    A subclass (not a changed default instance) so that setting one field, e.g.
-    ``audio.clip_seconds``, keeps the others' dataset defaults."""
-
-    clip_seconds: float = Field(10.0, gt=0.0)
-    hop_length: int = Field(512, ge=1)
-
-
 class AveParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     frames: int = Field(3, ge=1, description="video frames per clip, uniform over the whole 10 s clip")
     image: ImageParams = ImageParams()
-    audio: AveAudio = AveAudio()
+    audio: TenSecondClipAudio = TenSecondClipAudio()
 
 
 class AveConverter:

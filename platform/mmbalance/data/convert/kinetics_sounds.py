@@ -38,27 +38,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split, check_files,
                                          check_nonempty_splits, require_dir, sha256_file)
-from mmbalance.data.convert.clips import audio_visual_outputs, clip_features
-from mmbalance.data.convert.media import AudioParams, ImageParams
+from mmbalance.data.convert.clips import TenSecondClipAudio, audio_visual_outputs, clip_features
+from mmbalance.data.convert.media import ImageParams
 
 COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 VAL_NAMES = ("val.csv", "validate.csv")
-
-
-class KineticsSoundsAudio(AudioParams):
-    """A whole 10 s Kinetics clip at 16 kHz; hop 512 (32 ms) keeps the spectrogram at [257, 313].
-    A subclass (not a changed default instance) so that setting one field, e.g.
-    ``audio.clip_seconds``, keeps the others' dataset defaults."""
-
-    clip_seconds: float = Field(10.0, gt=0.0)
-    hop_length: int = Field(512, ge=1)
 
 
 class KineticsSoundsParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     frames: int = Field(3, ge=1, description="video frames per clip, uniform over the clip (ARM uses 1)")
     image: ImageParams = ImageParams()
-    audio: KineticsSoundsAudio = KineticsSoundsAudio()
+    audio: TenSecondClipAudio = TenSecondClipAudio()
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="of each class's train clips")
     seed: int = 0
 
