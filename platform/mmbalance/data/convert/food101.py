@@ -28,12 +28,15 @@ import csv
 import os
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
+from typing import Any
 
+import numpy as np
 from pydantic import Field
 
-from mmbalance.data.convert.base import (Listing, RawSample, carve_split, check_files, check_nonempty_splits,
+from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split, check_files, check_nonempty_splits,
                                          require_dir, require_file)
-from mmbalance.data.convert.text import ImageTextConverter, ImageTextParams
+from mmbalance.data.convert.text import (ImageTextParams, TextEncoding, image_text_features, image_text_outputs,
+                                         image_text_preprocessing)
 
 CSV_FILES = {"train": "train_titles.csv", "test": "test_titles.csv"}
 DUPLICATE = "duplicate csv row"
@@ -44,10 +47,13 @@ class Food101Params(ImageTextParams):
     seed: int = 0
 
 
-class Food101Converter(ImageTextConverter):
+class Food101Converter:
     name = "food101"
     Params = Food101Params
-    params: Food101Params
+
+    def __init__(self, params: Food101Params):
+        self.params = params
+        self.text = TextEncoding(params)
 
     def list_samples(self, root: Path) -> Listing:
         self.text.prepare()  # a bad tokenizer fails here, before any decoding
@@ -74,8 +80,14 @@ class Food101Converter(ImageTextConverter):
         check_files(samples, listing)
         return listing
 
-    def preprocessing(self):
-        return {**super().preprocessing(),
+    def outputs(self) -> dict[str, ModalityOutput]:
+        return image_text_outputs(self.params)
+
+    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
+        return image_text_features(sample.files["image"], sample.text, self.params, self.text)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {**image_text_preprocessing(self.text),
                 "text_source": "texts/<split>_titles.csv, UTF-8 with errors='replace', stripped",
                 "class_order": "sorted folder names of images/train"}
 

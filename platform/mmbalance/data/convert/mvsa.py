@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
-from mmbalance.data.convert.base import (BadInput, Listing, RawSample, carve_split, check_files,
+from mmbalance.data.convert.base import (BadInput, Listing, ModalityOutput, RawSample, carve_split, check_files,
                                          check_nonempty_splits, require_dir, require_file)
-from mmbalance.data.convert.text import ImageTextConverter, ImageTextParams
+from mmbalance.data.convert.text import (ImageTextParams, TextEncoding, image_text_features, image_text_outputs,
+                                         image_text_preprocessing)
 
 CLASSES = ["negative", "neutral", "positive"]
 SPLIT_FILES = {"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"}
@@ -86,10 +88,13 @@ def read_mvsa_text(path: str | Path) -> str:
     return " ".join(text.split())
 
 
-class MvsaSingleConverter(ImageTextConverter):
+class MvsaSingleConverter:
     name = "mvsa_single"
     Params = MvsaParams
-    params: MvsaParams
+
+    def __init__(self, params: MvsaParams):
+        self.params = params
+        self.text = TextEncoding(params)
 
     def list_samples(self, root: Path) -> Listing:
         self.text.prepare()  # a bad tokenizer fails here, before any decoding
@@ -133,11 +138,15 @@ class MvsaSingleConverter(ImageTextConverter):
             require_dir(root / "data", "MVSA-Single's data/ folder of <id>.jpg and <id>.txt")
         return layout
 
-    def read_text(self, path: str) -> str:
-        return read_mvsa_text(path)
+    def outputs(self) -> dict[str, ModalityOutput]:
+        return image_text_outputs(self.params)
 
-    def preprocessing(self):
-        return {**super().preprocessing(),
+    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
+        text = sample.text if sample.text is not None else read_mvsa_text(sample.files["text"])
+        return image_text_features(sample.files["image"], text, self.params, self.text)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {**image_text_preprocessing(self.text),
                 "text_file_decoding": "original layout: UTF-8 (BOM dropped), else cp1252 with errors='replace'; "
                                       "whitespace collapsed",
                 "class_order": "negative, neutral, positive"}

@@ -17,6 +17,7 @@ files (so shards made with another tokenizer show it), its class, vocabulary siz
 special ids that recipes need: ``text_encoder`` (``vocab_size``, ``pad_token_id``) and
 ``word_replace`` (``pad_id``, ``replacement_id`` = [UNK], ``keep_ids`` = [CLS], [SEP]).
 
+The two converters compose ``TextEncoding`` with ``image_text_outputs`` / ``image_text_features``.
 Converters must pickle (Ray tasks): ``TextEncoding`` holds only the resolved path and the
 expected digest; the tokenizer itself lives in a per-process cache. A worker whose copy of the
 tokenizer directory differs from the driver's (another node, other files) fails loudly instead of
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import ModalityOutput, RawSample
+from mmbalance.data.convert.base import ModalityOutput
 from mmbalance.data.convert.media import IMAGENET_MEAN, IMAGENET_STD, ImageParams, load_image
 from mmbalance.data.manifest import ModalitySpec
 
@@ -163,42 +164,23 @@ class TextEncoding:
         }
 
 
-class ImageTextConverter:
-    """Shared body of the image+text converters: ``image`` uint8 ``[3, crop, crop]`` (ImageNet
-    normalisation, applied by the model) and ``text`` int64 ids ``[max_length]``. Subclasses
-    provide ``name``, ``Params`` and ``list_samples`` (which must call ``self.text.prepare()``
-    first) and put each sample's text inline (``RawSample.text``) or as a ``files["text"]`` file
-    read by ``read_text``."""
+def image_text_outputs(params: ImageTextParams) -> dict[str, ModalityOutput]:
+    """What both image+text datasets store: ``image`` uint8 ``[3, crop, crop]`` (ImageNet
+    normalisation, applied by the model) and ``text`` int64 ids ``[max_length]``."""
+    crop = params.image.crop
+    return {
+        "image": ModalityOutput(ModalitySpec(dtype="uint8", shape=[3, crop, crop]),
+                                (IMAGENET_MEAN, IMAGENET_STD), axis=0, source="ImageNet"),
+        "text": ModalityOutput(ModalitySpec(dtype="int64", shape=[params.max_length]), None),
+    }
 
-    name = ""
-    params: ImageTextParams
 
-    def __init__(self, params: ImageTextParams):
-        self.params = params
-        self.text = TextEncoding(params)
+def image_text_features(image_path: str, text: str, params: ImageTextParams, encoding: TextEncoding) -> dict[str, np.ndarray]:
+    return {"image": load_image(image_path, params.image), "text": encoding.encode(text)}
 
-    def outputs(self) -> dict[str, ModalityOutput]:
-        crop = self.params.image.crop
-        return {
-            "image": ModalityOutput(ModalitySpec(dtype="uint8", shape=[3, crop, crop]),
-                                    (IMAGENET_MEAN, IMAGENET_STD), axis=0, source="ImageNet"),
-            "text": ModalityOutput(ModalitySpec(dtype="int64", shape=[self.params.max_length]), None),
-        }
 
-    def sample_text(self, sample: RawSample) -> str:
-        if sample.text is not None:
-            return sample.text
-        return self.read_text(sample.files["text"])
-
-    def read_text(self, path: str) -> str:
-        raise NotImplementedError
-
-    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        return {"image": load_image(sample.files["image"], self.params.image),
-                "text": self.text.encode(self.sample_text(sample))}
-
-    def preprocessing(self) -> dict[str, Any]:
-        return {"image": "PIL decode -> RGB -> resize shorter side (bilinear) -> centre crop; no augmentation",
-                "text": "tokenizer(text, truncation=True, padding='max_length') -> [CLS] ids [SEP] [PAD]...; "
-                        "right-truncated, right-padded",
-                "tokenizer": self.text.info()}
+def image_text_preprocessing(encoding: TextEncoding) -> dict[str, Any]:
+    return {"image": "PIL decode -> RGB -> resize shorter side (bilinear) -> centre crop; no augmentation",
+            "text": "tokenizer(text, truncation=True, padding='max_length') -> [CLS] ids [SEP] [PAD]...; "
+                    "right-truncated, right-padded",
+            "tokenizer": encoding.info()}
