@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmbalance.data.convert.base import MAX_LISTED, listing_text
 from mmbalance.data.manifest import Manifest, ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
 
@@ -34,7 +35,6 @@ CLASSES = [str(d) for d in range(10)]
 IMAGES_FILE = "image/t10k-images-idx3-ubyte.gz"
 LABELS_FILE = "image/t10k-labels-idx1-ubyte.gz"
 PAIR_COLUMNS = ("pair_id", "split", "label", "audio_file", "mnist_t10k_index")
-MAX_LISTED = 20  # problem paths/rows named in one error message
 # MelSpectrogram settings this converter does not expose; recorded so the manifest is complete.
 FIXED_MEL = {"window": "hann", "power": 2.0, "center": True, "pad_mode": "reflect", "mel_scale": "htk", "norm": None}
 
@@ -111,16 +111,10 @@ def prepare_avdigits(
                         generator=dict(GENERATOR), preprocessing=preprocessing, overwrite=overwrite)
 
 
-def _listing(items: list[str]) -> str:
-    shown = "\n  ".join(items[:MAX_LISTED])
-    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return f"\n  {shown}{more}"
-
-
 def _check_files_exist(root: Path, paths: list[Path]) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{root}: {len(missing)} input file(s) missing:{_listing(missing)}")
+        raise FileNotFoundError(f"{root}: {len(missing)} input file(s) missing:{listing_text(missing)}")
 
 
 def _read_pairs(root: Path) -> list[dict]:
@@ -149,7 +143,7 @@ def _read_pairs(root: Path) -> list[dict]:
     if len(set(ids)) != len(ids):
         bad.append("pair_id values are not unique")
     if bad or not rows:
-        raise ValueError(f"{path}: invalid pairs table:{_listing(bad or ['no rows'])}")
+        raise ValueError(f"{path}: invalid pairs table:{listing_text(bad or ['no rows'])}")
     return sorted(rows, key=lambda r: r["pair_id"])
 
 
@@ -201,7 +195,7 @@ def _read_clips(root: Path, rows: list[dict], params: SpectrogramParams) -> np.n
         left = (length - len(samples)) // 2  # centre pad
         clips[i, left:left + len(samples)] = samples / np.float32(32768.0)
     if bad:
-        raise ValueError(f"{len(bad)} WAV file(s) do not match the expected format:{_listing(bad)}")
+        raise ValueError(f"{len(bad)} WAV file(s) do not match the expected format:{listing_text(bad)}")
     return clips
 
 
