@@ -20,7 +20,7 @@ TEXT_SETTINGS = {"tokenizer": str(REPO)}  # any existing directory: listing is n
 
 
 def _default_manifest(name: str) -> Manifest:
-    converter = build_converter(name, TEXT_SETTINGS if name in ("mvsa_single", "food101") else {})
+    converter = build_converter(name, TEXT_SETTINGS if CONVERTERS[name].text else {})
     modalities = {m: out.spec for m, out in converter.outputs().items()}
     return Manifest(dataset=name, classes=["a", "b", "c"], modalities=modalities,
                     splits={s: SplitInfo(rows=0, files=[]) for s in ("train", "val", "test")})
@@ -30,7 +30,7 @@ def _default_manifest(name: str) -> Manifest:
 def test_recipe_matches_its_converter_and_builds(name):
     recipe = load_recipe(REPO / "trainables" / f"{name}.yaml",
                          [f"modalities.{m}.params.model_path=null" for m in ("text",)
-                          if name in ("mvsa_single", "food101")])
+                          if CONVERTERS[name].text])
     manifest = _default_manifest(name)
     check_against_data(recipe, manifest)
     model = build_model(recipe, manifest).eval()

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, set_dotted
+from mmbalance.data.convert import CONVERTERS
 from mmbalance.data.convert.pipeline import ConversionError
 from mmbalance.data.corruptions import CorruptionError
-from mmbalance.data.manifest import SPLITS as SPLIT_ORDER
+from mmbalance.data import storage
+from mmbalance.data.manifest import split_order
 from mmbalance.data.shards import ShardError, validate_shards
 from mmbalance.jobs import add_submit_parser
 from mmbalance.reports.command import add_report_parser
@@ -62,15 +64,6 @@ def _prepare_avdigits(args: argparse.Namespace) -> None:
     _print_prepared(args.out, manifest)
 
 
-DATASET_HELP = {
-    "cremad": "CREMA-D audio-visual emotion (AudioWAV/*.wav + VideoFlash/*.flv), 6 classes",
-    "ave": "AVE audio-visual events (AVE/*.mp4 + Annotations.txt + train/val/testSet.txt), 28 classes",
-    "kinetics_sounds": "Kinetics-Sounds (Kinetics layout: annotations/*.csv + train/ val/ mp4 clips)",
-    "mvsa_single": "MVSA-Single image+text sentiment (train/dev/test.jsonl, or data/ + labelResultAll.txt)",
-    "food101": "UPMC Food-101 image+text (images/{train,test}/<class>/ + texts/*_titles.csv), 101 classes",
-}
-
-
 def _prepare_dataset(args: argparse.Namespace) -> None:
     """A raw dataset tree -> shards through the Ray Data conversion pipeline (docs/datasets.md)."""
     from mmbalance.data.convert import build_converter
@@ -87,7 +80,7 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
         raise ConfigError(str(err)) from None
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if "://" in args.out:
+    if storage.is_uri(args.out):
         raise ConfigError(f"--out {args.out}: conversion writes to a file system path (local or a shared volume); "
                           "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)")
     started_ray = args.engine == "ray" and _start_ray_for_prepare(args)
@@ -110,7 +103,7 @@ def _start_ray_for_prepare(args: argparse.Namespace) -> bool:
 
     import ray
 
-    from mmbalance.tune.cluster import _object_store_bytes
+    from mmbalance.tune.cluster import object_store_bytes
 
     if ray.is_initialized():
         return False
@@ -118,12 +111,12 @@ def _start_ray_for_prepare(args: argparse.Namespace) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=args.num_cpus, object_store_memory=_object_store_bytes(), include_dashboard=False)
+        ray.init(num_cpus=args.num_cpus, object_store_memory=object_store_bytes(), include_dashboard=False)
     return True
 
 
 def _print_prepared(out: str, manifest) -> None:
-    order = sorted(manifest.splits, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+    order = sorted(manifest.splits, key=split_order)
     sizes = ", ".join(f"{split} {manifest.splits[split].rows}" for split in order)
     mods = ", ".join(f"{m} {spec.shape}" for m, spec in manifest.modalities.items())
     print(f"wrote {out}: {manifest.dataset}, {manifest.num_classes} classes, {sizes}; modalities {mods}")
@@ -297,13 +290,14 @@ def _tune(args: argparse.Namespace) -> None:
     print(format_leaderboard(leaderboard(frame, keys), keys))
 
 
-def _add_dataset_parser(prep_sub, name: str, text: str) -> None:
-    ds = prep_sub.add_parser(name, help=text, description=f"{text}. Expected raw tree and every setting: docs/datasets.md.")
+def _add_dataset_parser(prep_sub, name: str, entry) -> None:
+    ds = prep_sub.add_parser(name, help=entry.help,
+                             description=f"{entry.help}. Expected raw tree and every setting: docs/datasets.md.")
     ds.add_argument("--root", required=True, help="the dataset folder, in the layout it is distributed in")
     ds.add_argument("--out", required=True, help="shard directory to create (on shared storage for a multi-node cluster)")
     ds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="preprocessing setting, repeatable, e.g. frames=3, image.crop=112, audio.clip_seconds=3")
-    if name in ("mvsa_single", "food101"):
+    if entry.text:
         ds.add_argument("--tokenizer", help="local transformers tokenizer directory (e.g. a saved bert-base-uncased)")
     ds.add_argument("--skip-bad", action="store_true", help="leave out samples whose files are missing or corrupt "
                     "(counted and listed in the manifest) instead of failing")
@@ -342,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--seed", type=int, default=0)
     av.add_argument("--overwrite", action="store_true")
     av.set_defaults(func=_prepare_avdigits)
-    for name, text in DATASET_HELP.items():
-        _add_dataset_parser(prep_sub, name, text)
+    for name, entry in CONVERTERS.items():
+        _add_dataset_parser(prep_sub, name, entry)
 
     train = sub.add_parser("train", help="train one recipe (in-process, or data-parallel on Ray with --workers)")
     train.add_argument("--recipe", required=True, help="recipe YAML (trainables/*.yaml)")

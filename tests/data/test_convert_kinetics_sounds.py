@@ -12,6 +12,7 @@ import pytest
 from convert_helpers import read_back, shard_digest, train_one_epoch
 from media_fixtures import corrupt, write_video
 from mmbalance.data.convert import build_converter
+from mmbalance.data.convert.base import missing_files
 from mmbalance.data.convert.pipeline import ConversionError, convert
 from mmbalance.data.shards import load_split
 
@@ -109,7 +110,7 @@ def test_without_classes_txt_the_train_labels_are_the_classes(tmp_path):
     assert listing.dropped == {"annotations/validate.csv rows whose label is not in annotations/train.csv's labels": 1,
                                "annotations/train.csv duplicate rows": 1}
     assert {s.split for s in listing.samples} == {"train", "val", "test"}
-    assert len(listing.missing_ids) == len(listing.samples) == 3 * 7 + 2  # no videos written: all missing
+    assert len(missing_files(listing.samples)) == len(listing.samples) == 3 * 7 + 2  # no videos written: all missing
     (root / "annotations" / "val.csv").write_text(HEADER)
     with pytest.raises(ValueError, match="both val.csv and validate.csv exist"):
         converter().list_samples(root)

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmbalance.data.convert.base import MAX_LISTED, listing_text
+from mmbalance.data.convert.media import fit_length
 from mmbalance.data.manifest import Manifest, ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
 
@@ -189,11 +190,8 @@ def _read_clips(root: Path, rows: list[dict], params: SpectrogramParams) -> np.n
         if fmt != (1, 2, params.sample_rate):
             bad.append(f"{path}: channels/sample width/rate {fmt}, expected (1, 2, {params.sample_rate})")
             continue
-        samples = np.frombuffer(pcm, dtype="<i2")
-        start = max(0, (len(samples) - length) // 2)  # centre crop
-        samples = samples[start:start + length]
-        left = (length - len(samples)) // 2  # centre pad
-        clips[i, left:left + len(samples)] = samples / np.float32(32768.0)
+        samples = np.frombuffer(pcm, dtype="<i2") / np.float32(32768.0)
+        clips[i] = fit_length(samples, length, "centre")  # centre crop or centre pad
     if bad:
         raise ValueError(f"{len(bad)} WAV file(s) do not match the expected format:{listing_text(bad)}")
     return clips

@@ -20,6 +20,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 Dtype = Literal["float32", "uint8", "int64"]
 SPLITS = ("train", "val", "test")
+ITEMSIZE = {"float32": 4, "uint8": 1, "int64": 8}
+
+
+def split_order(split: str) -> tuple[int, str]:
+    """Sort key: train, val, test first, then any other split by name."""
+    return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
 
 
 class _Strict(BaseModel):
@@ -71,6 +77,11 @@ class ModalitySpec(_Strict):
         for dim in self.shape:
             size *= dim
         return size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one decoded sample."""
+        return self.size * ITEMSIZE[self.dtype]
 
 
 class ShardFile(_Strict):

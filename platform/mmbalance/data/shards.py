@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -56,17 +56,26 @@ def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _table(split: str, arrays: SplitArrays, modalities: dict[str, ModalitySpec], lo: int, hi: int) -> pa.Table:
+def rows_table(sample_ids: Sequence[str], labels: Sequence[int], splits: Sequence[str],
+               arrays: dict[str, np.ndarray], modalities: dict[str, ModalitySpec]) -> pa.Table:
+    """Rows (``arrays[m]`` of shape ``[N, *spec.shape]``) as an Arrow table of the shard schema."""
+    n = len(sample_ids)
     columns: dict[str, pa.Array] = {
-        "sample_id": pa.array(arrays.sample_ids[lo:hi], pa.string()),
-        "label": pa.array(np.asarray(arrays.labels[lo:hi], dtype=np.int64)),
-        "split": pa.array([split] * (hi - lo), pa.string()),
+        "sample_id": pa.array(list(sample_ids), pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "split": pa.array(list(splits), pa.string()),
     }
     for m, spec in modalities.items():
-        values = np.ascontiguousarray(arrays.modalities[m][lo:hi], dtype=spec.dtype).reshape(hi - lo, spec.size)
+        values = np.ascontiguousarray(arrays[m], dtype=spec.dtype).reshape(n, spec.size)
         flat = pa.array(values.reshape(-1), ARROW_DTYPES[spec.dtype])
         columns[m] = pa.FixedSizeListArray.from_arrays(flat, spec.size)
     return pa.table(columns, schema=arrow_schema(modalities))
+
+
+def column_tensor(table: pa.Table, column: str, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    """A flattened fixed-size-list column -> ``[rows, *shape]`` (zero-copy where Arrow allows)."""
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(dtype, copy=False).reshape(table.num_rows, *shape)
 
 
 def write_shards(
@@ -87,7 +96,9 @@ def write_shards(
 
     def tables(split: str, arrays: SplitArrays):
         for lo in range(0, len(arrays), rows_per_file):
-            yield _table(split, arrays, modalities, lo, min(lo + rows_per_file, len(arrays)))
+            hi = min(lo + rows_per_file, len(arrays))
+            yield rows_table(arrays.sample_ids[lo:hi], arrays.labels[lo:hi], [split] * (hi - lo),
+                             {m: arrays.modalities[m][lo:hi] for m in modalities}, modalities)
 
     return write_split_tables(out_dir, dataset=dataset, classes=classes, modalities=modalities,
                               split_tables={split: tables(split, arrays) for split, arrays in splits.items()},
@@ -178,8 +189,7 @@ def _check_table(split: str, table: pa.Table, num_classes: int) -> None:
 def rows_per_file_for(modalities: dict[str, ModalitySpec], target_bytes: int = 64 << 20, cap: int = 2048) -> int:
     """Rows per shard file so a file holds about ``target_bytes`` of tensors: Ray Data reads a
     file per task, and 2048 rows of 224x224 frames would make single files of gigabytes."""
-    itemsize = {"float32": 4, "uint8": 1, "int64": 8}
-    row_bytes = sum(spec.size * itemsize[spec.dtype] for spec in modalities.values())
+    row_bytes = sum(spec.nbytes for spec in modalities.values())
     return max(1, min(cap, target_bytes // max(row_bytes, 1)))
 
 
@@ -265,10 +275,6 @@ def load_split(shard_dir: str | Path, manifest: Manifest, split: str, columns: l
     tables = [pq.read_table(storage.join(root, f.path), columns=["sample_id", "label", *mods], filesystem=fs)
               for f in manifest.splits[split].files]
     table = pa.concat_tables(tables)
-    arrays = {}
-    for m in mods:
-        spec = manifest.modalities[m]
-        flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        arrays[m] = flat.astype(spec.dtype, copy=False).reshape(table.num_rows, *spec.shape)
+    arrays = {m: column_tensor(table, m, manifest.modalities[m].dtype, manifest.modalities[m].shape) for m in mods}
     return SplitArrays(sample_ids=table.column("sample_id").to_pylist(),
                        labels=table.column("label").to_numpy().astype(np.int64), modalities=arrays)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
+from mmbalance.data.shards import column_tensor
 from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import Batch, epoch_seed
 
@@ -32,13 +33,11 @@ SPLIT_KEYS = ("train", "val", "test")
 def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` (runs in Ray Data tasks).
     A selected ``sample_id`` column passes through as a ``[B]`` object array of str."""
-    n = table.num_rows
     out = {"label": table.column("label").to_numpy().astype(np.int64)}
     if "sample_id" in table.column_names:
         out["sample_id"] = table.column("sample_id").to_numpy(zero_copy_only=False)
     for m, shape in shapes.items():
-        flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        out[m] = flat.astype(dtypes[m], copy=False).reshape(n, *shape)
+        out[m] = column_tensor(table, m, dtypes[m], shape)
     return out
 
 
@@ -46,8 +45,7 @@ def train_fits_in_cache(recipe: Recipe, manifest: Manifest, share: float = 0.25)
     """Whether the decoded train split takes at most ``share`` of the cluster's object store."""
     import ray
 
-    itemsize = {"float32": 4, "uint8": 1, "int64": 8}
-    row_bytes = 8 + sum(manifest.modalities[m].size * itemsize[manifest.modalities[m].dtype] for m in recipe.modalities)
+    row_bytes = 8 + sum(manifest.modalities[m].nbytes for m in recipe.modalities)
     capacity = ray.cluster_resources().get("object_store_memory", 0.0)
     return manifest.splits[recipe.data.train_split].rows * row_bytes <= share * capacity
 

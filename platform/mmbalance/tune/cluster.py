@@ -47,11 +47,11 @@ def connect(request: Request, address: str | None = None) -> bool:
     local_cpus = max(os.cpu_count() or 1, int(request.cpus + 0.999) + DATA_HEADROOM_CPUS)
     # The dashboard serves the state API that Ray Train's PlacementGroupCleaner needs to free the
     # placement groups of Train-in-Tune trials that Tune stops (they leak otherwise).
-    ray.init(num_cpus=local_cpus, object_store_memory=_object_store_bytes(), include_dashboard=True)
+    ray.init(num_cpus=local_cpus, object_store_memory=object_store_bytes(), include_dashboard=True)
     return True
 
 
-def _object_store_bytes() -> int:
+def object_store_bytes() -> int:
     # Ray's default (30% of RAM) is far more than shards of this size need, and on small
     # machines /dev/shm is tight; 1 GiB or a quarter of RAM, whichever is smaller.
     try:

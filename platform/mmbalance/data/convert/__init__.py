@@ -9,24 +9,37 @@ nothing and a converter's heavy imports (PyAV, transformers) load only when it r
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-# name -> "module:Class"; avdigits and synthetic have their own in-memory writers (data/avdigits.py, data/synthetic.py).
+class Entry(NamedTuple):
+    target: str  # "module:Class"
+    help: str  # one line for `mmbalance prepare --help`
+    text: bool = False  # tokenises text: takes a local tokenizer (`--tokenizer`)
+
+
+# avdigits and synthetic have their own in-memory writers (data/avdigits.py, data/synthetic.py).
 CONVERTERS = {
-    "cremad": "mmbalance.data.convert.cremad:CremadConverter",
-    "ave": "mmbalance.data.convert.ave:AveConverter",
-    "kinetics_sounds": "mmbalance.data.convert.kinetics_sounds:KineticsSoundsConverter",
-    "mvsa_single": "mmbalance.data.convert.mvsa:MvsaSingleConverter",
-    "food101": "mmbalance.data.convert.food101:Food101Converter",
+    "cremad": Entry("mmbalance.data.convert.cremad:CremadConverter",
+                    "CREMA-D audio-visual emotion (AudioWAV/*.wav + VideoFlash/*.flv), 6 classes"),
+    "ave": Entry("mmbalance.data.convert.ave:AveConverter",
+                 "AVE audio-visual events (AVE/*.mp4 + Annotations.txt + train/val/testSet.txt), 28 classes"),
+    "kinetics_sounds": Entry("mmbalance.data.convert.kinetics_sounds:KineticsSoundsConverter",
+                             "Kinetics-Sounds (Kinetics layout: annotations/*.csv + train/ val/ mp4 clips)"),
+    "mvsa_single": Entry("mmbalance.data.convert.mvsa:MvsaSingleConverter",
+                         "MVSA-Single image+text sentiment (train/dev/test.jsonl, or data/ + labelResultAll.txt)",
+                         text=True),
+    "food101": Entry("mmbalance.data.convert.food101:Food101Converter",
+                     "UPMC Food-101 image+text (images/{train,test}/<class>/ + texts/*_titles.csv), 101 classes",
+                     text=True),
 }
 
 
 def converter_class(name: str):
     if name not in CONVERTERS:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(CONVERTERS)}")
-    module, _, cls = CONVERTERS[name].partition(":")
+    module, _, cls = CONVERTERS[name].target.partition(":")
     return getattr(importlib.import_module(module), cls)
 
 

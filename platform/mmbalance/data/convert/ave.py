@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, check_files, check_nonempty_splits,
+from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, check_nonempty_splits,
                                          require_dir, require_file, sha256_file)
 from mmbalance.data.convert.clips import TenSecondClipAudio, audio_visual_outputs, clip_features
 from mmbalance.data.convert.media import ImageParams
@@ -93,7 +93,6 @@ class AveConverter:
             listing.dropped[f"clips of {ANNOTATIONS} in no set file"] = unlisted
         for name, count in repeats.items():
             listing.dropped[f"repeated rows of {name}"] = count
-        check_files(samples, listing)
         return listing
 
     def outputs(self) -> dict[str, ModalityOutput]:

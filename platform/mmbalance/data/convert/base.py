@@ -51,8 +51,6 @@ class Listing:
 
     classes: list[str]
     samples: list[RawSample]
-    missing: list[str] = field(default_factory=list)  # "path (sample id)" for files the index names but the tree lacks
-    missing_ids: set[str] = field(default_factory=set)  # samples that cannot be built because of ``missing``
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, e.g. rows outside the class list
     split_source: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
     provenance: dict[str, Any] = field(default_factory=dict)  # where else the listing came from (a class list and its hash)
@@ -107,17 +105,15 @@ def require_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{path}: missing; {what}")
 
 
-def check_files(samples: list[RawSample], listing: Listing) -> list[RawSample]:
-    """Record every referenced file that does not exist; return the samples whose files all exist."""
-    present = []
+def missing_files(samples: list[RawSample]) -> dict[str, list[str]]:
+    """Sample id -> the raw files it names that do not exist (only samples with some missing).
+    The pipeline calls this after listing, so no converter has to remember to."""
+    missing = {}
     for sample in samples:
         absent = [path for path in sample.files.values() if not Path(path).is_file()]
         if absent:
-            listing.missing.extend(f"{path} (sample {sample.sample_id})" for path in absent)
-            listing.missing_ids.add(sample.sample_id)
-        else:
-            present.append(sample)
-    return present
+            missing[sample.sample_id] = absent
+    return missing
 
 
 def _stable_order(samples: list[RawSample]) -> list[RawSample]:

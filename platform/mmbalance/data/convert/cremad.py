@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split, check_files,
+from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split,
                                          check_nonempty_splits, require_dir)
 from mmbalance.data.convert.clips import audio_visual_outputs
 from mmbalance.data.convert.media import AudioParams, ImageParams, load_audio_file, log_spectrogram, video_frames
@@ -81,7 +81,6 @@ class CremadConverter:
         samples = carve_split(samples, "train", "val", self.params.val_fraction, self.params.seed)
         check_nonempty_splits(samples)
         listing.samples = samples
-        check_files(samples, listing)
         return listing
 
     def outputs(self) -> dict[str, ModalityOutput]:

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from mmbalance.data.convert.base import (BadInput, Listing, ModalityOutput, RawSample, carve_split, check_files,
+from mmbalance.data.convert.base import (BadInput, Listing, ModalityOutput, RawSample, carve_split,
                                          check_nonempty_splits, require_dir, require_file)
 from mmbalance.data.convert.text import (ImageTextParams, TextEncoding, image_text_features, image_text_outputs,
                                          image_text_preprocessing)
@@ -117,7 +117,6 @@ class MvsaSingleConverter:
             }
         check_nonempty_splits(samples)
         listing.samples = samples
-        check_files(samples, listing)
         return listing
 
     def _layout(self, root: Path) -> str:

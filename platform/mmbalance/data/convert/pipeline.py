@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -31,13 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbalance.data.convert.base import BadInput, Converter, Listing, RawSample, listing_text
-from mmbalance.data.manifest import SPLITS, Manifest, ModalitySpec, Normalization
-from mmbalance.data.shards import arrow_schema, rows_per_file_for, write_split_tables
+from mmbalance.data.convert.base import BadInput, Converter, Listing, RawSample, listing_text, missing_files
+from mmbalance.data.manifest import Manifest, ModalitySpec, Normalization, split_order
+from mmbalance.data.shards import rows_per_file_for, rows_table, write_split_tables
 
 Engine = Literal["ray", "local"]
 GENERATOR_VERSION = 1
-ARROW_TYPES = {"float32": pa.float32(), "uint8": pa.uint8(), "int64": pa.int64()}
 
 
 class ConversionError(ValueError):
@@ -65,7 +65,9 @@ def convert(
     if out.exists() and not overwrite:  # before any listing or decoding
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     listing = converter.list_samples(root)
-    samples = _usable_samples(listing, skip_bad)
+    absent = missing_files(listing.samples)
+    missing = [f"{path} (sample {sid})" for sid, paths in absent.items() for path in paths]
+    samples = _usable_samples(listing.samples, absent, missing, skip_bad)
     chunks = _chunks(samples, chunk_size)
     work = work_dir_for(out)
     _open_work_dir(work, _fingerprint(converter, listing, samples, chunk_size), progress)
@@ -82,7 +84,7 @@ def convert(
         raise ConversionError(f"{len(corrupt)} raw file(s) could not be decoded:{listing_text(corrupt)}\n"
                               f"Fix or remove them and rerun (converted chunks are kept in {work}), "
                               f"or pass --skip-bad to leave those samples out.")
-    manifest = _assemble(converter, listing, work, out, summaries, corrupt, overwrite)
+    manifest = _assemble(converter, listing, samples, work, out, summaries, missing, corrupt, overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 
@@ -93,17 +95,16 @@ def _print_now(line: str) -> None:
     print(line, flush=True)
 
 
-def _usable_samples(listing: Listing, skip_bad: bool) -> list[RawSample]:
-    if listing.missing and not skip_bad:
-        raise ConversionError(f"{len(listing.missing)} raw file(s) are missing:{listing_text(listing.missing)}\n"
+def _usable_samples(listed: list[RawSample], absent: dict[str, list[str]], missing: list[str],
+                    skip_bad: bool) -> list[RawSample]:
+    if missing and not skip_bad:
+        raise ConversionError(f"{len(missing)} raw file(s) are missing:{listing_text(missing)}\n"
                               f"Pass --skip-bad to convert without those samples.")
-    samples = [s for s in listing.samples if s.sample_id not in listing.missing_ids]
-    ids = [s.sample_id for s in samples]
-    if len(set(ids)) != len(ids):
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+    samples = [s for s in listed if s.sample_id not in absent]
+    dupes = sorted(i for i, n in Counter(s.sample_id for s in samples).items() if n > 1)
+    if dupes:
         raise ConversionError(f"sample ids are not unique:{listing_text(dupes)}")
-    order = {split: k for k, split in enumerate(SPLITS)}
-    return sorted(samples, key=lambda s: (order.get(s.split, len(order)), s.split, s.sample_id))
+    return sorted(samples, key=lambda s: (split_order(s.split), s.sample_id))
 
 
 def _chunks(samples: list[RawSample], chunk_size: int) -> list[list[RawSample]]:
@@ -189,15 +190,10 @@ def _per_sample_sums(arrays: list[dict[str, np.ndarray]], modality: str, axis: i
 
 
 def _chunk_table(good: list[tuple[RawSample, dict[str, np.ndarray]]], specs: dict[str, ModalitySpec]) -> pa.Table:
-    columns: dict[str, pa.Array] = {
-        "sample_id": pa.array([s.sample_id for s, _ in good], pa.string()),
-        "label": pa.array([s.label for s, _ in good], pa.int64()),
-        "split": pa.array([s.split for s, _ in good], pa.string()),
-    }
-    for m, spec in specs.items():
-        flat = np.concatenate([a[m].reshape(-1) for _, a in good]) if good else np.zeros(0, spec.dtype)
-        columns[m] = pa.FixedSizeListArray.from_arrays(pa.array(flat, ARROW_TYPES[spec.dtype]), spec.size)
-    return pa.table(columns, schema=arrow_schema(specs))
+    arrays = {m: np.stack([a[m] for _, a in good]) if good else np.zeros((0, *spec.shape), spec.dtype)
+              for m, spec in specs.items()}
+    return rows_table([s.sample_id for s, _ in good], [s.label for s, _ in good], [s.split for s, _ in good],
+                      arrays, specs)
 
 
 def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
@@ -207,8 +203,10 @@ def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
 
 
 def _run_local(converter: Converter, chunks: list[list[RawSample]], pending: list[int], work: Path) -> Iterator[dict]:
+    """Per finished chunk: ``{"index", "rows", "bad"}`` with ``bad`` a count, as ``_run_ray`` yields."""
     for index in pending:
-        yield convert_chunk(converter, index, chunks[index], work)
+        summary = convert_chunk(converter, index, chunks[index], work)
+        yield {"index": index, "rows": summary["rows"], "bad": len(summary["bad"])}
 
 
 def _ray_task(batch: dict[str, np.ndarray], converter: Converter, work: str) -> dict[str, np.ndarray]:
@@ -235,7 +233,7 @@ def _run_ray(converter: Converter, chunks: list[list[RawSample]], pending: list[
     ds = ds.map_batches(_ray_task, batch_size=1, num_cpus=1,
                         fn_kwargs={"converter": converter, "work": str(work.resolve())})
     for row in ds.iter_rows():
-        yield {"index": int(row["index"]), "rows": int(row["rows"]), "bad": [None] * int(row["bad"])}
+        yield {"index": int(row["index"]), "rows": int(row["rows"]), "bad": int(row["bad"])}
 
 
 def _report_progress(results: Iterator[dict], total: int, done: int, progress: Callable[[str], None]) -> None:
@@ -243,12 +241,12 @@ def _report_progress(results: Iterator[dict], total: int, done: int, progress: C
     try:
         for summary in results:
             converted += 1
-            samples += summary["rows"] + len(summary["bad"])
+            samples += summary["rows"] + summary["bad"]
             elapsed = time.perf_counter() - started
             rate = samples / elapsed if elapsed > 0 else float("inf")
             remaining_chunks = total - done - converted
             eta = remaining_chunks * elapsed / converted
-            bad = f", {len(summary['bad'])} bad" if summary["bad"] else ""
+            bad = f", {summary['bad']} bad" if summary["bad"] else ""
             progress(f"  chunk {done + converted}/{total} done ({summary['rows']} samples{bad}; "
                      f"{rate:.1f} samples/s, about {eta:.0f} s left)")
     except KeyboardInterrupt:
@@ -256,18 +254,18 @@ def _report_progress(results: Iterator[dict], total: int, done: int, progress: C
         raise
 
 
-def _assemble(converter: Converter, listing: Listing, work: Path, out: Path, summaries: list[dict],
-              corrupt: list[str], overwrite: bool) -> Manifest:
+def _assemble(converter: Converter, listing: Listing, samples: list[RawSample], work: Path, out: Path,
+              summaries: list[dict], missing: list[str], corrupt: list[str], overwrite: bool) -> Manifest:
     outputs = converter.outputs()
     modalities = {m: _final_spec(m, o, summaries) for m, o in outputs.items()}
-    skipped = sorted(listing.missing) + corrupt
+    skipped = sorted(missing) + corrupt
     preprocessing = {
         **converter.preprocessing(),
         "params": converter.params.model_dump(mode="json"),
         "split_source": listing.split_source,
         **({"provenance": listing.provenance} if listing.provenance else {}),
         "dropped_by_listing": dict(sorted(listing.dropped.items())),
-        "skipped_bad": {"count": len(skipped), "missing": len(listing.missing), "corrupt": len(corrupt),
+        "skipped_bad": {"count": len(skipped), "missing": len(missing), "corrupt": len(corrupt),
                         "files": skipped[:1000]},
     }
 
@@ -281,8 +279,7 @@ def _assemble(converter: Converter, listing: Listing, work: Path, out: Path, sum
             if part.num_rows:
                 yield part
 
-    splits_present = sorted({s.split for s in listing.samples if s.sample_id not in listing.missing_ids},
-                            key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    splits_present = sorted({s.split for s in samples}, key=split_order)
     return write_split_tables(out, dataset=converter.name, classes=listing.classes, modalities=modalities,
                               split_tables={split: split_tables(split) for split in splits_present},
                               generator={"name": f"mmbalance.data.convert.{converter.name}",
