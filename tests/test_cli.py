@@ -52,6 +52,14 @@ def test_bad_recipe_fails_before_any_work_with_the_key_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_objective_with_a_fusion_it_cannot_use_fails_before_any_work(tmp_path):
+    done = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", "objective.name=arm",
+                "--set", "model.fusion=mean", "--output", tmp_path / "run")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "objective.name=arm" in done.stderr and "model.fusion=mean" in done.stderr and "[concat]" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_demo_prepares_searches_and_reports(tmp_path):
     done = _cli("demo", "--out", tmp_path / "demo", "--samples", "2")
     assert done.returncode == 0, done.stderr

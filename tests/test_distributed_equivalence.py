@@ -2,8 +2,9 @@
 
 Two gloo processes, each fed its half of every global batch in a fixed order, must end with
 the same parameters as one process fed the whole batches, for every objective, after 5
-steps that cross two epoch boundaries: AUG adds a head at the first boundary, ARL's
-coefficients and ARM's scales are updated every step.
+steps that cross two epoch boundaries: AUG adds a head at the first boundary (trained, and
+frozen as in the official code, under gradient clipping), ARL's coefficients and ARM's scales
+are updated every step. Each objective runs on its own fusion (``model.fusion: auto``).
 """
 
 import os
@@ -18,18 +19,21 @@ from mmbalance.data.manifest import read_manifest
 from mmbalance.data.synthetic import prepare_synthetic
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.loop import Trainer
+from mmbalance.objectives import OBJECTIVES
 
 from conftest import free_port, recipe_dict, small_spec
 
 pytestmark = pytest.mark.integration
 
 GLOBAL_BATCH, STEPS_PER_EPOCH, EPOCHS = 16, 2, 3  # epochs of 2, 2 and 1 steps -> 5 steps
-OBJECTIVES = {
-    "lf": ({}, "mean"),
-    "mnl": ({"warmup_epochs": 0, "normalize": "BC"}, "mean"),
-    "arm": ({"ema": 0.5}, "concat"),
-    "arl": ({"start": 0, "T": 2.0}, "concat"),
-    "aug": ({"check_every_epochs": 1, "tau": 0.0}, "boost"),
+VARIANTS = {  # label -> (objective section, optim extras)
+    "lf": ({"name": "lf"}, {}),
+    "mnl": ({"name": "mnl", "warmup_epochs": 0, "normalize": "BC"}, {}),
+    "arm": ({"name": "arm", "ema": 0.5}, {}),
+    "arl": ({"name": "arl", "start": 0, "T": 2.0}, {}),
+    "aug": ({"name": "aug", "check_every_epochs": 1, "tau": 0.0}, {}),
+    "aug-frozen-clipped": ({"name": "aug", "check_every_epochs": 1, "tau": 0.0, "train_new_heads": False},
+                           {"grad_clip": 0.5}),
 }
 
 
@@ -55,11 +59,15 @@ class FixedOrderSource:
         return iter(())
 
 
-def train_params(shards, objective, group):
-    params, fusion = OBJECTIVES[objective]
-    tree = recipe_dict(shards, objective={"name": objective, **params}, model={"fusion": fusion, "boost_hidden": 8})
+def test_every_registered_objective_is_covered():
+    assert {objective["name"] for objective, _ in VARIANTS.values()} == set(OBJECTIVES)
+
+
+def train_params(shards, variant, group):
+    objective, optim = VARIANTS[variant]
+    tree = recipe_dict(shards, objective=dict(objective), model={"boost_hidden": 8})
     tree["schedule"] = {"epochs": EPOCHS, "batch_size": GLOBAL_BATCH}
-    tree["optim"] = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    tree["optim"] = {"name": "sgd", "lr": 0.1, "momentum": 0.9, **optim}
     recipe = validate_recipe(tree)
     manifest = read_manifest(shards)
     shapes = {m: tuple(manifest.modalities[m].shape) for m in recipe.modalities}
@@ -67,6 +75,7 @@ def train_params(shards, objective, group):
     trainer = Trainer(recipe, manifest, group, source, torch.device("cpu"))
     for epoch in range(EPOCHS):
         trainer.train_epoch(epoch)
+        trainer.end_epoch(epoch)
     assert trainer.progress.step == 5
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer.model.head_counts()
 
@@ -76,7 +85,7 @@ def _worker(rank, world, port, shards, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {name: train_params(shards, name, ProcessGroup.from_torch()) for name in OBJECTIVES}
+        results = {name: train_params(shards, name, ProcessGroup.from_torch()) for name in VARIANTS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -92,15 +101,15 @@ def two_rank_results(tmp_path_factory):
     return shards, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_two_workers_match_one_worker_on_the_global_batch(two_rank_results, objective):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_workers_match_one_worker_on_the_global_batch(two_rank_results, variant):
     shards, ranks = two_rank_results
-    single, single_heads = train_params(shards, objective, ProcessGroup())
+    single, single_heads = train_params(shards, variant, ProcessGroup())
     for rank_results in ranks:
-        params, heads = rank_results[objective]
+        params, heads = rank_results[variant]
         assert heads == single_heads
         assert params.keys() == single.keys()
         for name, value in single.items():
-            torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=f"{objective}: {name}")
-    if objective == "aug":
+            torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=f"{variant}: {name}")
+    if variant.startswith("aug"):
         assert sum(single_heads.values()) > 2, "the test must cover a head addition"

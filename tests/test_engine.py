@@ -6,12 +6,19 @@ import torch
 from mmbalance.config import validate_recipe
 from mmbalance.data.synthetic import prepare_synthetic
 from mmbalance.engine.build import build_optimizer, build_scheduler, add_param_group
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.data.manifest import read_manifest
+from mmbalance.engine.build import build_bound_objective, build_model, load_model_state
+from mmbalance.engine.distributed import ProcessGroup
+from mmbalance.engine.loop import Trainer, train_loop_per_worker
+from mmbalance.engine.sources import InMemorySource
+from mmbalance.objectives import OBJECTIVES
 from mmbalance.tracking.records import RunRecord
 
 from conftest import recipe_dict
 
-FUSION = {"lf": "mean", "mnl": "mean", "arm": "concat", "arl": "concat", "aug": "boost"}
+# Every objective at its defaults (model.fusion: auto), plus AUG's official frozen heads.
+VARIANTS = {**{name: {"name": name} for name in OBJECTIVES},
+            "aug-frozen-heads": {"name": "aug", "train_new_heads": False}}
 
 
 def _run(tmp_path, name, tree, **extra):
@@ -47,10 +54,10 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, small_shar
     assert strip(other) != strip(first)
 
 
-@pytest.mark.parametrize("objective", ["lf", "mnl", "arm", "arl", "aug"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, small_shards, objective):
-    tree = recipe_dict(small_shards, objective={"name": objective}, model={"fusion": FUSION[objective]})
-    if objective == "aug":
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resumed_run_equals_uninterrupted_run(tmp_path, small_shards, variant):
+    tree = recipe_dict(small_shards, objective=dict(VARIANTS[variant]))
+    if tree["objective"]["name"] == "aug":
         tree["objective"]["check_every_epochs"] = 1
     full, full_metrics = _run(tmp_path, "full", tree)
     short = dict(tree, schedule={"epochs": 2, "batch_size": 32})
@@ -71,9 +78,8 @@ def test_test_split_is_scored_with_the_best_val_checkpoint(tmp_path, small_shard
 
 
 def test_every_objective_trains_with_three_modalities(tmp_path, tri_shards):
-    for objective, fusion in FUSION.items():
-        tree = recipe_dict(tri_shards, modalities=("audio", "visual", "text"),
-                           objective={"name": objective}, model={"fusion": fusion})
+    for objective in OBJECTIVES:
+        tree = recipe_dict(tri_shards, modalities=("audio", "visual", "text"), objective={"name": objective})
         result, metrics = _run(tmp_path, objective, tree)
         assert set(result["test"]["acc_per_modality"]) == {"audio", "visual", "text"}
         assert metrics[-1]["train/loss_total"] < metrics[0]["train/loss_total"], objective
@@ -88,6 +94,29 @@ def test_aug_heads_are_added_and_survive_best_checkpoint_reload(tmp_path, small_
     assert heads[-1] > 2, "the weak modality should have received heads"
     state = torch.load(tmp_path / "aug" / "checkpoints" / "latest" / "state.pt", weights_only=False)
     assert sum(state["head_counts"].values()) == heads[-1]
+
+
+def test_check_epoch_validates_the_model_before_its_new_head(small_shards):
+    """AUG's official order: validate (and keep the best snapshot), then add the head. A head
+    added first would put an untrained Xavier classifier into the validated ensemble."""
+    tree = recipe_dict(small_shards, objective={"name": "aug", "check_every_epochs": 1, "tau": 0.0})
+    recipe = validate_recipe(tree)
+    manifest = read_manifest(small_shards)
+    source = InMemorySource(recipe, manifest, torch.device("cpu"))
+    trainer = Trainer(recipe, manifest, ProcessGroup(), source, torch.device("cpu"))
+    metrics = trainer.run_epoch(0)
+    assert sum(trainer.model.head_counts().values()) == 3, "epoch 0 is a check epoch: one head is added"
+    assert sum(metrics[f"objective/aug_heads_{m}"] for m in trainer.modalities) == 3
+    assert sum(trainer.best["head_counts"].values()) == 2  # the best snapshot is the validated model
+    torch.manual_seed(recipe.seed)
+    validated = build_model(recipe, manifest)
+    load_model_state(validated, build_bound_objective(recipe, validated), trainer.best)
+    trainer.model, grown = validated, trainer.model
+    before = trainer.score("val", 0)
+    assert before == {k: v for k, v in metrics.items() if k.startswith("val/")}
+    trainer.model = grown
+    after = trainer.score("val", 0)
+    assert any(after[f"val/tcp_{m}"] != before[f"val/tcp_{m}"] for m in trainer.modalities)  # the head counts
 
 
 def test_added_param_group_follows_the_lr_schedule():

@@ -76,9 +76,13 @@ def test_cnn_resnet_and_text_encoders_produce_features():
     assert text(ids).shape == (2, 16)
 
 
-def test_late_fusion_needs_two_modalities():
-    with pytest.raises(ValueError, match="at least 2"):
-        LateFusion({"a": build_encoder("mlp", {}, (3,))}, 2)
+@pytest.mark.parametrize("fusion", ["mean", "sum", "concat", "boost"])
+def test_one_modality_is_a_unimodal_model_whose_fused_logits_are_its_own(fusion):
+    model = LateFusion({"a": build_encoder("mlp", {}, (3,))}, 2, fusion=fusion, boost_hidden=4)
+    _, out = model({"a": torch.randn(5, 3)})
+    torch.testing.assert_close(out.fused_logits, out.unimodal_logits["a"])
+    with pytest.raises(ValueError, match="at least one modality"):
+        LateFusion({}, 2)
 
 
 def test_normalized_encoder_standardises_per_channel_before_the_encoder():

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mmbalance.models.encoders import ENCODERS
 from mmbalance.tracking.wandb_tracker import TrackingConfig
-from mmbalance.objectives import OBJECTIVES
+from mmbalance.objectives import OBJECTIVES, objective_requirements
+from mmbalance.objectives.base import FUSIONS
 
 
 class ConfigError(ValueError):
@@ -104,8 +105,11 @@ class ModalityConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    fusion: Literal["mean", "sum", "concat", "boost"] = "mean"
+    fusion: Literal[("auto", *FUSIONS)] = Field(  # type: ignore[valid-type]
+        "auto", description="auto: the objective's own fusion (its declared requirements); or one it allows")
     boost_hidden: int = Field(256, ge=1, description="width of AUG's configurable classifiers (fusion=boost only)")
+    concat_hidden: int | None = Field(None, ge=1, description="fusion=concat only: width of a linear layer G before "
+                                      "the classifier, F(G[h]) (ARM's official head); null: one linear layer")
 
 
 class ObjectiveConfig(BaseModel):
@@ -177,7 +181,7 @@ class ScalingConfig(_Strict):
 
 class Recipe(_Strict):
     data: DataConfig
-    modalities: dict[str, ModalityConfig] = Field(min_length=2)
+    modalities: dict[str, ModalityConfig] = Field(min_length=1, description="one for a unimodal run (lf only)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -186,6 +190,25 @@ class Recipe(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _objective_fits_model(self) -> "Recipe":
+        """``model.fusion: auto`` becomes the objective's own fusion, so the saved config names
+        the fusion the run used; an explicit fusion the objective cannot use, or too few
+        modalities, fails here rather than when the model is built on a worker."""
+        name = self.objective.name
+        if name not in OBJECTIVES:
+            return self  # already reported by the objective section
+        needs = objective_requirements(name)
+        if self.model.fusion == "auto":
+            self.model.fusion = needs.default_fusion
+        problem = needs.fusion_problem(name, self.model.fusion)
+        if problem is not None:
+            raise ValueError(problem)
+        if len(self.modalities) < needs.min_modalities:
+            raise ValueError(f"objective.name={name} needs at least {needs.min_modalities} modalities, "
+                             f"the recipe has {sorted(self.modalities)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

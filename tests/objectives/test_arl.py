@@ -23,9 +23,9 @@ class LinearEncoder(nn.Linear):
         self.out_dim = out_dim
 
 
-def make_objective(**kwargs) -> ARL:
+def make_objective(modalities=("a", "v"), **kwargs) -> ARL:
     obj = ARL(**kwargs)
-    obj.bind(["a", "v"], 3, CONCAT_INFO)
+    obj.bind(list(modalities), 3, CONCAT_INFO)
     return obj
 
 
@@ -39,8 +39,8 @@ def paper_example_inputs(epoch: int = 10) -> StepInputs:
     return logits_inputs({"a": Z_A, "v": Z_V}, torch.tensor([0, 1]), epoch)
 
 
-def multipliers(result) -> list[float]:
-    return [float(result.grad_multipliers[m]) for m in ("a", "v")]
+def multipliers(result, modalities=("a", "v")) -> list[float]:
+    return [float(result.grad_multipliers[m]) for m in modalities]
 
 
 # -- §3.9 numbers --------------------------------------------------------------------------
@@ -131,6 +131,56 @@ def test_arl_lagged_coefficients_use_the_previous_batch():
     assert multipliers(first) == pytest.approx([1.5, 1.5])  # before any batch: k = 1/M
     swapped = logits_inputs({"a": Z_V, "v": Z_A}, torch.tensor([0, 1]), epoch=10)
     assert multipliers(obj.step(swapped)) == pytest.approx([1.2262, 1.7738], abs=1e-4)
+
+
+def test_arl_lag_buffer_is_written_only_after_warmup():
+    """coeff_lag=1: the first post-warm-up step applies the uniform k = 1/M, not the last warm-up
+    batch's k; every later step applies the previous (post-warm-up) batch's k."""
+    obj = make_objective(T=8.0, coeff_lag=1, start=2)
+    swapped = lambda epoch: logits_inputs({"a": Z_V, "v": Z_A}, torch.tensor([0, 1]), epoch)  # noqa: E731
+    for epoch in (0, 1):  # warm-up batches with k = (0.2262, 0.7738)
+        assert obj.step(paper_example_inputs(epoch)).grad_multipliers == {}
+    assert obj.state_dict()["last_k"].tolist() == pytest.approx([0.5, 0.5])
+    restored = make_objective(T=8.0, coeff_lag=1, start=2)
+    restored.load_state_dict(obj.state_dict())  # resuming at the warm-up boundary keeps the uniform k
+    for o in (obj, restored):
+        assert multipliers(o.step(swapped(2))) == pytest.approx([1.5, 1.5])  # first post-warm-up step
+        assert multipliers(o.step(paper_example_inputs(2))) == pytest.approx([1.7738, 1.2262], abs=1e-4)  # swapped's k
+        assert multipliers(o.step(paper_example_inputs(2))) == pytest.approx([1.2262, 1.7738], abs=1e-4)
+
+
+# -- k_total: the mean multiplier for M modalities ------------------------------------------
+
+Z_T = torch.tensor([[0.1, 0.9, 0.2], [0.0, 0.3, 0.6]])
+
+
+def three_modality_inputs(epoch: int = 10) -> StepInputs:
+    return logits_inputs({"a": Z_A, "v": Z_V, "t": Z_T}, torch.tensor([0, 1]), epoch)
+
+
+@pytest.mark.parametrize("variant", [{}, {"coeff_lag": 1}, {"scale_form": "1+gamma*k", "gamma": 2.0},
+                                     {"apply_coeffs": "official_uniform_1.5"}])
+def test_arl_k_total_is_the_identity_for_two_modalities(variant):
+    one, half = make_objective(T=8.0, **variant), make_objective(T=8.0, k_total="half_per_modality", **variant)
+    for inputs in (paper_example_inputs(), logits_inputs({"a": Z_V, "v": Z_A}, torch.tensor([0, 1]), epoch=10)):
+        r1, r2 = one.step(inputs), half.step(inputs)
+        assert multipliers(r2) == pytest.approx(multipliers(r1), abs=1e-7)
+        assert {k: float(v[0]) for k, v in r2.stats.items()} == pytest.approx({k: float(v[0]) for k, v in r1.stats.items()})
+
+
+@pytest.mark.parametrize(("k_total", "mean_k"), [("one", 1 / 3), ("half_per_modality", 0.5)])
+def test_arl_three_modality_mean_multiplier_depends_on_k_total(k_total, mean_k):
+    mods = ("a", "v", "t")
+    result = make_objective(mods, T=8.0, k_total=k_total).step(three_modality_inputs())
+    mult = multipliers(result, mods)
+    assert sum(mult) / 3 == pytest.approx(1 + mean_k, abs=1e-6)
+    assert sum(float(result.stats[f"arl_k_{m}"][0]) for m in mods) == pytest.approx(1.0, abs=1e-6)  # logged k: softmax
+    lagged = make_objective(mods, T=8.0, k_total=k_total, coeff_lag=1).step(three_modality_inputs())
+    assert multipliers(lagged, mods) == pytest.approx([1 + mean_k] * 3, abs=1e-6)  # the uniform initial lag value
+    gamma = make_objective(mods, T=8.0, k_total=k_total, scale_form="1+gamma*k", gamma=4.0).step(three_modality_inputs())
+    assert sum(multipliers(gamma, mods)) / 3 == pytest.approx(1 + 4.0 * mean_k, abs=1e-5)
+    official = make_objective(mods, T=8.0, k_total=k_total, apply_coeffs="official_uniform_1.5").step(three_modality_inputs())
+    assert multipliers(official, mods) == pytest.approx([1.5, 1.5, 1.5])  # the frozen 0.5 is per modality either way
 
 
 # -- warm-up --------------------------------------------------------------------------------
@@ -238,22 +288,22 @@ def test_arl_state_dict_round_trip_restores_the_lagged_k():
 # -- configuration ----------------------------------------------------------------------------
 
 
-def test_arl_bind_refuses_a_model_without_zero_out_unimodal_logits():
-    model = LateFusion({"a": LinearEncoder(3, 4), "v": LinearEncoder(3, 4)}, 3, fusion="mean")
-    with pytest.raises(ValueError, match="concat"):
-        ARL().bind(["a", "v"], 3, model.info)
+def test_arl_requires_the_concat_fusion_for_zero_out_unimodal_logits():
+    # The fusion check is the engine's, from the declared requirements (tests/test_objective_requirements.py).
+    assert ARL.requirements.fusion_problem("arl", "concat") is None
+    assert "concat" in ARL.requirements.fusion_problem("arl", "mean")
 
 
 def test_arl_defaults_are_the_paper_values():
     p = ARLParams()
     assert (p.gamma, p.T, p.start, p.entropy_clamp) == (4.0, 4.0, 5, 0.3)
-    assert (p.apply_coeffs, p.coeff_lag, p.scale_form) == ("intended", 0, "1+k")
+    assert (p.apply_coeffs, p.coeff_lag, p.scale_form, p.k_total) == ("intended", 0, "1+k", "one")
 
 
 @pytest.mark.parametrize(
     "bad",
     [{"gamma": -1.0}, {"T": 0.0}, {"start": -1}, {"entropy_clamp": 1.0}, {"entropy_clamp": -0.1},
-     {"apply_coeffs": "uniform"}, {"coeff_lag": 2}, {"scale_form": "k"}, {"temperature": 4.0}],
+     {"apply_coeffs": "uniform"}, {"coeff_lag": 2}, {"scale_form": "k"}, {"k_total": "two"}, {"temperature": 4.0}],
 )
 def test_arl_invalid_params_are_rejected(bad):
     with pytest.raises(ValidationError):

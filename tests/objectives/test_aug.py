@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from mmbalance.models.fusion import LateFusion
-from mmbalance.objectives.aug import AUG, AUGParams, aca_decision, boosting_loss, residual_weight
+from mmbalance.objectives.aug import AUG, AUGParams, aca_decision, boosting_loss, residual_weight, share_decision
 from mmbalance.objectives.base import AddHead, DistInfo, HeadOutputs, StepInputs, cross_entropy_per_sample
 
 Y = torch.tensor([0, 2])  # one-hot [[1,0,0],[0,0,1]]
@@ -33,8 +33,8 @@ def make_model(modalities=("a", "v"), num_classes=3, in_dim=5):
     return LateFusion(encoders, num_classes, fusion="boost", boost_hidden=16)
 
 
-def make_batch(modalities=("a", "v"), batch=12, in_dim=5, num_classes=3):
-    gen = torch.Generator().manual_seed(1)
+def make_batch(modalities=("a", "v"), batch=12, in_dim=5, num_classes=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     # Each modality carries the label in a different feature so all can learn.
     data = {}
@@ -199,22 +199,96 @@ def test_aug_aca_decision_comes_from_rank_zero_broadcast():
 
     def broadcast(obj):
         calls.append(obj)
-        return "a"  # rank 0's decision, whatever this rank would have computed
+        return ["a"]  # rank 0's decision, whatever this rank would have computed
 
     objective = bound(make_model())
     changes = objective.on_epoch_end(0, stats(a=40.2, v=35.0), DistInfo(rank=1, world_size=2, broadcast=broadcast))
     assert calls == [None] and changes == [AddHead("a")] and objective.heads == {"a": 2, "v": 1}
     sent = []
     bound(make_model()).on_epoch_end(0, stats(a=40.2, v=35.0), DistInfo(world_size=2, broadcast=lambda o: sent.append(o) or o))
-    assert sent == ["v"]
+    assert sent == [["v"]]
+
+
+# -- ACA share rule (official three-modality code) ---------------------------------------------
+
+
+def official_share_reference(score_r: float, score_o: float, score_d: float, lam: float) -> list[str]:
+    """train_NVGesture.py's arithmetic on epoch sums, literally: one independent test per modality."""
+    ratio_r = score_r / (score_o + score_d)
+    ratio_o = score_o / (score_r + score_d)
+    ratio_d = score_d / (score_r + score_o)
+    added = []
+    if ratio_r < lam:
+        added.append("r")
+    if ratio_o < lam:
+        added.append("o")
+    if ratio_d < lam:
+        added.append("d")
+    return added
+
+
+def test_aug_aca_example_gives_one_head_under_ratio_and_two_under_share():
+    scores = {"a": 0.9, "v": 0.2, "t": 0.2}
+    assert aca_decision(scores, 1.0, 0.01) == "v"  # argmin, first of the tie
+    assert share_decision(scores, 0.4) == ["v", "t"]  # 0.2 / 1.1 < 0.4 twice; 0.9 / 0.4 is not
+    ratio = bound(make_model(("a", "v", "t")))
+    assert ratio.on_epoch_end(0, stats(a=90.0, v=20.0, t=20.0), DistInfo()) == [AddHead("v")]
+    share = bound(make_model(("a", "v", "t")), aca_rule="share")
+    assert share.on_epoch_end(0, stats(a=90.0, v=20.0, t=20.0), DistInfo()) == [AddHead("v"), AddHead("t")]
+    assert share.heads == {"a": 1, "v": 2, "t": 2}
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.25, 0.6])
+def test_aug_share_rule_matches_the_official_arithmetic_on_random_scores(threshold):
+    gen = torch.Generator().manual_seed(7)
+    names = ["r", "o", "d"]
+    seen = set()
+    for _ in range(300):
+        count = 50.0
+        sums = (torch.rand(3, generator=gen) ** 2 * count).tolist()  # epoch sums of true-class probabilities
+        expected = official_share_reference(*sums, threshold)
+        objective = AUG(aca_rule="share", share_threshold=threshold, max_heads=1000)
+        objective.bind(names, 3, BOOST_INFO)
+        epoch_stats = {f"aug_score_{m}": (torch.tensor(s, dtype=torch.float64), torch.tensor(count)) for m, s in zip(names, sums)}
+        changes = objective.on_epoch_end(0, epoch_stats, DistInfo())
+        assert [c.modality for c in changes] == expected, sums
+        seen.add(len(expected))
+    assert 1 in seen and max(seen) >= 2  # the vectors cover one head and several heads per check
+
+
+def test_aug_share_rule_caps_each_modality_at_max_heads():
+    objective = bound(make_model(("a", "v", "t")), aca_rule="share", max_heads=2, check_every_epochs=1)
+    weak_v_t, weak_v = stats(a=90.0, v=20.0, t=20.0), stats(a=90.0, v=20.0, t=90.0)
+    assert objective.on_epoch_end(0, weak_v_t, DistInfo()) == [AddHead("v"), AddHead("t")]
+    assert objective.on_epoch_end(1, weak_v, DistInfo()) == [AddHead("v")]  # v reaches its cap of 2
+    assert objective.on_epoch_end(2, weak_v_t, DistInfo()) == [AddHead("t")]  # capped v skipped, t still gets one
+    assert objective.on_epoch_end(3, weak_v_t, DistInfo()) == []
+    assert objective.heads == {"a": 1, "v": 3, "t": 3}
+    assert bound(make_model(("a", "v", "t")), aca_rule="share", max_heads=0).on_epoch_end(0, weak_v_t, DistInfo()) == []
+
+
+def test_aug_share_rule_multi_head_decision_is_broadcast_from_rank_zero():
+    mods = ("a", "v", "t")
+    sent = []
+    rank0 = bound(make_model(mods), aca_rule="share")
+    changes0 = rank0.on_epoch_end(0, stats(a=90.0, v=20.0, t=20.0), DistInfo(world_size=2, broadcast=lambda o: sent.append(o) or o))
+    assert sent == [["v", "t"]]
+    # Rank 1 sees different local numbers but applies rank 0's whole list.
+    received = []
+    rank1 = bound(make_model(mods), aca_rule="share")
+    world1 = DistInfo(rank=1, world_size=2, broadcast=lambda o: received.append(o) or sent[0])
+    changes1 = rank1.on_epoch_end(0, stats(a=20.0, v=90.0, t=90.0), world1)
+    assert received == [None]
+    assert changes1 == changes0 == [AddHead("v"), AddHead("t")] and rank1.heads == rank0.heads
 
 
 # -- model, optimizer and step order ------------------------------------------------------------
 
 
-def test_aug_bind_refuses_models_without_add_head_and_merge_alpha_beyond_two_modalities():
-    with pytest.raises(ValueError, match="boost"):
-        AUG().bind(["a", "v"], 3, {"fusion": "sum", "supports_add_head": False})
+def test_aug_requires_boost_fusion_and_bind_refuses_merge_alpha_beyond_two_modalities():
+    # The fusion check is the engine's, from the declared requirements (tests/test_objective_requirements.py).
+    assert AUG.requirements.fusion_problem("aug", "boost") is None
+    assert "boost" in AUG.requirements.fusion_problem("aug", "sum")
     with pytest.raises(ValueError, match="merge_alpha"):
         AUG(merge_alpha=0.4).bind(["a", "v", "t"], 3, BOOST_INFO)
 
@@ -290,17 +364,93 @@ def test_aug_step_refuses_missing_recompute_heads():
         bound(model).step(StepInputs(features, outputs, make_batch()[1], 0, 0, 1, "train"))
 
 
-def test_aug_score_stats_are_true_class_probability_sums():
+def true_class_sum(outputs: HeadOutputs, m: str, labels: torch.Tensor) -> torch.Tensor:
+    return outputs.unimodal_logits[m].softmax(-1).gather(1, labels[:, None]).sum().detach()
+
+
+@pytest.mark.parametrize("score_order", ["official", "first_forward"])
+def test_aug_score_stats_are_true_class_probability_sums_of_the_scored_logits(score_order):
     model = make_model()
-    objective = bound(model)
+    objective = bound(model, score_order=score_order)
     batch, labels = make_batch()
     features, outputs = model(batch)
-    result = objective.step(StepInputs(features, outputs, labels, 0, 0, 1, "train", DistInfo(), lambda: outputs))
+    later = model.heads_forward({m: 2.0 * h for m, h in features.items()})  # what "after the first step" returns
+    result = objective.step(StepInputs(features, outputs, labels, 0, 0, 1, "train", DistInfo(), lambda: later))
+    # Official: the second modality's score exists only once the engine has evaluated its loss.
+    assert ("aug_score_v" in result.stats) == (score_order == "first_forward")
+    for group in result.losses:
+        group.value()
+    scored = {"a": outputs, "v": later if score_order == "official" else outputs}
     for m in ("a", "v"):
         total, count = result.stats[f"aug_score_{m}"]
-        expected = outputs.unimodal_logits[m].softmax(-1).gather(1, labels[:, None]).sum()
-        torch.testing.assert_close(total, expected.detach())
+        torch.testing.assert_close(total, true_class_sum(scored[m], m, labels))
         assert count.item() == len(labels) and not total.requires_grad
+    assert not torch.allclose(true_class_sum(later, "v", labels), true_class_sum(outputs, "v", labels))
+
+
+def official_reference_scores(model, optimizer, batches, mods) -> dict[str, float]:
+    """The official per-batch order (train_CREMAD.py; train_NVGesture.py for three), written out.
+
+    Every encoder runs before any step; then, per modality in order, its classifiers are built from
+    the current parameters (so with the F the earlier steps updated), loss, backward, step, and its
+    score is taken from the very logits its loss used. Returns the epoch-mean score per modality.
+    """
+    score, count = {m: 0.0 for m in mods}, 0
+    for batch, y in batches:
+        onehot = nn.functional.one_hot(y, model.num_classes).float()  # [B, C]
+        optimizer.zero_grad(set_to_none=True)
+        h = {m: model.encoders[m](batch[m]) for m in mods}  # m -> [B, D]
+        for m in mods:
+            outs = [model.shared_head(torch.relu(layer(h[m]))) for layer in model.heads[m]]  # K+1 x [B, C]
+            out = torch.stack(outs).sum(0)  # [B, C]
+            if len(outs) == 1:
+                loss = soft_ce(out, onehot)
+            else:
+                o_fea, add_fea = torch.stack(outs[:-1]).sum(0), outs[-1]  # [B, C] each
+                kl = onehot * o_fea.detach().softmax(1)  # [B, C]
+                loss = soft_ce(out, onehot) + soft_ce(o_fea, onehot) + soft_ce(add_fea, onehot) - 0.5 * soft_ce(add_fea, kl)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            score[m] += out.detach().softmax(1)[torch.arange(len(y)), y].sum().item()
+        count += len(y)
+    return {m: s / count for m, s in score.items()}
+
+
+def objective_epoch_scores(model, optimizer, batches, score_order) -> dict[str, float]:
+    """The objective through ``train_step`` (the engine's order), stats read after all groups."""
+    objective = bound(model, score_order=score_order, check_every_epochs=10)
+    epoch_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for batch, labels in batches:
+        result = train_step(model, objective, optimizer, batch, labels, epoch=1)
+        for k, (s, c) in result.stats.items():
+            prev = epoch_stats.get(k, (0.0, 0.0))
+            epoch_stats[k] = (prev[0] + s.double(), prev[1] + c.double())
+    assert objective.on_epoch_end(1, epoch_stats, DistInfo()) == []  # not a check epoch: scores only
+    return objective.scores
+
+
+def scoring_run(mods, which: str, lr: float = 0.5) -> dict[str, float]:
+    model = make_model(mods)
+    model.add_head(mods[-1])  # exercise the residual term too
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    batches = [make_batch(mods, seed=s) for s in range(1, 6)]
+    if which == "reference":
+        return official_reference_scores(model, optimizer, batches, mods)
+    return objective_epoch_scores(model, optimizer, batches, which)
+
+
+@pytest.mark.parametrize("mods", [("a", "v"), ("a", "v", "t")])
+def test_aug_official_score_order_equals_a_literal_official_loop(mods):
+    reference = scoring_run(mods, "reference")
+    official = scoring_run(mods, "official")
+    first_forward = scoring_run(mods, "first_forward")
+    assert official == pytest.approx(reference, abs=1e-6, rel=0)
+    rho = lambda s: s["a"] / s["v"]  # noqa: E731
+    assert rho(official) == pytest.approx(rho(reference), abs=1e-6, rel=0)
+    assert first_forward["a"] == pytest.approx(reference["a"], abs=1e-6)  # the first modality is the same
+    assert abs(rho(first_forward) - rho(reference)) > 1e-3  # the later ones are not
+    assert all(abs(first_forward[m] - reference[m]) > 1e-3 for m in mods[1:])
 
 
 def test_aug_three_modalities_train_and_loss_decreases():
@@ -356,6 +506,9 @@ def test_aug_state_dict_round_trips():
         {"max_heads": -1},
         {"merge_alpha": 1.2},
         {"zero_grad_to_none": True},
+        {"score_order": "second_forward"},
+        {"aca_rule": "argmin"},
+        {"share_threshold": 0.0},
     ],
 )
 def test_aug_params_reject_invalid_values(bad):
@@ -366,3 +519,4 @@ def test_aug_params_reject_invalid_values(bad):
 def test_aug_params_defaults_build_the_objective():
     objective = AUG(**AUGParams().model_dump())
     assert objective.residual_lambda == 0.5 and objective.trains_new_heads and objective.merge_alpha is None
+    assert (objective.score_order, objective.aca_rule, objective.share_threshold) == ("official", "ratio", 0.4)

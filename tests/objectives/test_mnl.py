@@ -264,9 +264,9 @@ def test_mnl_invalid_params_are_refused(bad):
             MNL(**bad)
 
 
-def test_mnl_refuses_fusion_without_per_modality_heads():
-    with pytest.raises(ValueError, match="fusion"):
-        bound(fusion="concat")
+def test_mnl_declares_fusions_with_per_modality_heads():
+    assert MNL.requirements.fusions == ("mean", "sum") and MNL.requirements.warmup_key == "warmup_epochs"
+    assert MNL.requirements.fusion_problem("mnl", "concat") is not None
     assert bound(fusion="sum").modalities == ["t", "v"]
 
 

@@ -18,7 +18,8 @@ from mmbalance.objectives import Objective, build_objective
 
 def build_model(recipe: Recipe, manifest: Manifest) -> LateFusion:
     encoders = {m: _encoder(m, cfg, manifest) for m, cfg in recipe.modalities.items()}
-    return LateFusion(encoders, manifest.num_classes, fusion=recipe.model.fusion, boost_hidden=recipe.model.boost_hidden)
+    return LateFusion(encoders, manifest.num_classes, fusion=recipe.model.fusion, boost_hidden=recipe.model.boost_hidden,
+                      concat_hidden=recipe.model.concat_hidden)
 
 
 def _encoder(modality: str, cfg, manifest: Manifest) -> nn.Module:
@@ -32,6 +33,10 @@ def _encoder(modality: str, cfg, manifest: Manifest) -> nn.Module:
 
 def build_bound_objective(recipe: Recipe, model: LateFusion) -> Objective:
     objective = build_objective(recipe.objective.name, recipe.objective.params)
+    # A validated recipe never gets here with a misfit; this guards direct (programmatic) use.
+    problem = objective.requirements.fusion_problem(recipe.objective.name, model.fusion)
+    if problem is not None:
+        raise ValueError(problem)
     objective.bind(list(model.modalities), model.num_classes, model.info)
     return objective
 

@@ -2,8 +2,9 @@
 Ray Train worker.
 
 Per epoch: train batches (forward -> objective.step -> backward/average/step per loss
-group), epoch-end structural changes, validation, scheduler step, checkpoints (latest and
-best-by-val), one report. In the last epoch, before its report, the best-val weights are
+group), validation, best-by-val snapshot, epoch-end decisions and structural changes (after
+validation, as AUG's official code orders them: a head added at a check epoch is scored from
+the next epoch on), scheduler step, checkpoints (latest and best-by-val), one report. In the last epoch, before its report, the best-val weights are
 scored once on the test split, so the result exists even where a scheduler ends the run at
 its final report. Model selection reads val only.
 """
@@ -60,6 +61,7 @@ class Trainer:
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # best-val model, kept on every rank
         self.resumed_from_epoch: int | None = None  # set when a checkpoint was restored
+        self._epoch_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the last train epoch's
 
     def _rebuild(self) -> None:
         torch.manual_seed(self.recipe.seed)  # model initialisation, identical on every rank
@@ -95,9 +97,14 @@ class Trainer:
         self._train_new_head(self.model.add_head(modality))
 
     def _train_new_head(self, params) -> None:
-        # AUG's official code never gives new heads to the optimizer; the paper does.
-        if getattr(self.objective, "trains_new_heads", True):
+        # AUG's official code never gives new heads to the optimizer; the paper does. A head the
+        # optimizer does not step is frozen outright: it still passes gradient to the encoder and
+        # the shared head, but never holds a .grad that clipping or the rank average could count.
+        if self.objective.trains_new_heads:
             add_param_group(self.optimizer, self.scheduler, params)
+        else:
+            for param in params:
+                param.requires_grad_(False)
 
     # -- phases ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -113,14 +120,19 @@ class Trainer:
             self.progress.step += 1
             done += 1
         elapsed = time.perf_counter() - started
-        for change in self.objective.on_epoch_end(epoch, _stat_pairs(counter, self.group), self.world):
-            self._add_head(change.modality)
+        self._epoch_stats = _stat_pairs(counter, self.group)  # read by end_epoch, after validation
         self.group.broadcast_module(self.model)  # BatchNorm running stats: rank 0's, as DDP does
         means = {k: v for k, v in counter.means(self.group.all_reduce_sum).items() if not k.startswith("stat:")}
         metrics = {f"train/{k}": v for k, v in means.items()}
         metrics["train/imbalance_ratio"] = imbalance_ratio(metrics, self.modalities, "train/")
         metrics["train/samples_per_s"] = done * self.batch_size * self.group.world_size / max(elapsed, 1e-9)
         return metrics
+
+    def end_epoch(self, epoch: int) -> None:
+        """The objective's epoch-end decisions from this epoch's reduced statistics; every rank
+        applies the same structural changes (rank 0 decides inside the objective)."""
+        for change in self.objective.on_epoch_end(epoch, self._epoch_stats, self.world):
+            self._add_head(change.modality)
 
     def score(self, key: str, epoch: int) -> dict[str, float]:
         batches = self.source.eval_batches(key, self.recipe.eval.batch_size)
@@ -144,13 +156,14 @@ class Trainer:
         metrics = {"epoch": epoch, "epochs_done": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    **self.train_epoch(epoch)}
         metrics.update(self.score("val", epoch))
-        metrics.update({f"objective/{k}": v for k, v in self.objective.epoch_metrics().items()})
-        self.scheduler.step()
-        self.progress.epoch = epoch + 1
         metrics["improved"] = metrics["val/acc_fused"] > self.progress.best_val
         if metrics["improved"]:  # the same decision on every rank: val metrics are all-reduced
             self.progress.best_val, self.progress.best_epoch = metrics["val/acc_fused"], epoch
-            self.best = self.model_state()
+            self.best = self.model_state()  # the model that was validated, before any new head
+        self.end_epoch(epoch)
+        metrics.update({f"objective/{k}": v for k, v in self.objective.epoch_metrics().items()})
+        self.scheduler.step()
+        self.progress.epoch = epoch + 1
         return metrics
 
     def final_test(self) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 The objective decides losses, multipliers and statistics; this module owns backward,
 gradient hooks, clipping and optimizer steps, in the order algorithms.md §6.3 fixes:
 for each loss group, zero grads (set to None, so untouched parameters are skipped by the
-step), backward, average gradients over ranks, clip, step.
+step), backward, average gradients over ranks, clip, step. Grads are cleared on the whole
+model, not only on what the optimizer holds, so clipping and the rank average only ever see
+this group's gradients.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _optimise(model: nn.Module, optimizer: torch.optim.Optimizer, result: StepRe
               features: dict[str, Tensor], ranks: ProcessGroup, grad_clip: float | None) -> Tensor:
     total = torch.zeros((), device=next(iter(features.values())).device)
     for index, group in enumerate(result.losses):
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         handles = []
         if index == 0:
             # Multipliers act on d(loss)/d(h_m) of this very batch (ARL's same-batch coefficients).
@@ -64,7 +66,7 @@ def _optimise(model: nn.Module, optimizer: torch.optim.Optimizer, result: StepRe
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
         optimizer.step()
         total = total + loss.detach()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     return total
 
 

@@ -6,7 +6,9 @@ alone. Fusion variants (``model.fusion`` in a recipe):
 - ``mean`` / ``sum``: one linear head per modality, ``z_f`` = mean / sum of the ``z_m``
   (MNL's LF; weights overridable per forward, e.g. AUG's merge alpha);
 - ``concat``: one shared linear head on ``[h_1; ...; h_M]``; ``z_m`` zeroes the other
-  modalities' slots, so ``z_f = sum_m z_m - (M-1) b`` (ARL's auxiliary heads);
+  modalities' slots, so ``z_f = sum_m z_m - (M-1) b`` (ARL's auxiliary heads). With
+  ``concat_hidden`` the head is two linear layers ``F(G [h_1; ...; h_M])`` (ARM's official
+  head: G 2D->D, then F), still affine, so the same identity holds with ``b = F b_G + b_F``;
 - ``boost``: AUG's configurable classifiers ``F(ReLU(A_m^k h_m))`` with a head ``F`` shared by
   every modality and classifier; ``z_m`` is the ensemble sum and heads can be added.
 
@@ -26,10 +28,11 @@ Fusion = Literal["mean", "sum", "concat", "boost"]
 
 
 class LateFusion(nn.Module):
-    def __init__(self, encoders: dict[str, nn.Module], num_classes: int, fusion: Fusion = "mean", boost_hidden: int = 256):
+    def __init__(self, encoders: dict[str, nn.Module], num_classes: int, fusion: Fusion = "mean", boost_hidden: int = 256,
+                 concat_hidden: int | None = None):
         super().__init__()
-        if len(encoders) < 2:
-            raise ValueError(f"late fusion needs at least 2 modalities, got {list(encoders)}")
+        if not encoders:
+            raise ValueError("late fusion needs at least one modality")  # one: a unimodal run
         self.modalities = list(encoders)
         self.encoders = nn.ModuleDict(encoders)
         self.num_classes = num_classes
@@ -39,7 +42,10 @@ class LateFusion(nn.Module):
         if fusion in ("mean", "sum"):
             self.heads = nn.ModuleDict({m: nn.ModuleList([nn.Linear(d, num_classes)]) for m, d in dims.items()})
         elif fusion == "concat":
-            self.shared_head = nn.Linear(sum(dims.values()), num_classes)
+            width = concat_hidden or sum(dims.values())
+            # G: the optional linear layer before the classifier (no nonlinearity between them).
+            self.fusion_layer = nn.Linear(sum(dims.values()), concat_hidden) if concat_hidden else None
+            self.shared_head = nn.Linear(width, num_classes)
         elif fusion == "boost":
             self.boost_hidden = boost_hidden
             self.shared_head = nn.Linear(boost_hidden, num_classes)
@@ -81,14 +87,22 @@ class LateFusion(nn.Module):
         return features, self.heads_forward(features, ctx)
 
     def _concat_unimodal(self, h: dict[str, Tensor]) -> dict[str, list[Tensor]]:
-        # W[h_1; ...; h_M] + b with the other slots zeroed == W_m h_m + b (no extra parameters).
-        weight, bias = self.shared_head.weight, self.shared_head.bias
+        # W[h_1; ...; h_M] + b with the other slots zeroed == W_m h_m + b (no extra parameters);
+        # with G, W = F G and b = F b_G + b_F (the head stays affine).
+        first = self.fusion_layer or self.shared_head
         out, start = {}, 0
         for m in self.modalities:
             stop = start + self.dims[m]
-            out[m] = [h[m] @ weight[:, start:stop].T + bias]  # [B, C]
+            part = h[m] @ first.weight[:, start:stop].T + first.bias  # [B, C] or [B, hidden]
+            out[m] = [self.shared_head(part) if self.fusion_layer is not None else part]  # [B, C]
             start = stop
         return out
+
+    def concat_bias(self) -> Tensor:
+        """The constant every concat zero-out logit carries: ``b`` (or ``F b_G + b_F``), [C]."""
+        if self.fusion_layer is None:
+            return self.shared_head.bias
+        return self.shared_head(self.fusion_layer.bias)
 
     def _fuse(self, unimodal: dict[str, Tensor], weights: dict[str, float] | None) -> Tensor:
         if weights is not None:
@@ -97,7 +111,7 @@ class LateFusion(nn.Module):
         if self.fusion == "mean":
             return total / len(self.modalities)
         if self.fusion == "concat":
-            return total - (len(self.modalities) - 1) * self.shared_head.bias
+            return total - (len(self.modalities) - 1) * self.concat_bias()
         return total
 
     def add_head(self, modality: str) -> list[nn.Parameter]:

@@ -18,6 +18,7 @@ from mmbalance.objectives.base import (
     HeadOutputs,
     LossGroup,
     Objective,
+    Requirements,
     StepInputs,
     StepResult,
 )
@@ -42,6 +43,12 @@ def objective_params_model(name: str) -> type[BaseModel]:
     return OBJECTIVES[name][1]
 
 
+def objective_requirements(name: str) -> Requirements:
+    """What objective ``name`` needs (fusions, warm-up key, modality count), from its class."""
+    objective_params_model(name)  # the same KeyError for an unknown name
+    return OBJECTIVES[name][0].requirements
+
+
 def build_objective(name: str, params: dict[str, Any]) -> Objective:
     cls, params_model = OBJECTIVES[name]
     checked = params_model.model_validate(params)
@@ -49,6 +56,6 @@ def build_objective(name: str, params: dict[str, Any]) -> Objective:
 
 
 __all__ = [
-    "OBJECTIVES", "AddHead", "DistInfo", "ForwardContext", "HeadOutputs", "LossGroup", "Objective",
-    "StepInputs", "StepResult", "build_objective", "objective_params_model",
+    "OBJECTIVES", "AddHead", "DistInfo", "ForwardContext", "HeadOutputs", "LossGroup", "Objective", "Requirements",
+    "StepInputs", "StepResult", "build_objective", "objective_params_model", "objective_requirements",
 ]

@@ -19,6 +19,7 @@ from torch import Tensor
 from mmbalance.objectives.base import (
     DistInfo,
     LossGroup,
+    Requirements,
     StatelessObjective,
     StepInputs,
     StepResult,
@@ -28,6 +29,7 @@ from mmbalance.objectives.base import (
 
 ApplyCoeffs = Literal["intended", "official_uniform_1.5"]
 ScaleForm = Literal["1+k", "1+gamma*k"]
+KTotal = Literal["one", "half_per_modality"]
 
 # The official code freezes both coefficients at the warm-up value 0.5 (algorithms.md §3.7.2).
 OFFICIAL_K = 0.5
@@ -44,6 +46,9 @@ class ARLParams(BaseModel):
     apply_coeffs: ApplyCoeffs = Field("intended", description="intended: k from the batch; official_uniform_1.5: k frozen at 0.5")
     coeff_lag: Literal[0, 1] = Field(0, description="0: k of this batch (grad hooks); 1: k of the previous batch (official timing)")
     scale_form: ScaleForm = Field("1+k", description="multiplier form: 1+k (ResNet code) or 1+gamma*k (Swin code)")
+    k_total: KTotal = Field(
+        "one", description="one: applied Σk = 1 (mean k 1/M); half_per_modality: k·M/2 (mean k 0.5 for any M)"
+    )
 
 
 def batch_statistics(logits: Tensor) -> Tensor:
@@ -81,9 +86,14 @@ class ARL(StatelessObjective):
       uniform ``1 + 0.5`` (``official_uniform_1.5``: k frozen at 0.5 for every modality;
       ``intended``: the batch k, as the paper describes).
     - ``coeff_lag``: the code captures the scale at forward time, before the analysis, so k
-      of batch t would act on batch t+1 (``1``; before any batch, k = 1/M, the code's 0.5).
-      ``0`` applies this batch's k through the engine's gradient hooks.
+      of batch t would act on batch t+1 (``1``). ``0`` applies this batch's k through the
+      engine's gradient hooks. The lag buffer is written only by post-warm-up steps: during
+      warm-up the code's weights are fixed (0.5) and only an analysis after warm-up would
+      assign them, so the first post-warm-up step applies the uniform k = 1/M.
     - ``scale_form``: ``1 + k`` (ResNet code) or ``1 + gamma * k`` (Swin code).
+    - ``k_total``: k is a softmax (Σk = 1), so the mean multiplier ``1 + 1/M`` shrinks with M;
+      ``half_per_modality`` rescales k by M/2 so the mean applied k is the two-modality 0.5 for
+      any M (identical for M = 2). It leaves ``official_uniform_1.5`` (already 0.5 each) alone.
 
     Other choices: epochs are 0-based and warm-up is epochs ``0..start-1`` (the code's
     ``epoch <= start`` gives start+1 warm-up epochs: use ``start + 1`` to match it); the
@@ -94,6 +104,8 @@ class ARL(StatelessObjective):
     """
 
     name = "arl"
+    # z_m = the shared concat head with the other modalities' slots zeroed.
+    requirements = Requirements(fusions=("concat",), warmup_key="start")
 
     def __init__(
         self,
@@ -104,19 +116,17 @@ class ARL(StatelessObjective):
         apply_coeffs: ApplyCoeffs = "intended",
         coeff_lag: int = 0,
         scale_form: ScaleForm = "1+k",
+        k_total: KTotal = "one",
     ):
-        self.params = ARLParams(gamma=gamma, T=T, start=start, entropy_clamp=entropy_clamp,
-                                apply_coeffs=apply_coeffs, coeff_lag=coeff_lag, scale_form=scale_form)
+        self.params = ARLParams(gamma=gamma, T=T, start=start, entropy_clamp=entropy_clamp, apply_coeffs=apply_coeffs,
+                                coeff_lag=coeff_lag, scale_form=scale_form, k_total=k_total)
         self.modalities: list[str] = []
-        self._last_k: Tensor | None = None  # [M], k of the previous batch (coeff_lag=1)
+        # [M], computed (softmax) k of the previous post-warm-up batch, uniform 1/M until the first
+        # one (coeff_lag=1); warm-up batches never write it.
+        self._last_k: Tensor | None = None
         self._epoch_metrics: dict[str, float] = {}
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
-        if not model_info.get("supports_zero_out_unimodal", False):
-            raise ValueError(
-                "ARL needs unimodal logits from a shared head with the other modalities zeroed "
-                f"(model.fusion=concat); the model has fusion={model_info.get('fusion')!r}"
-            )
         self.modalities = list(modalities)
         self.num_classes = num_classes
         self._last_k = torch.full((len(modalities),), 1.0 / len(modalities))
@@ -133,18 +143,16 @@ class ARL(StatelessObjective):
         reduced = inputs.world.all_reduce_sum(batch_statistics(logits))  # [2M+1], same on every rank
         analysis = arl_coefficients(reduced, len(mods), self.params.T, self.params.entropy_clamp)
         k = analysis["k"]  # [M]
-        applied = self._applied_k(k)  # [M]
-        self._last_k = k
 
         fused = cross_entropy_per_sample(out.fused_logits, y).mean()
         unimodal = {m: cross_entropy_per_sample(out.unimodal_logits[m], y).mean() for m in mods}
         total = fused + self.gamma_e(inputs.epoch) * sum(unimodal.values())
 
         if self.in_warmup(inputs.epoch):
-            multipliers, grad_multipliers = torch.ones_like(k), {}
+            multipliers, grad_multipliers = torch.ones_like(k), {}  # lag buffer untouched
         else:
-            scale = 1.0 if self.params.scale_form == "1+k" else self.params.gamma
-            multipliers = 1.0 + scale * applied  # [M]
+            multipliers = self._multipliers(k)  # [M]
+            self._last_k = k
             grad_multipliers = {m: multipliers[i] for i, m in enumerate(mods)}
 
         one = k.new_ones(())
@@ -156,12 +164,20 @@ class ARL(StatelessObjective):
         metrics.update({f"arl_q_{m}": analysis["q"][i] for i, m in enumerate(mods)})
         return StepResult(losses=[LossGroup(total)], grad_multipliers=grad_multipliers, stats=stats, metrics=metrics)
 
+    def _multipliers(self, k: Tensor) -> Tensor:
+        """[M] post-warm-up gradient multipliers ``1 + k`` or ``1 + gamma * k`` from the applied k."""
+        scale = 1.0 if self.params.scale_form == "1+k" else self.params.gamma
+        return 1.0 + scale * self._applied_k(k)  # [M]
+
     def _applied_k(self, k: Tensor) -> Tensor:
-        """The k that scales this step's gradients: batch k, previous batch k, or the frozen 0.5."""
+        """The k that scales this step's gradients: batch k, previous batch k (both times M/2
+        under ``k_total: half_per_modality``), or the frozen official 0.5 per modality."""
         if self.params.apply_coeffs == "official_uniform_1.5":
             return torch.full_like(k, OFFICIAL_K)
         if self.params.coeff_lag == 1:
-            return self._last_k.to(device=k.device, dtype=k.dtype)  # no-op after the first step
+            k = self._last_k.to(device=k.device, dtype=k.dtype)  # [M]; no-op after the first step
+        if self.params.k_total == "half_per_modality":
+            k = k * (k.numel() / 2.0)  # [M], Σ = M/2
         return k
 
     def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:

@@ -17,11 +17,13 @@ from torch import Tensor
 
 from mmbalance.objectives.arm_estimators import joint_counts, ncmi_from_counts, ncmi_official_from_counts, nmi_from_counts
 from mmbalance.objectives.base import (
-    DistInfo, ForwardContext, HeadOutputs, LossGroup, StepInputs, StepResult, StructuralChange, cross_entropy_per_sample,
+    DistInfo, ForwardContext, HeadOutputs, LossGroup, Requirements, StepInputs, StepResult, StructuralChange,
+    cross_entropy_per_sample,
 )
 
 Estimator = Literal["fixed_hist", "official_hist", "zero_out_surrogate"]
 ScaleRule = Literal["pairwise", "mean_ratio"]
+Anchor = Literal["geometric_mean", "strongest"]
 # Floor on a contribution before it divides (fixed_hist, zero_out_surrogate): c_m <= 0 means
 # "contributes nothing", which must amplify m as far as r_clamp allows, never give inf/NaN.
 _MIN_CONTRIBUTION = 1e-6
@@ -29,15 +31,18 @@ _MIN_CONTRIBUTION = 1e-6
 
 class ARMParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    estimator: Estimator = Field("fixed_hist", description="how c_m is estimated (see ARM docstring)")
+    estimator: Estimator = Field("zero_out_surrogate", description="how c_m is estimated (see ARM docstring)")
     bins_mi: int = Field(30, ge=2, le=256, description="bins per axis of the NMI histogram (official 30)")
     bins_cmi: int = Field(2, ge=2, le=32, description="bins per axis of the NCMI histogram (official 2)")
-    r_clamp: tuple[float, float] = Field((0.1, 10.0), description="[min, max] of every feature scale")
+    r_clamp: tuple[float, float] = Field((0.5, 2.0), description="[min, max] of every feature scale")
     ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the log-scales across training steps")
     # The official "batch_with_labels" eval scales cannot exist here: step() is not called at
     # eval, and they would leak the test labels into the predictions (§2.7.2).
     eval_scales: Literal["ema"] = Field("ema", description="eval uses the training EMA scales (label-free)")
     scale_rule: ScaleRule = Field("pairwise", description="M-way rule turning contributions into scales")
+    anchor: Anchor = Field("geometric_mean", description="geometric_mean: scales multiply to 1 (official r, 1/r); "
+                           "strongest: the largest contributor keeps 1, the others are amplified")
+    warmup_epochs: int = Field(0, ge=0, description="0-based epochs 0..warmup_epochs-1 keep every scale at 1 (joint training)")
 
     @field_validator("r_clamp")
     @classmethod
@@ -124,20 +129,30 @@ class ARM:
     (``raw_logits``): probe confidences ``P_f``, ``P_m`` (true-class prob. of the fused and the
     zero-out unimodal logits), then ``c_m`` by ``estimator``:
 
-    - ``fixed_hist`` (default): ``c_m = P_f NMI(u_m, g) + P_{-m} (NMI(u_m, g) - NCMI(u_m, g | w_m))``
+    - ``zero_out_surrogate`` (default): ``c_m = P_f - P(fused logits with m zeroed)`` (§2.8), the
+      drop in fused confidence without m. It ranks modalities of known strength correctly.
+    - ``fixed_hist``: ``c_m = P_f NMI(u_m, g) + P_{-m} (NMI(u_m, g) - NCMI(u_m, g | w_m))``
       with a correct CMI; ``P_{-m}`` = mean confidence of the other modalities (the official
-      cross pairing, P_v on the audio term);
-    - ``official_hist``: the same with the official broken CMI (§2.7.3) and sign arithmetic;
-    - ``zero_out_surrogate``: ``c_m = P_f - P(fused logits with m zeroed)`` (§2.8).
+      cross pairing, P_v on the audio term). Not the default: ``g = u_m + w_m - b`` exactly,
+      so given ``w_m`` the fused logits are a function of ``u_m`` and the NCMI term measures
+      the binned spread of ``u_m`` rather than its share; with large logits the interaction
+      term turns negative for the stronger modality and the ranking flips (docs/objectives.md).
+    - ``official_hist``: the same with the official broken CMI (§2.7.3) and sign arithmetic.
 
     The scales are undone first because the official measures contributions on unscaled
     features, so a scale never feeds back into its own estimate. Scales:
     ``scales_from_contributions`` (``scale_rule``; the default ``pairwise`` is the official
-    ``r``/``1/r`` at M = 2, §2.8's ``mean_ratio`` is not), clamped, then an EMA of the
-    log-scales (so ``r`` and ``1/r`` stay reciprocal). Histogram edges, counts and
-    confidences are reduced over ranks, so every rank gets the same scales. The official
-    ``eval_scales=batch_with_labels`` is not offered (it needs eval labels, and step() is not
-    called at eval).
+    ``r``/``1/r`` at M = 2, §2.8's ``mean_ratio`` is not), then ``anchor`` (``strongest``
+    divides by the smallest scale, so the largest contributor keeps 1), clamped, then an EMA of
+    the log-scales (so ``r`` and ``1/r`` stay reciprocal). ``warmup_epochs`` keeps the scales at
+    1 for the first epochs. Histogram edges, counts and confidences are reduced over ranks, so
+    every rank gets the same scales. The official ``eval_scales=batch_with_labels`` is not
+    offered (it needs eval labels, and step() is not called at eval).
+
+    The default clamp [0.5, 2] bounds what ARM costs the dominant modality: a feature scale
+    ``s < 1`` makes the dominant branch learn ``s`` times slower in logit space (its weights
+    must grow by ``1/s`` to give the same logits), and with the fused loss alone the weaker
+    modality gains only what the dominant one gives up (measured in docs/objectives.md).
 
     Deviations from the official code (§2.7): only the feature-level fusion exists there and
     here (no min-max loss, no re-sampling). The fused representation ``g`` is the fused
@@ -148,19 +163,22 @@ class ARM:
     ``u_other`` for M = 2) is the conditioning variable, which also covers M > 2. Scales are
     clamped (7) and label-free at eval (2). The forward of step t uses the EMA after step
     t-1 (the scales must be known before the forward; the official uses the batch's own r).
+    The official head's extra linear layer G is ``model.concat_hidden``.
     """
 
     name = "arm"
+    # The scales are read back out of a shared concat head's zero-out logits (raw_logits).
+    requirements = Requirements(fusions=("concat",), warmup_key="warmup_epochs")
+    trains_new_heads = True  # adds no heads
 
-    def __init__(self, estimator: Estimator = "fixed_hist", bins_mi: int = 30, bins_cmi: int = 2,
-                 r_clamp: tuple[float, float] = (0.1, 10.0), ema: float = 0.9, eval_scales: str = "ema",
-                 scale_rule: ScaleRule = "pairwise"):
+    def __init__(self, estimator: Estimator = "zero_out_surrogate", bins_mi: int = 30, bins_cmi: int = 2,
+                 r_clamp: tuple[float, float] = (0.5, 2.0), ema: float = 0.9, eval_scales: str = "ema",
+                 scale_rule: ScaleRule = "pairwise", anchor: Anchor = "geometric_mean", warmup_epochs: int = 0):
         self.estimator, self.bins_mi, self.bins_cmi = estimator, bins_mi, bins_cmi
         self.r_clamp, self.ema, self.eval_scales, self.scale_rule = tuple(r_clamp), ema, eval_scales, scale_rule
+        self.anchor, self.warmup_epochs = anchor, warmup_epochs
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
-        if model_info.get("fusion") != "concat" or not model_info.get("supports_feature_scales"):
-            raise ValueError(f"arm needs model.fusion=concat with feature scales, the model has {model_info.get('fusion')!r}")
         self.modalities, self.num_classes = list(modalities), num_classes
         self._log_scales = torch.zeros(len(self.modalities))  # [M]; scale 1 until the first step
         self._contrib_mean = {m: 0.0 for m in self.modalities}
@@ -178,8 +196,11 @@ class ARM:
         with torch.no_grad():
             contrib, metrics = self._contributions(inputs.outputs, inputs.labels, inputs.world)  # [M]
             batch_scales = scales_from_contributions(contrib, self.r_clamp, self.scale_rule, self.estimator == "official_hist")
-            old = self._log_scales.to(batch_scales.device)
-            self._log_scales = self.ema * old + (1.0 - self.ema) * batch_scales.log()  # [M]
+            if self.anchor == "strongest":  # the largest contributor (smallest scale) back to 1
+                batch_scales = (batch_scales / batch_scales.min()).clamp(*self.r_clamp)  # [M]
+            if inputs.epoch >= self.warmup_epochs:  # warm-up: contributions are logged, scales stay 1
+                old = self._log_scales.to(batch_scales.device)
+                self._log_scales = self.ema * old + (1.0 - self.ema) * batch_scales.log()  # [M]
         one = torch.ones((), device=contrib.device)
         for i, m in enumerate(self.modalities):
             result.stats[f"arm_contrib_{m}"] = (contrib[i], one)

@@ -10,7 +10,7 @@ head ``F`` (``LateFusion(fusion="boost")``). Per batch, modality ``m`` is optimi
 where ``S_m`` is the ensemble sum of logits, ``S_m^-`` the ensemble without the newest head
 ``n_m`` and ``w`` the detached residual-label weight (the residual label is ``w * onehot(y)``).
 Every ``check_every_epochs`` epochs the adaptive classifier assignment (ACA) compares the
-modalities' mean true-class confidences and gives the weaker one another head.
+modalities' mean true-class confidences and gives the weaker one(s) another head.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mmbalance.objectives.base import (
     DistInfo,
     ForwardContext,
     LossGroup,
+    Requirements,
     StepInputs,
     StepResult,
     StructuralChange,
@@ -34,6 +35,9 @@ from mmbalance.objectives.base import (
 )
 
 ResidualForm = Literal["official", "paper"]
+ScoreOrder = Literal["official", "first_forward"]
+ACARule = Literal["ratio", "share"]
+ScorePair = tuple[Tensor, Tensor]  # (sum, count), summed over steps and ranks by the engine
 
 
 class AUGParams(BaseModel):
@@ -42,13 +46,22 @@ class AUGParams(BaseModel):
     residual_form: ResidualForm = Field(
         "official", description="official: 1 - λ softmax(S^-)_y; paper: 1 - λ Σ_{j<t} softmax(g_j)_y (clamped at 0)"
     )
-    sigma: float = Field(1.0, gt=0.0, description="ACA threshold σ (official --lam)")
-    tau: float = Field(0.01, ge=0.0, description="ACA dead zone τ")
+    sigma: float = Field(1.0, gt=0.0, description="aca_rule ratio: threshold σ (CREMA-D code --lam)")
+    tau: float = Field(0.01, ge=0.0, description="aca_rule ratio: dead zone τ")
     check_every_epochs: int = Field(10, ge=1, description="t_N: check after epoch e if e == 0 or (e+1) % t_N == 0")
     max_heads: int = Field(10, ge=0, description="cap on heads added per modality (official: none)")
     train_new_heads: bool = Field(True, description="True: paper (added heads are optimised); False: official (frozen)")
     merge_alpha: float | None = Field(
         None, ge=0.0, le=1.0, description="2 modalities only: fused = α S_first + (1-α) S_second; null: model sum"
+    )
+    score_order: ScoreOrder = Field(
+        "official", description="official: s_m from the logits L_m was computed on; first_forward: all from the first forward"
+    )
+    aca_rule: ACARule = Field(
+        "ratio", description="ratio: s_1/s_2 vs σ±τ (M>2: argmin s); share: every m with s_m/Σ_{k≠m} s_k < share_threshold"
+    )
+    share_threshold: float = Field(
+        0.4, gt=0.0, description="aca_rule share: threshold on s_m/Σ_{k≠m} s_k (NVGesture code --lam)"
     )
 
 
@@ -100,6 +113,34 @@ def aca_decision(scores: dict[str, float], sigma: float, tau: float) -> str | No
     return weakest if max(scores.values()) - sigma * scores[weakest] > tau else None
 
 
+def share_decision(scores: dict[str, float], threshold: float) -> list[str]:
+    """Every modality whose score share ``s_m / Σ_{k≠m} s_k`` is below ``threshold`` (modality order).
+
+    The official three-modality rule (``train_NVGesture.py``: ``ratio_m < --lam``, no dead zone), so
+    one check can add several heads. Means instead of the official sums leave each share unchanged.
+    A zero denominator counts as an infinite share (no head).
+    """
+    total = sum(scores.values())
+    chosen = []
+    for m, s in scores.items():
+        rest = total - s
+        share = s / rest if rest > 0 else float("inf")
+        if share < threshold:
+            chosen.append(m)
+    return chosen
+
+
+def true_class_score(heads: list[Tensor], labels: Tensor) -> ScorePair:
+    """ACA score of one modality on one batch: (Σ_i softmax(S_m)_{i,y_i}, B), detached.
+
+    ``heads``: the modality's per-head logits [B, C]; a (sum, count) pair so ranks can be summed.
+    """
+    ensemble = torch.stack([z.detach() for z in heads]).sum(0).float()  # [B, C]
+    true_prob = ensemble.softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)  # [B]
+    count = torch.full((), labels.shape[0], dtype=true_prob.dtype, device=labels.device)  # []
+    return true_prob.sum(), count
+
+
 class AUG:
     """AUG (Rethinking Multimodal Learning from the Perspective of Mitigating Classification
     Ability Disproportion), NeurIPS'25, arXiv 2502.20120; official code njustkmg/NeurIPS25-AUG
@@ -112,19 +153,23 @@ class AUG:
       ``trains_new_heads`` to decide whether an added head's parameters join the optimizer.
     - ``residual_form``: official ``1 - λ softmax(S^-)_y`` (default) or the paper's
       ``1 - λ Σ_{j<t} p_j,y`` (clamped at 0 here: the paper's label can go negative).
-    - ACA for two modalities uses the code's ratio rule (the paper compares ``s_a - σ s_v``);
-      the head goes to the weaker modality, as in the prose and code. ``max_heads`` caps the
-      heads added per modality (none in the code); a capped modality simply gets no head.
+    - ``aca_rule``: ``ratio`` (default) is the two-modality code's rule (the paper compares
+      ``s_a - σ s_v``; the head goes to the weaker modality, as in the prose and code), with the
+      ``argmin s`` extension for M > 2; ``share`` is the three-modality code's rule (every
+      modality with ``s_m / Σ_{k≠m} s_k < share_threshold``). ``max_heads`` caps the heads added
+      per modality (none in the code); a capped modality simply gets no head.
     - The confidence score is the code's ``softmax(S_m)_y`` (paper: sum of per-head
       probabilities), detached, accumulated as (sum, count) and compared as a mean.
+    - ``score_order``: the code scores each modality on the logits its own loss used, so a later
+      modality is scored after the earlier steps updated ``F`` (``official``, default);
+      ``first_forward`` scores every modality on the batch's first forward.
     - ``zero_grad`` is the engine's: always ``set_to_none=True`` (torch >= 2 semantics), so a
       modality's step leaves the other modalities' parameters alone; no switch for it.
-
-    Scores are computed from the batch's first forward for every modality; the official code
-    scores later modalities after the earlier steps updated ``F`` (a negligible difference).
     """
 
     name = "aug"
+    # Needs add_head and the head F shared by every modality's classifiers.
+    requirements = Requirements(fusions=("boost",))
 
     def __init__(
         self,
@@ -136,6 +181,9 @@ class AUG:
         max_heads: int = 10,
         train_new_heads: bool = True,
         merge_alpha: float | None = None,
+        score_order: ScoreOrder = "official",
+        aca_rule: ACARule = "ratio",
+        share_threshold: float = 0.4,
     ):
         self.residual_lambda = residual_lambda
         self.residual_form = residual_form
@@ -145,6 +193,9 @@ class AUG:
         self.max_heads = max_heads
         self.train_new_heads = train_new_heads
         self.merge_alpha = merge_alpha
+        self.score_order = score_order
+        self.aca_rule = aca_rule
+        self.share_threshold = share_threshold
         self.modalities: list[str] = []
         # State: heads per modality including the base head, counted from the AddHead changes
         # this objective requested (the model is never read), and the last epoch's mean scores.
@@ -157,8 +208,6 @@ class AUG:
         return self.train_new_heads
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
-        if not model_info.get("supports_add_head", False):
-            raise ValueError(f"AUG needs model.fusion=boost (add_head), the model has fusion={model_info.get('fusion')!r}")
         if self.merge_alpha is not None and len(modalities) != 2:
             raise ValueError(f"merge_alpha needs exactly 2 modalities, got {list(modalities)}; use null (uniform)")
         self.modalities = list(modalities)
@@ -173,28 +222,35 @@ class AUG:
         return ForwardContext(fusion_weights={first: self.merge_alpha, second: 1.0 - self.merge_alpha})
 
     def step(self, inputs: StepInputs) -> StepResult:
+        """One loss group per modality; the first is a tensor, later ones are lazy (see
+        ``_recomputed_loss``). With ``score_order: official`` the later modalities' entries of
+        ``stats`` are filled only when the engine evaluates their loss: the engine reads
+        ``StepResult.stats`` after all groups ran, so a caller must do the same."""
         out, y = inputs.outputs, inputs.labels
         first, *later = self.modalities
         if later and inputs.recompute_heads is None:
             raise ValueError("AUG needs StepInputs.recompute_heads: later modalities see the shared head after earlier steps")
+        stats: dict[str, ScorePair] = {}
         losses = [LossGroup(self._loss(out.head_logits[first], y), modalities=(first,))]
-        losses += [LossGroup(partial(self._recomputed_loss, inputs, m), modalities=(m,)) for m in later]
-        stats, metrics = {}, {}
+        losses += [LossGroup(partial(self._recomputed_loss, inputs, m, stats), modalities=(m,)) for m in later]
+        metrics = {}
         for m in self.modalities:
-            heads = [z.detach() for z in out.head_logits[m]]
-            ensemble = torch.stack(heads).sum(0).float()  # [B, C]
-            true_prob = ensemble.softmax(-1).gather(1, y.unsqueeze(1)).squeeze(1)  # [B]
-            stats[f"aug_score_{m}"] = (true_prob.sum(), torch.full((), y.shape[0], dtype=true_prob.dtype, device=y.device))
+            if m == first or self.score_order == "first_forward":
+                stats[f"aug_score_{m}"] = true_class_score(out.head_logits[m], y)
             # Logged from this forward for every modality (later groups' losses are lazy).
-            metrics[f"loss_{m}"] = self._loss(heads, y)
+            metrics[f"loss_{m}"] = self._loss([z.detach() for z in out.head_logits[m]], y)
         return StepResult(losses=losses, stats=stats, metrics=metrics)
 
     def _loss(self, heads: list[Tensor], labels: Tensor) -> Tensor:
         return boosting_loss(heads, labels, self.residual_lambda, self.residual_form)
 
-    def _recomputed_loss(self, inputs: StepInputs, modality: str) -> Tensor:
-        # Evaluated by the engine after the previous groups' optimizer steps (official order).
-        return self._loss(inputs.recompute_heads().head_logits[modality], inputs.labels)
+    def _recomputed_loss(self, inputs: StepInputs, modality: str, stats: dict[str, ScorePair]) -> Tensor:
+        """Evaluated by the engine after the previous groups' optimizer steps (official order).
+        With ``score_order: official`` the score comes from these same logits, as in the code."""
+        heads = inputs.recompute_heads().head_logits[modality]  # K_m+1 tensors [B, C]
+        if self.score_order == "official":
+            stats[f"aug_score_{modality}"] = true_class_score(heads, inputs.labels)
+        return self._loss(heads, inputs.labels)
 
     def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:
         # epoch_stats are already summed over steps and ranks, so every rank sees the same means.
@@ -202,17 +258,19 @@ class AUG:
         if not (epoch == 0 or (epoch + 1) % self.check_every_epochs == 0):
             return []
         decision = self._decide() if world.rank == 0 else None
-        decision = world.broadcast(decision)  # every rank applies rank 0's choice
-        if decision is None:
-            return []
-        self.heads[decision] += 1
-        return [AddHead(decision)]
+        decision = world.broadcast(decision)  # every rank applies rank 0's list
+        for m in decision:
+            self.heads[m] += 1
+        return [AddHead(m) for m in decision]
 
-    def _decide(self) -> str | None:
-        target = aca_decision(self.scores, self.sigma, self.tau)
-        if target is None or self.heads[target] - 1 >= self.max_heads:
-            return None
-        return target
+    def _decide(self) -> list[str]:
+        """Modalities that get one more head at this check, ``max_heads`` applied to each."""
+        if self.aca_rule == "share":
+            targets = share_decision(self.scores, self.share_threshold)
+        else:
+            target = aca_decision(self.scores, self.sigma, self.tau)
+            targets = [] if target is None else [target]
+        return [m for m in targets if self.heads[m] - 1 < self.max_heads]
 
     def epoch_metrics(self) -> dict[str, float]:
         metrics = {f"aug_heads_{m}": float(n) for m, n in self.heads.items()}

@@ -11,7 +11,7 @@ pairs, never as local means, so every rank takes the same decision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, ClassVar, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -23,6 +23,43 @@ def _identity(tensor: Tensor) -> Tensor:
 
 def _keep(obj: Any) -> Any:
     return obj
+
+
+FUSIONS = ("mean", "sum", "concat", "boost")  # the LateFusion heads (models/fusion.py)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What an objective needs from the recipe, declared once on its class.
+
+    The recipe validator, the engine, the search-space validator, tests and benchmarks all read
+    this instead of keeping their own tables, so a new objective states its needs in one place.
+    ``fusions`` lists the ``model.fusion`` values whose outputs the objective's math is written
+    for; the first is what ``model.fusion: auto`` picks. ``warmup_key`` names the parameter that
+    counts baseline-only epochs (ASHA's grace period must cover it). ``min_modalities`` is the
+    fewest modalities the objective is defined for (LF trains a single modality alone).
+    """
+
+    fusions: tuple[str, ...]
+    warmup_key: str | None = None
+    min_modalities: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.fusions if f not in FUSIONS]
+        if not self.fusions or unknown:
+            raise ValueError(f"fusions must be a non-empty subset of {FUSIONS}, got {self.fusions}")
+
+    @property
+    def default_fusion(self) -> str:
+        return self.fusions[0]
+
+    def fusion_problem(self, objective: str, fusion: str) -> str | None:
+        """None when ``fusion`` fits, else a message naming both recipe keys and the allowed values."""
+        if fusion in self.fusions:
+            return None
+        allowed = ", ".join(self.fusions)
+        return (f"objective.name={objective} needs model.fusion in [{allowed}] (or auto, which picks "
+                f"{self.default_fusion}), got model.fusion={fusion}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +148,9 @@ class StepResult:
     losses: list[LossGroup]
     # m -> multiplier on d(loss)/d(features[m]) (ARL's 1 + k_m); applied in this backward.
     grad_multipliers: dict[str, Tensor | float] = field(default_factory=dict)
-    # name -> (sum, count), detached; the engine accumulates them over the epoch.
+    # name -> (sum, count), detached; the engine accumulates them over the epoch. The engine reads
+    # stats and metrics after every loss group ran, so a lazy loss may still add entries (AUG
+    # scores a later modality on the logits its own, lazily computed, loss used).
     stats: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # name -> detached scalar tensor, for logging (averaged over the epoch's steps). The engine
     # logs ``loss_total`` itself (the sum of the loss groups as they were stepped).
@@ -132,6 +171,13 @@ class Objective(Protocol):
     """What the engine calls. See algorithms.md §6 for the lifecycle."""
 
     name: str
+    requirements: ClassVar[Requirements]
+
+    @property
+    def trains_new_heads(self) -> bool:
+        """Whether the parameters of a head added by an ``AddHead`` join the optimizer. When
+        False the engine freezes them (``requires_grad=False``): they still pass gradient to
+        the encoder and the shared head, but never hold a ``.grad`` of their own."""
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         """Learn the modality names and check the model has the capabilities needed."""
@@ -158,6 +204,7 @@ class StatelessObjective:
     class to override behaviour: objectives only inherit these no-op defaults)."""
 
     name = "stateless"
+    trains_new_heads = True  # no structural changes, so nothing to freeze
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         self.modalities = list(modalities)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.objectives.base import LossGroup, StatelessObjective, StepInputs, StepResult, cross_entropy_per_sample
+from mmbalance.objectives.base import (FUSIONS, LossGroup, Requirements, StatelessObjective, StepInputs, StepResult,
+                                       cross_entropy_per_sample)
 
 
 class LFParams(BaseModel):
@@ -18,6 +19,9 @@ class LFParams(BaseModel):
 
 class LF(StatelessObjective):
     name = "lf"
+    # Needs only z_m and z_f, which every fusion gives; defined for a single modality too (its
+    # unimodal ceiling). Mean fusion first: the MNL paper's LF.
+    requirements = Requirements(fusions=FUSIONS, min_modalities=1)
 
     def __init__(self, omega: float = 1.0):
         self.omega = omega

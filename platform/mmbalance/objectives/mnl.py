@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mmbalance.objectives.base import DistInfo, LossGroup, StatelessObjective, StepInputs, StepResult, cross_entropy_per_sample
+from mmbalance.objectives.base import (DistInfo, LossGroup, Requirements, StatelessObjective, StepInputs, StepResult,
+                                       cross_entropy_per_sample)
 
 Scope = Literal["nontarget", "all"]
 Normalize = Literal["BC", "B", "selected"]
 Competitor = Literal["fused", "own"]
 GUIDANCE_PATTERN = r"^(confidence_ucom|confidence|prior:[^\s:]+)$"
-SUPPORTED_FUSIONS = ("mean", "sum")
 
 
 class MNLParams(BaseModel):
@@ -127,6 +127,8 @@ class MNL(StatelessObjective):
     """
 
     name = "mnl"
+    # One linear head per modality with z_f their mean / sum: the guidance terms act on z_m.
+    requirements = Requirements(fusions=("mean", "sum"), warmup_key="warmup_epochs")
 
     def __init__(
         self, lam: float = 0.7, warmup_epochs: int = 0, guidance: str = "confidence_ucom", scope: Scope = "nontarget",
@@ -142,9 +144,6 @@ class MNL(StatelessObjective):
         self._epoch_metrics: dict[str, float] = {}
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
-        fusion = model_info.get("fusion")
-        if fusion not in SUPPORTED_FUSIONS:
-            raise ValueError(f"MNL needs model.fusion in {SUPPORTED_FUSIONS} (per-modality heads + fused logits), got {fusion!r}")
         self.modalities, self.num_classes = list(modalities), num_classes
         if self.params.guidance.startswith("prior:"):
             prior = self.params.guidance.split(":", 1)[1]

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmbalance.config import ConfigError, Recipe, read_yaml_mapping, set_dotted, validate_recipe
+from mmbalance.objectives import objective_params_model, objective_requirements
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -156,30 +157,38 @@ def validate_against(space: SearchSpace, base: dict[str, Any]) -> Recipe:
     """Check every key and probe value of ``space`` against ``base``; return the fixed recipe."""
     fixed = validate_recipe(trial_recipe(base, space.set, {}, space.seeds[0]), source="recipe with the space's `set`")
     keys = list(space.space)
+    warmups = [warmup_epochs(fixed)]
     for values in itertools.product(*(space.space[k].probe_values() for k in keys)) if keys else [()]:
         sampled = dict(zip(keys, values))
         try:
-            validate_recipe(trial_recipe(base, space.set, sampled, space.seeds[0]), source="trial recipe")
+            probe = validate_recipe(trial_recipe(base, space.set, sampled, space.seeds[0]), source="trial recipe")
         except ConfigError as err:
             raise ConfigError(f"search space value {sampled} does not fit the recipe:\n{err}") from None
-    _check_scheduler(space, fixed)
+        warmups.append(warmup_epochs(probe))
+    _check_scheduler(space, fixed, max(warmups))
     return fixed
 
 
-def _check_scheduler(space: SearchSpace, fixed: Recipe) -> None:
+def warmup_epochs(recipe: Recipe) -> int:
+    """Baseline-only epochs of a recipe's objective: the parameter its requirements name as the
+    warm-up, with the objective's default when the recipe leaves it out (0 without one)."""
+    name = recipe.objective.name
+    key = objective_requirements(name).warmup_key
+    if key is None:
+        return 0
+    return int(objective_params_model(name).model_validate(recipe.objective.params).model_dump()[key])
+
+
+def _check_scheduler(space: SearchSpace, fixed: Recipe, longest_warmup: int) -> None:
     epochs = fixed.schedule.epochs
     max_t = space.scheduler.max_t or epochs
     if max_t > epochs:
         raise ConfigError(f"scheduler.max_t={max_t} exceeds the recipe's schedule.epochs={epochs}")
     if space.scheduler.name != "asha":
         return
-    warmups = [fixed.objective.params.get("warmup_epochs", 0), fixed.objective.params.get("start", 0)]
-    for key in ("objective.warmup_epochs", "objective.start"):
-        if key in space.space:
-            warmups += space.space[key].probe_values()
-    if space.scheduler.grace_period < max(warmups):
+    if space.scheduler.grace_period < longest_warmup:
         raise ConfigError(f"scheduler.grace_period={space.scheduler.grace_period} is shorter than the longest warm-up "
-                          f"in the space ({max(warmups)} epochs): early rungs could not tell the trials apart")
+                          f"in the space ({longest_warmup} epochs): early rungs could not tell the trials apart")
     if space.scheduler.grace_period >= max_t:
         raise ConfigError(f"scheduler.grace_period={space.scheduler.grace_period} must be below max_t={max_t}, "
                           "or ASHA can never stop a trial")
