@@ -73,6 +73,9 @@ def train_params(shards, variant, group):
     shapes = {m: tuple(manifest.modalities[m].shape) for m in recipe.modalities}
     source = FixedOrderSource(7, group.rank, group.world_size, shapes)
     trainer = Trainer(recipe, manifest, group, source, torch.device("cpu"))
+    # Ranks' RNG streams need not agree after setup (dropout, data pipelines): an added head must
+    # still be rank 0's everywhere, and one process with rank 0's stream must match.
+    torch.manual_seed(1000 + group.rank)
     for epoch in range(EPOCHS):
         trainer.train_epoch(epoch)
         trainer.end_epoch(epoch)

@@ -4,9 +4,10 @@ Ray Train worker.
 Per epoch: train batches (forward -> objective.step -> backward/average/step per loss
 group), validation, best-by-val snapshot, epoch-end decisions and structural changes (after
 validation, as AUG's official code orders them: a head added at a check epoch is scored from
-the next epoch on), scheduler step, checkpoints (latest and best-by-val), one report. In the last epoch, before its report, the best-val weights are
-scored once on the test split, so the result exists even where a scheduler ends the run at
-its final report. Model selection reads val only.
+the next epoch on), scheduler step, checkpoints (latest and best-by-val), one report. In the
+last epoch, before its report, the best-val weights are scored once on the test split, so the
+result exists even where a scheduler ends the run at its final report. Model selection reads
+val only.
 """
 
 from __future__ import annotations
@@ -131,8 +132,11 @@ class Trainer:
     def end_epoch(self, epoch: int) -> None:
         """The objective's epoch-end decisions from this epoch's reduced statistics; every rank
         applies the same structural changes (rank 0 decides inside the objective)."""
-        for change in self.objective.on_epoch_end(epoch, self._epoch_stats, self.world):
+        changes = self.objective.on_epoch_end(epoch, self._epoch_stats, self.world)
+        for change in changes:
             self._add_head(change.modality)
+        if changes:  # a new head is initialised from each rank's RNG: make every rank hold rank 0's
+            self.group.broadcast_module(self.model)
 
     def score(self, key: str, epoch: int) -> dict[str, float]:
         batches = self.source.eval_batches(key, self.recipe.eval.batch_size)

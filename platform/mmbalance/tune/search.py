@@ -166,7 +166,7 @@ def trial_rows(grid, space: SearchSpace, output: Path, max_t: int) -> list[dict[
 
 
 def _label(value: Any) -> Any:
-    """Bundles become one readable cell: ``objective.name=arm,model.fusion=concat``."""
+    """Bundles become one readable cell: ``objective.name=aug,objective.check_every_epochs=1``."""
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
     return value

@@ -1,7 +1,7 @@
 """Search spaces: which recipe keys to search, how, over which seeds, with which scheduler.
 
 A search space names recipe keys (``objective.lam``), or bundles of them under an undotted
-label (``method: {grid: [{objective.name: arm, model.fusion: concat}, ...]}``), and never a
+label (``method: {grid: [{objective.name: aug, objective.check_every_epochs: 1}, ...]}``), and never a
 recipe, so any space can be
 combined with any recipe. ``validate_against`` checks the combination before Ray starts:
 every searched or fixed key must exist in the recipe (with the objective the trials will
@@ -107,7 +107,7 @@ class SearchSpace(_Strict):
         for key, dist in self.space.items():
             if "." not in key and not all(isinstance(v, dict) for v in dist.probe_values()):
                 raise ValueError(f"{key}: a key without a dot is a bundle; every value must map recipe keys to values "
-                                 "(e.g. {objective.name: arm, model.fusion: concat})")
+                                 "(e.g. {objective.name: aug, objective.check_every_epochs: 1})")
         return self
 
     def trial_count(self) -> int:
