@@ -117,12 +117,19 @@ def test_frozen_new_heads_never_hold_a_gradient(small_shards):
     recipe = validate_recipe(tree)
     manifest = read_manifest(small_shards)
     source = InMemorySource(recipe, manifest, torch.device("cpu"))
-    trainer = Trainer(recipe, manifest, ProcessGroup(), source, torch.device("cpu"))
+    checked = []
+
+    def after_each_step(epoch: int, step: int) -> None:  # the hook runs before each step: after the last one
+        added = [p for m in trainer.modalities for layer in trainer.model.heads[m][1:] for p in layer.parameters()]
+        assert all(p.grad is None and not p.requires_grad for p in added), (epoch, step)
+        checked.append(len(added))
+
+    trainer = Trainer(recipe, manifest, ProcessGroup(), source, torch.device("cpu"), on_step=after_each_step)
     for epoch in range(3):
         trainer.train_epoch(epoch)
         trainer.end_epoch(epoch)
     added = [layer for m in trainer.modalities for layer in trainer.model.heads[m][1:]]
-    assert added, "the test must cover an added head"
+    assert added and max(checked) > 0, "the test must cover steps with an added head"
     for layer in added:
         assert all(p.grad is None and not p.requires_grad for p in layer.parameters())
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
