@@ -472,8 +472,9 @@ def test_default_estimator_ranks_the_stronger_modality_first_after_joint_trainin
 
 def test_histogram_estimator_misranks_some_known_strength_inputs():
     """Why fixed_hist is not the default: g = u_s + u_w exactly, so given the other modality g is a
-    function of u_m and NCMI(u_m, g | w_m) measures the binned spread of u_m, not its share; the
-    interaction term NMI - NCMI turns negative for the stronger modality and can flip the order."""
+    function of u_m and NCMI(u_m, g | w_m) is the binned entropy of u_m, not its share; with the
+    official 2 bins the interaction term NMI - NCMI turns negative for the stronger modality and
+    can flip the order."""
     flipped = []
     for case in LOGIT_CASES:
         inputs, labels = known_strength_inputs(*case)

@@ -134,9 +134,10 @@ class ARM:
     - ``fixed_hist``: ``c_m = P_f NMI(u_m, g) + P_{-m} (NMI(u_m, g) - NCMI(u_m, g | w_m))``
       with a correct CMI; ``P_{-m}`` = mean confidence of the other modalities (the official
       cross pairing, P_v on the audio term). Not the default: ``g = u_m + w_m - b`` exactly,
-      so given ``w_m`` the fused logits are a function of ``u_m`` and the NCMI term measures
-      the binned spread of ``u_m`` rather than its share; with large logits the interaction
-      term turns negative for the stronger modality and the ranking flips (docs/objectives.md).
+      so given ``w_m`` the fused logits are a function of ``u_m`` and the NCMI term is the
+      binned entropy of ``u_m``, not its share. With the official 2 bins it grows with the
+      spread of ``u_m``, the interaction term turns negative for the stronger modality and the
+      ranking flips; with many bins it tends to 1 for all (docs/objectives.md).
     - ``official_hist``: the same with the official broken CMI (§2.7.3) and sign arithmetic.
 
     The scales are undone first because the official measures contributions on unscaled
