@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -60,14 +61,21 @@ def test_objective_with_a_fusion_it_cannot_use_fails_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_prepares_searches_and_reports(tmp_path):
-    done = _cli("demo", "--out", tmp_path / "demo", "--samples", "2")
+def test_demo_prepares_searches_and_reports_from_outside_the_checkout(tmp_path):
+    done = _cli("demo", "--out", "demo", "--samples", "2", cwd=tmp_path)  # the shipped recipe and space
     assert done.returncode == 0, done.stderr
     search = tmp_path / "demo" / "search"
     assert len(pd.read_parquet(search / "results.parquet")) == 4  # 2 draws x 2 seeds
     assert "val acc (mean ± std)" in done.stdout  # the leaderboard
-    assert f"report written to {search / 'report' / 'report.html'}" in done.stdout
+    assert f"report written to {Path('demo') / 'search' / 'report' / 'report.html'}" in done.stdout
     assert (search / "report" / "report.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing written beside --out
+
+
+def test_recipes_lists_the_shipped_recipes_and_spaces(tmp_path):
+    done = _cli("recipes", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "synthetic" in done.stdout and "quickstart" in done.stdout
 
 
 def test_avdigits_prepare_command(tmp_path):

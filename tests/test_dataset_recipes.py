@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 from mmbalance.config import check_against_data, load_recipe
 from mmbalance.data.convert import CONVERTERS, build_converter
-from mmbalance.data.manifest import Manifest, SplitInfo
+from mmbalance.data.manifest import Manifest, ShardFile, SplitInfo
 from mmbalance.engine.build import build_model
 
 TEXT_SETTINGS = {"tokenizer": str(REPO)}  # any existing directory: listing is never run here
@@ -22,8 +22,10 @@ TEXT_SETTINGS = {"tokenizer": str(REPO)}  # any existing directory: listing is n
 def _default_manifest(name: str) -> Manifest:
     converter = build_converter(name, TEXT_SETTINGS if CONVERTERS[name].text else {})
     modalities = {m: out.spec for m, out in converter.outputs().items()}
+    rows = 1000  # a dataset of a usable size: the check also compares split sizes with the batch
+    files = lambda s: [ShardFile(path=f"{s}/part-00000.parquet", rows=rows, sha256="0" * 64)]  # noqa: E731
     return Manifest(dataset=name, classes=["a", "b", "c"], modalities=modalities,
-                    splits={s: SplitInfo(rows=0, files=[]) for s in ("train", "val", "test")})
+                    splits={s: SplitInfo(rows=rows, files=files(s)) for s in ("train", "val", "test")})
 
 
 @pytest.mark.parametrize("name", sorted(CONVERTERS))

@@ -1,25 +1,28 @@
-"""The ``mmbalance`` command line: prepare | train | tune | eval | report | demo | submit.
+"""The ``mmbalance`` command line: prepare | train | tune | eval | report | demo | submit | recipes.
 
 Every command validates its whole configuration first and exits with status 2 and a
 message naming the bad key when something is wrong, before any data is read or written.
+Expected failures (``errors.py``) print one ``mmbalance <command>: error: ...`` message and
+exit 2; ``--debug`` or ``MMBALANCE_DEBUG=1`` adds the traceback. ``--overwrite`` replaces only
+what mmbalance wrote (``outputs.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from mmbalance import outputs, shipped
 from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, set_dotted
 from mmbalance.data.convert import CONVERTERS
 from mmbalance.data.convert.pipeline import ConversionError
-from mmbalance.data.corruptions import CorruptionError
 from mmbalance.data import storage
 from mmbalance.data.manifest import split_order
-from mmbalance.data.shards import ShardError, validate_shards
+from mmbalance.data.shards import validate_shards
+from mmbalance.errors import debug_requested, expected_message
 from mmbalance.jobs import add_submit_parser
 from mmbalance.reports.command import add_report_parser
 from mmbalance.tune.cluster import DoesNotFit
@@ -46,6 +49,7 @@ def _prepare_synthetic(args: argparse.Namespace) -> None:
         modalities[name] = base
     samples = {"train": args.samples, "val": args.val_samples, "test": args.test_samples}
     spec = SyntheticSpec.model_validate({"samples": samples, "classes": args.classes, "modalities": modalities, "seed": args.seed})
+    _check_shards_out(args.out, args.overwrite)
     manifest = prepare_synthetic(args.out, spec, overwrite=args.overwrite)
     _print_prepared(args.out, manifest)
 
@@ -60,8 +64,20 @@ def _floats(text: str, count: int, flag: str) -> list[float]:
 def _prepare_avdigits(args: argparse.Namespace) -> None:
     from mmbalance.data.avdigits import prepare_avdigits
 
+    _check_shards_out(args.out, args.overwrite, reads=[args.root])
     manifest = prepare_avdigits(args.root, args.out, val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
     _print_prepared(args.out, manifest)
+
+
+def _check_shards_out(out: str, overwrite: bool, reads: list[str] = ()) -> None:
+    """Before any decoding: an existing --out needs --overwrite and may hold nothing but shards,
+    and it must not be a directory the command reads from (or the working directory)."""
+    target = Path(out)
+    if not target.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    outputs.check_replaceable(target, outputs.shards_layout(target), reads)
 
 
 def _prepare_dataset(args: argparse.Namespace) -> None:
@@ -83,6 +99,7 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
     if storage.is_uri(args.out):
         raise ConfigError(f"--out {args.out}: conversion writes to a file system path (local or a shared volume); "
                           "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)")
+    _check_shards_out(args.out, args.overwrite, reads=[args.root])
     started_ray = args.engine == "ray" and _start_ray_for_prepare(args)
     try:
         manifest = convert(converter, args.root, args.out, engine=args.engine, skip_bad=args.skip_bad,
@@ -130,11 +147,12 @@ def _train(args: argparse.Namespace) -> dict:
         overrides.append(f"scaling.workers={args.workers}")
     if args.gpus_per_worker is not None:
         overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
-    recipe = load_recipe(args.recipe, overrides)
+    recipe_file = shipped.resolve("recipe", args.recipe)
+    recipe = load_recipe(recipe_file, overrides)
     manifest = validate_shards(recipe.data.path)  # a bad shard stops the run here, before any worker starts
     check_against_data(recipe, manifest)
-    output = Path(args.output or Path("runs") / Path(args.recipe).stem)
-    _prepare_output(output, resume=args.resume, overwrite=args.overwrite)
+    output = Path(args.output or Path("runs") / recipe_file.stem)
+    _prepare_output(output, resume=args.resume, overwrite=args.overwrite, reads=_local_paths(recipe.data.path))
     use_ray = args.workers is not None or recipe.scaling.workers > 1
     started = time.perf_counter()
     if use_ray:
@@ -158,16 +176,23 @@ def _add_tracking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb-entity", help="W&B team or user (default: tracking.entity)")
 
 
-def _prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+def _prepare_output(output: Path, *, resume: bool, overwrite: bool, reads: list[str]) -> None:
+    """Resume needs a checkpoint; a finished run needs --resume or --overwrite; --overwrite removes
+    only what a run writes (Ray's run state included, which would otherwise be restored)."""
     holds_run = (output / "metrics.jsonl").exists() or (output / "config.yaml").exists()
     if resume:
         if not (output / "checkpoints" / "latest").is_dir():
             raise ConfigError(f"--resume: {output} has no checkpoints/latest to resume from")
-        return
-    if holds_run and not overwrite:
+    elif holds_run and not overwrite:
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if holds_run:
-        shutil.rmtree(output)  # also drops Ray's run state, which would otherwise be restored
+    elif overwrite and output.exists():
+        outputs.clear(output, outputs.RUN, reads)
+    outputs.claim(output, outputs.RUN)
+
+
+def _local_paths(*paths: str) -> list[str]:
+    """The local file system paths among ``paths`` (object-store URIs cannot hold an output)."""
+    return [p for p in paths if not storage.is_uri(p)]
 
 
 def _train_on_ray(recipe, manifest, output: Path, args: argparse.Namespace) -> dict:
@@ -195,26 +220,26 @@ def _print_result(result: dict, output: Path, seconds: float) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    """``prepare synthetic`` + ``tune`` + ``report`` with the shipped quickstart files, from any directory."""
     from mmbalance.data.synthetic import prepare_synthetic
 
     root = Path(args.out)
-    for needed in (args.recipe, args.space):
-        if not Path(needed).is_file():
-            raise ConfigError(f"{needed} not found; run `mmbalance demo` from the repository root or pass --recipe/--space")
+    recipe, space = shipped.resolve("recipe", args.recipe), shipped.resolve("search space", args.space)
     shards = root / "shards" / "synthetic"
+    _check_shards_out(str(shards), overwrite=True)
     print(f"[1/3] preparing the synthetic dataset in {shards}")
     _print_prepared(str(shards), prepare_synthetic(shards, overwrite=True))
-    print(f"[2/3] searching {args.space} on it (Ray Tune, ASHA)")
-    tune_args = argparse.Namespace(space=args.space, recipe=args.recipe, set=[f"data.path={shards}", *args.set],
+    print(f"[2/3] searching {space} on it (Ray Tune, ASHA)")
+    tune_args = argparse.Namespace(space=str(space), recipe=str(recipe), set=[f"data.path={shards}", *args.set],
                                    samples=args.samples, max_concurrent=None, workers=None, gpus_per_worker=None,
                                    output=str(root / "search"),
                                    storage=None, resume=False, overwrite=True, address=None, wandb=None,
-                                   wandb_project=None, wandb_entity=None)
+                                   wandb_project=None, wandb_entity=None, verbose=args.verbose)
     _tune(tune_args)
-    from mmbalance.reports.render import build_report
+    from mmbalance.reports.command import write_report
 
     print("[3/3] writing the experiment report")
-    print(f"report written to {build_report(root / 'search')}")
+    print(f"report written to {write_report(root / 'search')}")
 
 
 IMAGE_LIKE = ("image", "visual", "video", "frames", "rgb")
@@ -271,23 +296,30 @@ def _tune(args: argparse.Namespace) -> None:
     from mmbalance.tune.search import run_search
     from mmbalance.tune.space import load_space
 
-    space = load_space(args.space)
+    space_file = shipped.resolve("search space", args.space)
+    space = load_space(space_file)
     updates = {k: v for k, v in {"samples": args.samples, "max_concurrent": args.max_concurrent,
                                  "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}.items() if v is not None}
     space = space.model_validate({**space.model_dump(), **updates})
-    base = load_recipe_dict(args.recipe, [*args.set, *_tracking_overrides(args)])
-    output = Path(args.output or Path("runs") / f"tune-{Path(args.space).stem}")
-    if not args.resume and ((output / "results.parquet").exists() or (output / "tune").exists()):
-        if not args.overwrite:
-            raise ConfigError(f"{output} already holds a search; pass --resume to finish it or --overwrite to replace it")
-        shutil.rmtree(output)
-    print(f"search {args.space}: {space.trial_count()} trials, scheduler {space.scheduler.name}, "
+    base = load_recipe_dict(shipped.resolve("recipe", args.recipe), [*args.set, *_tracking_overrides(args)])
+    output = Path(args.output or Path("runs") / f"tune-{space_file.stem}")
+    holds_search = (output / "results.parquet").exists() or (output / "tune").exists()
+    if not args.resume and holds_search and not args.overwrite:
+        raise ConfigError(f"{output} already holds a search; pass --resume to finish it or --overwrite to replace it")
+    if not args.resume and args.overwrite and output.exists():
+        data = (base.get("data") or {}).get("path")
+        outputs.clear(output, outputs.SEARCH, _local_paths(data) if isinstance(data, str) else [])
+    outputs.claim(output, outputs.SEARCH)
+    print(f"search {space_file}: {space.trial_count()} trials, scheduler {space.scheduler.name}, "
           f"up to {space.max_concurrent} at once, {space.workers or 'in-process'} worker(s) per trial -> {output}")
-    frame = run_search(space, base, output, resume=args.resume, storage=args.storage, address=args.address)
+    frame = run_search(space, base, output, resume=args.resume, storage=args.storage, address=args.address,
+                       **_verbosity(args))
     keys = [k for k in space.space]
     stopped = int((frame["stop_reason"] == "stopped_early").sum())
-    print(f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name}); results: {output / 'results.parquet'}")
+    print(f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name})")
     print(format_leaderboard(leaderboard(frame, keys), keys))
+    print(f"\nresults: {output / 'results.parquet'} (also .csv, .json); trial runs: {output / 'trials'}/<trial id>; "
+          f"make the report with: mmbalance report {output}")
 
 
 def _add_dataset_parser(prep_sub, name: str, entry) -> None:
@@ -295,8 +327,8 @@ def _add_dataset_parser(prep_sub, name: str, entry) -> None:
                              description=f"{entry.help}. Expected raw tree and every setting: docs/datasets.md.")
     ds.add_argument("--root", required=True, help="the dataset folder, in the layout it is distributed in")
     ds.add_argument("--out", required=True, help="shard directory to create (on shared storage for a multi-node cluster)")
-    ds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="preprocessing setting, repeatable, e.g. frames=3, image.crop=112, audio.clip_seconds=3")
+    ds.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="preprocessing settings, several after one --set or repeated, e.g. frames=3 image.crop=112")
     if entry.text:
         ds.add_argument("--tokenizer", help="local transformers tokenizer directory (e.g. a saved bert-base-uncased)")
     ds.add_argument("--skip-bad", action="store_true", help="leave out samples whose files are missing or corrupt "
@@ -340,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_dataset_parser(prep_sub, name, entry)
 
     train = sub.add_parser("train", help="train one recipe (in-process, or data-parallel on Ray with --workers)")
-    train.add_argument("--recipe", required=True, help="recipe YAML (trainables/*.yaml)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    train.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe's name (mmbalance recipes)")
+    train.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="dotted overrides, several after one --set (--set a=1 b=2) or repeated")
     train.add_argument("--output", help="run directory (default runs/<recipe name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
@@ -356,9 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     tune = sub.add_parser("tune", help="search recipe keys with Ray Tune (ASHA or grids, seeds), then score every trial")
-    tune.add_argument("space", help="search space YAML (search_spaces/*.yaml)")
-    tune.add_argument("--recipe", required=True, help="recipe YAML (trainables/*.yaml)")
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted recipe override")
+    tune.add_argument("space", help="search space YAML, or a shipped space's name (mmbalance recipes)")
+    tune.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe's name (mmbalance recipes)")
+    tune.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="dotted recipe overrides, several after one --set or repeated")
     tune.add_argument("--samples", type=int, help="random draws (overrides the space's samples)")
     tune.add_argument("--max-concurrent", type=int, help="trials running at once")
     tune.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
@@ -368,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="finish an interrupted search without re-running finished trials")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing search in --output")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
+    tune.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
     _add_tracking_flags(tune)
     tune.set_defaults(func=_tune)
 
@@ -384,29 +419,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prepare the synthetic dataset and run the quickstart search on it (the README's first command)")
     demo.add_argument("--out", default="demo", help="directory for shards and the search (default ./demo)")
-    demo.add_argument("--recipe", default=str(DEFAULT_RECIPE))
-    demo.add_argument("--space", default=str(DEFAULT_SPACE))
+    demo.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="a recipe file or a shipped recipe's name")
+    demo.add_argument("--space", default=str(DEFAULT_SPACE), help="a search-space file or a shipped space's name")
     demo.add_argument("--samples", type=int, help="random draws of the quickstart space (default: the space's)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="dotted recipe overrides, several after one --set or repeated")
+    demo.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
     demo.set_defaults(func=_demo)
+    recipes = sub.add_parser("recipes", help="list the recipes and search spaces shipped with mmbalance")
+    recipes.set_defaults(func=_recipes)
     add_submit_parser(sub)
     add_report_parser(sub)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every command and sub-command, wherever the user types it."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also MMBALANCE_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child)
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    for kind in shipped.FOLDERS:
+        files = shipped.shipped(kind)
+        where = shipped.shipped_dir(kind)
+        print(f"{kind}s ({where}):" if files else f"{kind}s: none shipped with this installation")
+        width = max((len(name) for name in files), default=0)
+        for name, path in files.items():
+            print(f"  {name.ljust(width)}  {shipped.purpose(path)}")
+
+
+def _verbosity(args: argparse.Namespace) -> dict:
+    return {"verbose": bool(getattr(args, "verbose", False))}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ConversionError, CorruptionError, ShardError, FileExistsError, FileNotFoundError, DoesNotFit) as err:
-        print(f"mmbalance {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"mmbalance {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        sys.stderr.close()
+        return 0
     except SearchInterrupted as err:
         print(f"mmbalance {args.command}: interrupted: {err}", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the one boundary: expected failures become a message
+        message = expected_message(err, extra=(ConversionError, DoesNotFit))
+        if message is None or debug_requested(getattr(args, "debug", False)):
+            raise
+        print(f"mmbalance {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

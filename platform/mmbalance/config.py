@@ -290,13 +290,30 @@ def check_against_data(recipe: Recipe, manifest: Any) -> None:
         if sweep.modality not in recipe.modalities:
             problems.append(f"eval.corruptions.{i}.modality: {sweep.modality!r} is not a recipe modality; "
                             f"allowed: {sorted(recipe.modalities)}")
+        elif sweep.modality in manifest.modalities:
+            problems += _dtype_problems(f"eval.corruptions.{i}", sweep.spec(sweep.levels[0]),
+                                        manifest.modalities[sweep.modality].dtype)
     problems += _train_corruption_problems(recipe, manifest)
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(recipe.data, key)
         if split not in manifest.splits:
             problems.append(f"data.{key}: split {split!r} not in the data; allowed: {sorted(manifest.splits)}")
+        elif manifest.splits[split].rows == 0:
+            problems.append(f"data.{key}: split {split!r} has no rows")
+    problems += _split_size_problems(recipe, manifest)
     if problems:
         raise ConfigError("recipe does not match its data:\n  " + "\n  ".join(problems))
+
+
+def _split_size_problems(recipe: Recipe, manifest: Any) -> list[str]:
+    """Training drops a partial last batch (every step, on every rank, is a full global batch), so a
+    train split smaller than one batch would run no step at all."""
+    split = manifest.splits.get(recipe.data.train_split)
+    batch = recipe.schedule.batch_size
+    if split is None or split.rows == 0 or split.rows >= batch:
+        return []
+    return [f"data.train_split: split {recipe.data.train_split!r} has {split.rows} rows, fewer than "
+            f"schedule.batch_size={batch}, so no training step would run; set schedule.batch_size to at most {split.rows}"]
 
 
 def _train_corruption_problems(recipe: Recipe, manifest: Any) -> list[str]:
@@ -315,3 +332,14 @@ def _train_corruption_problems(recipe: Recipe, manifest: Any) -> list[str]:
             problems.append(f"{key}.name: {item.name} cannot corrupt {item.modality!r} of dtype {dtype}; "
                             f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
     return problems
+
+
+def _dtype_problems(key: str, spec: Any, dtype: str) -> list[str]:
+    """An ``eval.corruptions`` item's corruption against its modality's manifest dtype (e.g.
+    ``feature_noise`` takes floats only), so a sweep that cannot run fails before training."""
+    from mmbalance.data.corruptions import accepts_dtype
+
+    if accepts_dtype(spec, dtype):
+        return []
+    return [f"{key}.name: {spec.name} cannot corrupt {spec.modality!r} of dtype {dtype}; "
+            f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)"]

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmbalance import outputs
 from mmbalance.data.convert.base import MAX_LISTED, listing_text
 from mmbalance.data.convert.media import fit_length
 from mmbalance.data.manifest import Manifest, ModalitySpec
@@ -78,6 +79,8 @@ def prepare_avdigits(
     root, out = Path(root), Path(out)
     if out.exists() and not overwrite:  # fail before the decoding work; write_shards checks again
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists():
+        outputs.check_replaceable(out, outputs.shards_layout(out), reads=[root])
     rows = _read_pairs(root)
     _check_files_exist(root, [root / r["audio_file"] for r in rows] + [root / IMAGES_FILE, root / LABELS_FILE])
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmbalance.data import storage
 
@@ -126,6 +126,11 @@ class Manifest(_Strict):
         path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
 
 
+class ManifestError(ValueError):
+    """``manifest.json`` is not valid JSON or not a valid manifest; the message names the file and
+    the line and column, or every bad key."""
+
+
 def read_manifest(shard_dir: str | Path) -> Manifest:
     """Read ``manifest.json`` from a local directory or a URI (``s3://bucket/shards``)."""
     path = storage.join(shard_dir, MANIFEST_NAME)
@@ -134,6 +139,13 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
     with storage.open_input(path) as handle:
         text = handle.read().decode()
     try:
-        return Manifest.model_validate_json(text)
-    except ValueError as err:
-        raise ValueError(f"{path}: invalid manifest: {err}") from err
+        tree = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    try:
+        return Manifest.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        raise ManifestError(f"{path}: invalid manifest ({problems}); rewrite it with `mmbalance prepare` or fix "
+                            "those keys (docs/data-format.md)") from None

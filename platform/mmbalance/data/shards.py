@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmbalance import outputs
 from mmbalance.data import storage
 from mmbalance.data.manifest import MANIFEST_NAME, Manifest, ModalitySpec, ShardFile, SplitInfo, read_manifest
 
@@ -155,8 +156,13 @@ def write_split_tables(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists():  # replacing removes the old directory: it may hold nothing but shards
+        outputs.check_replaceable(out, outputs.shards_layout(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:  # name the directory the user asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(out)) from err
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
     schema = arrow_schema(modalities)
     try:

@@ -25,15 +25,31 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_report(args: argparse.Namespace) -> Path:
-    from mmbalance.reports.render import build_report
-
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None
-    out = Path(args.out) if args.out else Path(args.experiment_dir) / "report"
+    out = report_dir(args.experiment_dir, args.out)
     if args.wandb:
         _wandb_report(args, out, group_by)
-    html = build_report(args.experiment_dir, out, group_by)
+    html = write_report(args.experiment_dir, out, group_by)
     print(f"report written to {html}")
     return html
+
+
+def report_dir(experiment_dir: str | Path, out: str | Path | None) -> Path:
+    """``--out``, or EXPERIMENT_DIR/report; checked before anything is written: a report replaces
+    its own files only, so the directory may hold nothing else, and it never goes into the
+    working directory, a home directory or a directory holding the experiment."""
+    from mmbalance import outputs
+
+    target = Path(out) if out else Path(experiment_dir) / "report"
+    outputs.check_replaceable(target, outputs.REPORT, reads=[experiment_dir])
+    return outputs.claim(target, outputs.REPORT)
+
+
+def write_report(experiment_dir: str | Path, out: str | Path | None = None, group_by: list[str] | None = None) -> Path:
+    """The HTML/Markdown report of an experiment, in a checked report directory."""
+    from mmbalance.reports.render import build_report
+
+    return build_report(experiment_dir, report_dir(experiment_dir, out), group_by)
 
 
 def _wandb_report(args: argparse.Namespace, out: Path, group_by: list[str] | None) -> None:

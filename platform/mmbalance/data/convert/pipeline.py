@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmbalance import outputs
 from mmbalance.data.convert.base import BadInput, Converter, Listing, RawSample, listing_text, missing_files
 from mmbalance.data.manifest import Manifest, ModalitySpec, Normalization, split_order
 from mmbalance.data.shards import rows_per_file_for, rows_table, write_split_tables
@@ -64,6 +65,8 @@ def convert(
     root, out = Path(root), Path(out)
     if out.exists() and not overwrite:  # before any listing or decoding
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists():  # and never replace foreign files or the raw data itself
+        outputs.check_replaceable(out, outputs.shards_layout(out), reads=[root])
     listing = converter.list_samples(root)
     absent = missing_files(listing.samples)
     missing = [f"{path} (sample {sid})" for sid, paths in absent.items() for path in paths]
