@@ -23,6 +23,7 @@ from conftest import recipe_dict
 
 CPU = torch.device("cpu")
 SNR = {"modality": "audio", "name": "audio_snr", "level": 5, "p": 0.5}
+NOISE = {"modality": "visual", "name": "feature_noise", "level": 1.0, "p": 0.5}  # in train-std units
 
 
 def _recipe(shards, *corruptions, **sections):
@@ -60,6 +61,8 @@ def _audio_by_id(source, epoch, batch_size) -> dict[str, np.ndarray]:
     ({"modality": "audio", "name": "salt_pepper", "level": 150}, "salt_pepper level must be in [0, 100], got 150"),
     ({"modality": "audio", "name": "gaussian", "level": -1}, "level: Input should be greater than or equal to 0"),
     ({"modality": "audio", "name": "missing", "level": 0.5}, "missing level must be 0 (keep) or 1 (drop)"),
+    ({"modality": "audio", "name": "feature_noise", "level": -0.5}, "level: Input should be greater than or equal to 0"),
+    ({"modality": "audio", "name": "feature_noise", "level": 1, "params": {"std": [-1]}}, "std must be finite and >= 0"),
 ])
 def test_bad_name_or_level_fails_recipe_validation_naming_the_key(small_shards, item, message):
     with pytest.raises(ConfigError) as info:
@@ -181,7 +184,7 @@ def test_run_with_train_corruption_is_reproducible_and_differs_from_clean(tmp_pa
 
 def test_resumed_run_with_train_corruption_equals_uninterrupted_run(tmp_path, small_shards):
     tree = recipe_dict(small_shards)
-    tree["data"]["train_corruptions"] = [SNR, {"modality": "visual", "name": "missing", "level": 1, "p": 0.2}]
+    tree["data"]["train_corruptions"] = [SNR, {"modality": "visual", "name": "missing", "level": 1, "p": 0.2}, NOISE]
     full_result, full = _run(tmp_path, "full", tree)
     _run(tmp_path, "part", dict(tree, schedule={"epochs": 2, "batch_size": 32}))
     resumed_result, resumed = _run(tmp_path, "part", tree, resume=True)
@@ -216,3 +219,61 @@ def test_ray_data_train_shard_gets_the_in_process_noise_per_sample(ray_cluster, 
             seen.append(i)
     assert sorted(seen) == list(range(len(split)))
     assert 0.35 * len(split) < hit < 0.65 * len(split)
+
+
+def test_feature_noise_changes_only_the_training_batches_by_level_times_train_std(small_shards):
+    from mmbalance.data.corruptions import sample_rng
+    from mmbalance.data.shards import feature_std
+
+    manifest = read_manifest(small_shards)
+    clean, noisy = _source(small_shards), _source(small_shards, NOISE)
+    train_std = feature_std(small_shards, manifest, "train", "visual")
+    assert noisy.corruptor.specs[0].std == train_std.ravel().tolist()  # resolved from the train split
+    assert not np.allclose(train_std, feature_std(small_shards, manifest, "val", "visual"))
+    ids = []
+    real = noisy.corruptor.apply
+    noisy.corruptor.apply = lambda batch, sample_ids, epoch: ids.extend(sample_ids) or real(batch, sample_ids, epoch)
+    hit, rows = [], 0
+    for (c, c_labels), (n, n_labels) in zip(_train(clean, 2), _train(noisy, 2)):
+        np.testing.assert_array_equal(n_labels, c_labels)
+        np.testing.assert_array_equal(n["audio"], c["audio"])
+        for clean_row, noisy_row in zip(c["visual"], n["visual"]):
+            sample_id = ids[rows]
+            rows += 1
+            if np.array_equal(clean_row, noisy_row):
+                continue
+            hit.append(sample_id)
+            rng = sample_rng(epoch_seed(noisy.corruptor.seed, 2), noisy.corruptor.specs[0], sample_id)
+            rng.random()
+            expected = clean_row.astype(np.float64) + 1.0 * train_std * rng.standard_normal(clean_row.shape)
+            np.testing.assert_array_equal(noisy_row, expected.astype(np.float32))
+    assert rows == 512 and 0.35 < len(hit) / rows < 0.65
+    for key in ("val", "test"):  # evaluation batches stay clean
+        for (batch, _), (ref, _) in zip(noisy.eval_batches(key, 64), clean.eval_batches(key, 64)):
+            assert all(torch.equal(batch[m], ref[m]) for m in ("audio", "visual"))
+
+
+def test_run_with_train_feature_noise_trains_and_differs_from_clean(tmp_path, small_shards):
+    noisy = recipe_dict(small_shards)
+    noisy["data"]["train_corruptions"] = [NOISE]
+    _, clean = _run(tmp_path, "clean", recipe_dict(small_shards))
+    _, first = _run(tmp_path, "noisy", noisy)
+    assert [m["train/loss_total"] for m in first] != [m["train/loss_total"] for m in clean]
+    assert first[-1]["train/loss_total"] < first[0]["train/loss_total"]  # it still trains
+
+
+def test_ray_collate_with_feature_noise_matches_the_in_process_noise(small_shards):
+    recipe = _recipe(small_shards, NOISE)
+    manifest = read_manifest(small_shards)
+    modalities = ["audio", "visual"]
+    table = pq.read_table(small_shards / manifest.splits["train"].files[0].path, columns=["label", "sample_id", *modalities])
+    table = table.take(np.random.default_rng(1).permutation(table.num_rows)[:40])
+    decoded = decode_batch(table, {m: manifest.modalities[m].shape for m in modalities},
+                           {m: manifest.modalities[m].dtype for m in modalities})
+    worker = TrainCorruptor.from_recipe(recipe, manifest)  # what RayShardSource builds on each worker
+    tensors = collate_train_batch(decoded, worker, 3, modalities)
+    split = load_split(small_shards, manifest, "train", modalities)
+    expected = InMemorySource(recipe, manifest, CPU).corruptor.apply(split.modalities, split.sample_ids, 3)
+    rows = [split.sample_ids.index(s) for s in decoded["sample_id"]]
+    np.testing.assert_array_equal(tensors["visual"].numpy(), expected["visual"][rows])
+    assert not np.array_equal(tensors["visual"].numpy(), split.modalities["visual"][rows])

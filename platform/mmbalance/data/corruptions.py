@@ -30,6 +30,15 @@ Level -> parameter (level 0 is the exact identity for every corruption):
   On log-mel spectrograms this acts in the feature domain, not on the waveform.
   Level 0 means clean (the shared "level 0 = identity" rule), so 0 dB SNR is not expressible;
   silent samples (power 0) are left unchanged.
+- ``feature_noise`` (float features: tabular data, embeddings, spectrograms, any standardised
+  input): with probability ``p`` per sample add ``level · std · N(0, 1)`` per element, where ``std``
+  is the TRAIN split's population standard deviation of that element (one per element of the
+  per-sample shape, computed from the shards by ``for_data`` / ``shards.feature_std``; never from
+  val or test), so level 1 is one train-std of noise per feature. No clipping. A feature with train
+  std 0 gets no noise. The manifest's ``normalize`` statistics are not used: they may be
+  constants from elsewhere (ImageNet) and are per channel. A spec whose ``std`` was never filled
+  in is refused with a ``CorruptionError`` (``params.std``, with ``std_axis`` for one value per
+  channel, gives it explicitly).
 - ``missing`` (any modality, level 0 or 1): level 1 replaces the whole input of the sample
   with probability ``p`` (default 1.0) by ``fill``: zeros (pad ids for text), or, for a modality
   the model normalises, the normalisation mean (``for_modality``), so the encoder sees zeros.
@@ -67,6 +76,12 @@ class CorruptionSpec(BaseModel):
             raise ValueError(f"{self.name} level must be in [0, {self.max_level:g}], got {self.level:g}")
         return self
 
+    def bind(self, sample_shape: tuple[int, ...]) -> Any:
+        """The third argument of this corruption's per-sample function, built once per batch: the
+        spec itself, or (``feature_noise``) its data-derived parameters as arrays checked against
+        ``sample_shape``. Raises ``CorruptionError`` when they are missing or do not fit."""
+        return self
+
 
 class GaussianSpec(CorruptionSpec):
     name: Literal["gaussian"] = "gaussian"
@@ -94,6 +109,49 @@ class WordReplaceSpec(CorruptionSpec):
 class AudioSNRSpec(CorruptionSpec):
     name: Literal["audio_snr"] = "audio_snr"
     accepts: ClassVar[tuple[str, ...]] = ("f",)
+
+
+class FeatureNoiseSpec(CorruptionSpec):
+    name: Literal["feature_noise"] = "feature_noise"
+    accepts: ClassVar[tuple[str, ...]] = ("f",)
+    std: list[float] | None = Field(None, min_length=1, description="the train split's std per feature: one per "
+                                    "element of the per-sample shape (row-major), one per channel along std_axis, or "
+                                    "one for all; null until for_data fills it in from the train split")
+    std_axis: int | None = Field(None, description="axis of the per-sample shape that std runs along (needs std)")
+
+    @model_validator(mode="after")
+    def _valid_std(self) -> "FeatureNoiseSpec":
+        if self.std is None:
+            if self.std_axis is not None:
+                raise ValueError("feature_noise std_axis needs std")
+        elif not all(math.isfinite(s) and s >= 0 for s in self.std):
+            raise ValueError("feature_noise std must be finite and >= 0")
+        return self
+
+    def bind(self, sample_shape: tuple[int, ...]) -> np.ndarray:
+        """``level · std``, shaped to broadcast over one sample."""
+        if self.std is None:
+            raise CorruptionError(
+                f"feature_noise on {self.modality!r} has no std: it is the train split's, filled in from the shards "
+                "by corruptions.for_data (eval.corruptions, data.train_corruptions and `mmbalance eval` do this); "
+                "give it explicitly as params.std")
+        std = np.asarray(self.std, dtype=np.float64)
+        shape = tuple(sample_shape)
+        if self.std_axis is not None:
+            if not -len(shape) <= self.std_axis < len(shape) or shape[self.std_axis] != std.size:
+                raise CorruptionError(f"feature_noise on {self.modality!r}: {std.size} std values along axis "
+                                      f"{self.std_axis} do not fit samples of shape {shape}")
+            view = [1] * len(shape)
+            view[self.std_axis] = std.size
+            std = std.reshape(view)
+        elif std.size == 1:
+            std = std.reshape(())
+        elif std.size == math.prod(shape):
+            std = std.reshape(shape)
+        else:
+            raise CorruptionError(f"feature_noise on {self.modality!r}: {std.size} std values do not fit samples of "
+                                  f"shape {shape} (one per element, {math.prod(shape)}, or set std_axis)")
+        return self.level * std
 
 
 class MissingSpec(CorruptionSpec):
@@ -173,6 +231,13 @@ def _audio_snr(x: np.ndarray, rng: np.random.Generator, spec: AudioSNRSpec) -> n
     return (signal + noise).astype(x.dtype)
 
 
+def _feature_noise(x: np.ndarray, rng: np.random.Generator, scale: np.ndarray) -> np.ndarray:
+    # scale = level · train std (FeatureNoiseSpec.bind); exactly 0 noise where the std is 0. No clip.
+    noise = rng.standard_normal(x.shape)  # float64 [*shape]
+    noise *= scale
+    return (x.astype(np.float64) + noise).astype(x.dtype)
+
+
 def _missing(x: np.ndarray, rng: np.random.Generator, spec: MissingSpec) -> np.ndarray:
     if spec.fill is None:
         return np.zeros_like(x)
@@ -194,12 +259,46 @@ def neutral_fill(modality: Any) -> dict[str, Any]:
     return {} if norm is None else {"fill": list(norm.mean), "fill_axis": norm.axis}
 
 
-def for_modality(spec: "CorruptionSpec", modality: Any) -> "CorruptionSpec":
+def for_modality(spec: "CorruptionSpec", modality: Any,
+                 train_std: "Callable[[], np.ndarray] | np.ndarray | None" = None) -> "CorruptionSpec":
     """``spec`` adapted to the data it corrupts: a ``missing`` without an explicit fill gets
-    ``neutral_fill(modality)``; every other corruption is returned unchanged."""
+    ``neutral_fill(modality)``; a ``feature_noise`` without an explicit std gets ``train_std``
+    (the train split's std per element of the per-sample shape, or a function returning it, called
+    only then), and stays unresolved without one; every other corruption is returned unchanged."""
     if isinstance(spec, MissingSpec) and spec.fill is None:
         return spec.model_copy(update=neutral_fill(modality))
+    if isinstance(spec, FeatureNoiseSpec) and spec.std is None and train_std is not None:
+        std = np.asarray(train_std() if callable(train_std) else train_std, dtype=np.float64)
+        shape = tuple(getattr(modality, "shape", std.shape))
+        if std.shape != shape:
+            raise CorruptionError(f"feature_noise on {spec.modality!r}: train std of shape {std.shape} for samples "
+                                  f"of shape {shape}")
+        return spec.model_copy(update={"std": std.ravel().tolist()})
     return spec
+
+
+def for_data(specs: Sequence["CorruptionSpec"], shard_dir: Any, manifest: Any, train_split: str,
+             cache: dict[str, np.ndarray] | None = None) -> list["CorruptionSpec"]:
+    """``for_modality`` of each spec on the shards at ``shard_dir``: ``feature_noise``'s std is the
+    ``train_split``'s (``shards.feature_std``, read only when a spec needs it, and at most once per
+    modality; ``cache``, modality -> std, shares that across calls). Pass the recipe's
+    ``data.train_split``, never val or test."""
+    from mmbalance.data.shards import feature_std
+
+    memo = {} if cache is None else cache
+
+    def std_of(modality: str) -> np.ndarray:
+        if modality not in memo:
+            memo[modality] = feature_std(shard_dir, manifest, train_split, modality)
+        return memo[modality]
+
+    out = []
+    for spec in specs:
+        if spec.modality not in manifest.modalities:
+            raise CorruptionError(f"{spec.name}: modality {spec.modality!r} is not in the data at {shard_dir}; "
+                                  f"allowed: {sorted(manifest.modalities)}")
+        out.append(for_modality(spec, manifest.modalities[spec.modality], lambda m=spec.modality: std_of(m)))
+    return out
 
 
 CORRUPTIONS: dict[str, tuple[type[CorruptionSpec], SampleFn]] = {
@@ -208,6 +307,7 @@ CORRUPTIONS: dict[str, tuple[type[CorruptionSpec], SampleFn]] = {
     "word_replace": (WordReplaceSpec, _word_replace),
     "audio_snr": (AudioSNRSpec, _audio_snr),
     "missing": (MissingSpec, _missing),
+    "feature_noise": (FeatureNoiseSpec, _feature_noise),
 }
 
 AnyCorruption = Annotated[Union[tuple(spec for spec, _ in CORRUPTIONS.values())], Field(discriminator="name")]
@@ -321,6 +421,7 @@ def apply_corruption(arrays: dict[str, np.ndarray], sample_ids: Sequence[Any],
     out = dict(arrays)
     for spec in plan.corruptions:
         x = _checked_input(out, spec, len(ids))
+        bound = spec.bind(x.shape[1:])  # at every level, so an unresolved spec fails even at level 0
         y = x.copy()
         if spec.level > 0 and spec.p > 0:
             corrupt = CORRUPTIONS[spec.name][1]
@@ -329,7 +430,7 @@ def apply_corruption(arrays: dict[str, np.ndarray], sample_ids: Sequence[Any],
                 # The selection draw comes first and is always made: the noise of a sample does
                 # not depend on p, and raising p only adds corrupted samples.
                 if rng.random() < spec.p:
-                    y[i] = corrupt(x[i], rng, spec)
+                    y[i] = corrupt(x[i], rng, bound)
         out[spec.modality] = y
     return out
 

@@ -284,3 +284,42 @@ def load_split(shard_dir: str | Path, manifest: Manifest, split: str, columns: l
     arrays = {m: column_tensor(table, m, manifest.modalities[m].dtype, manifest.modalities[m].shape) for m in mods}
     return SplitArrays(sample_ids=table.column("sample_id").to_pylist(),
                        labels=table.column("label").to_numpy().astype(np.int64), modalities=arrays)
+
+
+def feature_std(shard_dir: str | Path, manifest: Manifest, split: str, modality: str) -> np.ndarray:
+    """Population standard deviation (ddof 0) of every element of ``modality``'s per-sample shape
+    over ``split``: float64 ``[*shape]``, exactly 0 where the element is constant over the split.
+
+    ``feature_noise``'s scale (``corruptions.for_data``, which passes the recipe's train split).
+    Reads one file and one column at a time, combined in the manifest's file order (Chan et al.'s
+    pairwise update of mean and squared deviations), so every process computes the same bits."""
+    if split not in manifest.splits:
+        raise KeyError(f"split {split!r} not in {shard_dir} (has {sorted(manifest.splits)})")
+    spec = manifest.modalities[modality]
+    fs, root = storage.resolve(shard_dir)
+    count, mean, m2, lo, hi = 0, None, None, None, None
+    for entry in manifest.splits[split].files:
+        table = pq.read_table(storage.join(root, entry.path), columns=[modality], filesystem=fs)
+        if table.num_rows == 0:
+            continue
+        x = column_tensor(table, modality, spec.dtype, spec.shape).astype(np.float64)  # [n, *shape]
+        n = x.shape[0]
+        part_mean = x.mean(axis=0)
+        part_m2 = np.square(x - part_mean).sum(axis=0)
+        part_lo, part_hi = x.min(axis=0), x.max(axis=0)
+        if count == 0:
+            count, mean, m2, lo, hi = n, part_mean, part_m2, part_lo, part_hi
+            continue
+        total = count + n
+        delta = part_mean - mean
+        mean = mean + delta * (n / total)
+        m2 = m2 + part_m2 + np.square(delta) * (count * n / total)
+        lo, hi = np.minimum(lo, part_lo), np.maximum(hi, part_hi)
+        count = total
+    if count == 0:
+        raise ShardError(f"{shard_dir}: split {split!r} has no rows to compute the std of {modality!r} from")
+    std = np.sqrt(m2 / count)
+    # float32 values sum exactly in float64 (below 2**29 rows), so a constant feature already gets
+    # exactly 0; this keeps it so should a wider dtype ever leave a rounding residue.
+    std[lo == hi] = 0.0
+    return std

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmbalance.data.corruptions import CorruptionPlan, CorruptionSpec, apply_corruption, for_modality
+from mmbalance.data.corruptions import CorruptionPlan, CorruptionSpec, apply_corruption, for_data
 from mmbalance.engine.batches import epoch_seed
 
 
@@ -29,13 +29,17 @@ class TrainCorruptor:
     @classmethod
     def from_recipe(cls, recipe: Any, manifest: Any = None) -> "TrainCorruptor | None":
         """None when the recipe corrupts nothing, so the clean path stays exactly as it was.
-        With the manifest, ``missing`` fills the modality's normalisation mean (``for_modality``)."""
+        With the manifest, specs are adapted to the data (``corruptions.for_data``): ``missing``
+        fills the modality's normalisation mean, ``feature_noise`` gets the per-feature std of
+        ``data.train_split``, read from the shards once here (on every Ray worker alike: the
+        same files in the same order give the same bits). Without it, a ``feature_noise``
+        without an explicit std fails when applied."""
         items = recipe.data.train_corruptions
         if not items:
             return None
         specs = [item.spec() for item in items]
         if manifest is not None:
-            specs = [for_modality(spec, manifest.modalities[spec.modality]) for spec in specs]
+            specs = for_data(specs, recipe.data.path, manifest, recipe.data.train_split)
         return cls(specs, recipe.seed)
 
     def plan(self, epoch: int) -> CorruptionPlan:

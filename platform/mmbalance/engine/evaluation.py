@@ -32,31 +32,71 @@ def missing(modality: str, fill: dict[str, Any] | None = None) -> ArrayTransform
     return corrupted(modality, "missing", 1.0, 1.0, 0, **(fill or {}))
 
 
-def corrupted(modality: str, name: str, level: float, p: float, seed: int, **params) -> ArrayTransform:
+class Corrupted:
+    """A per-sample seeded ``CorruptionPlan`` as an ``ArrayTransform``. ``for_data`` adapts its
+    specs to a run's data (``corruptions.for_data``: ``missing``'s neutral fill, ``feature_noise``'s
+    train-split std); ``robustness_transforms`` and ``sweep`` do that before scoring."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __call__(self, arrays: SplitArrays) -> SplitArrays:
+        from mmbalance.data.corruptions import apply_corruption
+
+        return SplitArrays(arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, self.plan))
+
+    def for_data(self, shard_dir: str, manifest: Manifest, train_split: str,
+                 cache: dict[str, Any] | None = None) -> "Corrupted":
+        from mmbalance.data.corruptions import for_data
+
+        specs = for_data(self.plan.corruptions, shard_dir, manifest, train_split, cache)
+        return Corrupted(self.plan.model_copy(update={"corruptions": specs}))
+
+
+def corrupted(modality: str, name: str, level: float, p: float, seed: int, **params) -> Corrupted:
     """Per-sample seeded corruption of one modality (the same noise for a sample id wherever
     and however often it is scored); ``params`` are the corruption's own settings."""
-    from mmbalance.data.corruptions import CorruptionPlan, apply_corruption, make_spec
+    from mmbalance.data.corruptions import CorruptionPlan, make_spec
 
-    plan = CorruptionPlan(corruptions=[make_spec(name, **params, modality=modality, level=level, p=p)], seed=seed)
-
-    def apply(arrays: SplitArrays) -> SplitArrays:
-        return SplitArrays(arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, plan))
-
-    return apply
+    return Corrupted(CorruptionPlan(corruptions=[make_spec(name, **params, modality=modality, level=level, p=p)], seed=seed))
 
 
 def robustness_transforms(recipe: Recipe, manifest: Manifest) -> dict[str, ArrayTransform]:
-    """Each modality missing, then every configured corruption level (``eval.corruptions``)."""
+    """Each modality missing, then every configured corruption level (``eval.corruptions``),
+    adapted to the recipe's data (``feature_noise``: the std of its ``data.train_split``)."""
     from mmbalance.data.corruptions import neutral_fill
 
     fills = {m: neutral_fill(manifest.modalities[m]) for m in recipe.modalities}
     transforms = {f"missing_{m}": missing(m, fills[m]) for m in recipe.modalities}
+    cache: dict[str, Any] = {}  # modality -> train std, computed once for all levels
     for sweep in recipe.eval.corruptions:
         params = {**fills[sweep.modality], **sweep.params} if sweep.name == "missing" else sweep.params
         for level in sweep.levels:
             transforms[f"{sweep.name}_{sweep.modality}_{level:g}"] = corrupted(
-                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed, **params)
+                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed, **params
+            ).for_data(recipe.data.path, manifest, recipe.data.train_split, cache)
     return transforms
+
+
+def for_run(transforms: dict[str, ArrayTransform], recipe: Recipe, manifest: Manifest) -> dict[str, ArrayTransform]:
+    """``sweep``'s check before any scoring: every ``Corrupted`` transform names a modality of
+    the run whose manifest dtype its corruptions take (else a ``CorruptionError`` naming the
+    condition), and is adapted to the run's data (``Corrupted.for_data``, train split only).
+    Other callables pass through unchanged."""
+    from mmbalance.data.corruptions import CorruptionError, accepts_dtype
+
+    for label, transform in transforms.items():
+        for spec in transform.plan.corruptions if isinstance(transform, Corrupted) else ():
+            if spec.modality not in recipe.modalities:
+                raise CorruptionError(f"{label}: {spec.modality!r} is not a modality of this run; "
+                                      f"allowed: {sorted(recipe.modalities)}")
+            dtype = manifest.modalities[spec.modality].dtype
+            if not accepts_dtype(spec, dtype):
+                raise CorruptionError(f"{label}: {spec.name} cannot corrupt {spec.modality!r} of dtype {dtype}; "
+                                      f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
+    cache: dict[str, Any] = {}
+    return {label: transform.for_data(recipe.data.path, manifest, recipe.data.train_split, cache)
+            if isinstance(transform, Corrupted) else transform for label, transform in transforms.items()}
 
 
 def load_best_model(run_dir: str | Path, recipe: Recipe, device: torch.device):
@@ -82,13 +122,17 @@ def score_arrays(model, objective, arrays: SplitArrays, modalities: list[str], b
 def sweep(run_dir: str | Path, recipe_tree: dict[str, Any], split: str,
           transforms: dict[str, ArrayTransform]) -> dict[str, dict[str, float]]:
     """Fused and per-modality accuracy of the best-val checkpoint on ``split`` under each
-    transform (``"clean"`` first), for `mmbalance eval`."""
+    transform (``"clean"`` first), for `mmbalance eval`. ``Corrupted`` transforms are checked
+    and adapted to the run's data first (``for_run``: e.g. ``feature_noise`` gets the std of the
+    run's train split, whichever split is scored)."""
     recipe = Recipe.model_validate(recipe_tree)
+    manifest = read_manifest(recipe.data.path)
+    transforms = for_run(transforms, recipe, manifest)  # a corruption that cannot apply fails before any work
     device = resolve_device(recipe.scaling.device)
     model, objective, state = load_best_model(run_dir, recipe, device)
     modalities = list(recipe.modalities)
     name = getattr(recipe.data, f"{split}_split")
-    arrays = load_split(recipe.data.path, read_manifest(recipe.data.path), name, modalities)
+    arrays = load_split(recipe.data.path, manifest, name, modalities)
     table = {}
     for label, transform in {"clean": None, **transforms}.items():
         metrics = score_arrays(model, objective, transform(arrays) if transform else arrays, modalities,
