@@ -70,6 +70,12 @@ def test_demo_prepares_searches_and_reports_from_outside_the_checkout(tmp_path):
     assert f"report written to {Path('demo') / 'search' / 'report' / 'report.html'}" in done.stdout
     assert (search / "report" / "report.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing written beside --out
+    # Quiet by default: one progress line per trial, no Ray worker output, no timing or W&B warnings.
+    log = done.stdout + done.stderr
+    assert len([line for line in done.stdout.splitlines() if line.startswith("[") and "] trial " in line]) == 4
+    assert "pid=" not in log, log  # Ray prefixes worker lines with "(<actor> pid=...)"
+    assert "performance bottleneck" not in log and "reinit" not in log and "Token authentication" not in log, log
+    assert len(log.splitlines()) < 40, log
 
 
 def test_recipes_lists_the_shipped_recipes_and_spaces(tmp_path):

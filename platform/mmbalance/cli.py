@@ -320,6 +320,8 @@ def _tune(args: argparse.Namespace) -> None:
     print(format_leaderboard(leaderboard(frame, keys), keys))
     print(f"\nresults: {output / 'results.parquet'} (also .csv, .json); trial runs: {output / 'trials'}/<trial id>; "
           f"make the report with: mmbalance report {output}")
+    if (output / "wandb").is_dir():
+        print(f"W&B runs: {output / 'wandb'} (offline runs upload with: wandb sync {output / 'wandb'}/offline-run-*)")
 
 
 def _add_dataset_parser(prep_sub, name: str, entry) -> None:
@@ -410,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a run directory (or its checkpoints/best)")
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("--corrupt", action="append", default=[], metavar="[MODALITY=]NAME:L1,L2",
-                    help="e.g. image=gaussian:0,5,10 (repeatable); names: gaussian, salt_pepper, word_replace, audio_snr, missing")
+                    help="e.g. image=gaussian:0,5,10 (repeatable); names: gaussian, salt_pepper, word_replace, audio_snr, feature_noise, missing")
     ev.add_argument("--missing", help="comma-separated modalities to zero, one condition each")
     ev.add_argument("--p", type=float, default=0.5, help="probability a sample is corrupted (MNL protocol: 0.5)")
     ev.add_argument("--seed", type=int, default=0, help="corruption seed (per-sample streams derive from it)")

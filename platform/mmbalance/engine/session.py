@@ -16,9 +16,10 @@ import torch
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.engine.build import resolve_device
-from mmbalance.engine.checkpoint import load_state
+from mmbalance.engine.checkpoint import STATE_FILE, load_state
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.sources import BatchSource, InMemorySource
+from mmbalance.tracking.records import RunRecord
 
 
 class Session:
@@ -47,6 +48,8 @@ class Session:
     def restored_state(self) -> dict[str, Any] | None:
         # Ray hands back the latest reported checkpoint after a worker restart or a restored
         # trial; otherwise `--resume` restores the run directory's latest checkpoint.
+        if self.api is not None and not self.train_worker:
+            return self._tune_trial_state()
         checkpoint = self.api.get_checkpoint() if self.api is not None else None
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
@@ -54,6 +57,30 @@ class Session:
         if not self.config.get("resume"):
             return None
         return load_state(Path(self.config["output_dir"]) / "checkpoints" / "latest")
+
+    def _tune_trial_state(self) -> dict[str, Any] | None:
+        """A Tune trial that trains in its own process owns its run directory, so the newest of
+        the checkpoint Tune hands back and the run directory's latest is where it continues.
+        Tune's is older when the driver was killed: Tune saves which checkpoint a trial has only
+        every few seconds, and may since have deleted that one (``CheckpointConfig(num_to_keep)``).
+        The run directory's is used only if ``metrics.jsonl`` records its last epoch (a process
+        killed between the two writes must not leave an epoch out of the record)."""
+        states = []
+        checkpoint = self.api.get_checkpoint()
+        if checkpoint is not None:
+            try:
+                with checkpoint.as_directory() as directory:
+                    states.append(load_state(directory))
+            except FileNotFoundError:
+                pass
+        output_dir = Path(self.config["output_dir"])
+        latest = output_dir / "checkpoints" / "latest"
+        if (latest / STATE_FILE).is_file():
+            state = load_state(latest)
+            recorded = {m["epoch"] for m in RunRecord(output_dir).read_metrics()}
+            if state["progress"]["epoch"] - 1 in recorded:
+                states.append(state)
+        return max(states, key=lambda state: state["progress"]["epoch"], default=None)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if self.api is None:
@@ -79,14 +106,15 @@ def make_session(config: dict[str, Any]) -> Session:
 
 def fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, int], None] | None:
     """Test-only: kill this worker process once at (epoch, step) to exercise recovery.
-    ``fault = {"rank": r, "epoch": e, "step": s, "once_file": path}``; the file makes it fire once."""
+    ``fault = {"rank": r, "epoch": e, "step": s, "once_file": path}``; the file makes it fire once,
+    in one process only: the first to create it dies (a search hands the same fault to every
+    trial, and concurrent trials reach the same step together)."""
     if not fault or fault["rank"] != rank:
         return None
     marker = Path(fault["once_file"])
 
     def maybe_die(epoch: int, step: int) -> None:
-        if epoch == fault["epoch"] and step == fault["step"] and not marker.exists():
-            marker.touch()
+        if epoch == fault["epoch"] and step == fault["step"] and _claim(marker):
             # Die a moment after the last report, as a real failure would: Ray's controller
             # registers a reported checkpoint asynchronously, and a kill within milliseconds of
             # the report restarts from the checkpoint before it.
@@ -94,3 +122,12 @@ def fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, int], 
             os._exit(17)
 
     return maybe_die
+
+
+def _claim(marker: Path) -> bool:
+    """Create ``marker``; False if it already exists (atomic: exactly one process wins)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

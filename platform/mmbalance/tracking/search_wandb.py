@@ -16,6 +16,10 @@ from typing import Any
 from mmbalance.tracking.wandb_tracker import (TrackingConfig, WandbTracker, _quiet_exit_hooks, _say, _settings,
                                              resolve_mode)
 
+# Marks a result a restored trial reports again without training (tune/search.py ended_result):
+# the trial's run already holds it, so it is not logged twice.
+REPLAYED = "replayed"
+
 # Tune's bookkeeping keys carry nothing a reader of the run needs.
 EXCLUDED_RESULTS = ["improved", "date", "hostname", "node_ip", "pid", "timestamp", "time_this_iter_s",
                     "time_total_s", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name"]
@@ -54,8 +58,16 @@ def search_callback(cfg: TrackingConfig, group: str, out_dir: Path):
     class Callback(WandbLoggerCallback):
         _logger_actor_cls = QuietLoggingActor
 
+        def log_trial_result(self, iteration, trial, result):
+            if not result.get(REPLAYED):
+                super().log_trial_result(iteration, trial, result)
+
+    # Ray's callback passes reinit=True, which wandb 0.31 deprecates with a warning per trial; a
+    # keyword given here replaces it. "finish_previous" is what True meant. Not "create_new": that
+    # leaves the module-level run unset, and Ray's actor logs through wandb.log / wandb.config, so
+    # every result would be dropped (tests/test_tune.py reads the logged history back).
     return Callback(project=cfg.project, entity=cfg.entity, group=group, excludes=EXCLUDED_RESULTS,
-                    dir=str(wandb_dir), mode=mode, settings=_settings(mode))
+                    dir=str(wandb_dir), mode=mode, settings=_settings(mode), reinit="finish_previous")
 
 
 def record_scores(cfg: TrackingConfig, group: str, out_dir: Path, trial_id: str, score: dict[str, Any]) -> None:

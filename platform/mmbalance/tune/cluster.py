@@ -8,6 +8,7 @@ Ray hangs waiting for them (ecosystem.md §2.5). On a cluster (``RAY_ADDRESS`` s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -34,21 +35,54 @@ class DoesNotFit(RuntimeError):
     """The cluster cannot hold the requested workers; raised before any actor starts."""
 
 
-def connect(request: Request, address: str | None = None) -> bool:
-    """Returns True when Ray was started here (a local, fixed-size cluster)."""
+def connect(request: Request, address: str | None = None, *, verbose: bool = True) -> bool:
+    """Returns True when Ray was started here (a local, fixed-size cluster).
+
+    ``verbose=False`` (what a search passes by default) keeps Ray's own chatter off the
+    console: worker and actor output is not streamed to this process (it stays in Ray's
+    session logs), and the driver's Ray logger shows warnings and errors only. ``mmbalance
+    train --workers`` keeps the default: its per-epoch table is printed by rank 0, a worker.
+    A process that is already connected keeps its settings."""
     import ray
 
     if ray.is_initialized():
         return False
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
+    if not verbose:
+        mute_ray_notices()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, **quiet)
         return False
     local_cpus = max(os.cpu_count() or 1, int(request.cpus + 0.999) + DATA_HEADROOM_CPUS)
     # The dashboard serves the state API that Ray Train's PlacementGroupCleaner needs to free the
     # placement groups of Train-in-Tune trials that Tune stops (they leak otherwise).
-    ray.init(num_cpus=local_cpus, object_store_memory=object_store_bytes(), include_dashboard=True)
+    ray.init(num_cpus=local_cpus, object_store_memory=object_store_bytes(), include_dashboard=True,
+             log_to_driver=verbose, **quiet)
     return True
+
+
+class DropMessages(logging.Filter):
+    """Drops log records whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+# Informational: token auth is on (Ray's default since 2.59). The "disabled" warning stays.
+_AUTH_NOTICE = DropMessages("Token authentication is enabled")
+
+
+def mute_ray_notices() -> None:
+    """Quiet mode's filter for the one notice ``ray.init`` prints on every local start."""
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _AUTH_NOTICE not in auth.filters:
+        auth.addFilter(_AUTH_NOTICE)
 
 
 def object_store_bytes() -> int:

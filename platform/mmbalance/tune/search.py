@@ -11,7 +11,9 @@ goes to ``results.parquet`` / ``results.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -20,13 +22,15 @@ from typing import Any
 import yaml
 
 from mmbalance.config import Recipe
-from mmbalance.tracking.search_wandb import prepare_driver, record_scores, search_callback
+from mmbalance.tracking.records import RunRecord
+from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
 from mmbalance.tracking.wandb_tracker import TrackingConfig
 from mmbalance.data.manifest import read_manifest
 from mmbalance.tune.space import SearchSpace, trial_recipe
 
 TRIALS_DIR = "trials"
 EXPERIMENT_STATE = "tune"
+ENDED = "ended.json"  # in a trial's run directory, written by the driver when Tune ends the trial
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
@@ -38,8 +42,9 @@ def tune_param_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], output: str, workers: int,
-              gpus_per_worker: float, storage: str | None = None) -> None:
-    """One Tune trial == one training run, named after its (stable) trial id."""
+              gpus_per_worker: float, storage: str | None = None, fault: dict[str, Any] | None = None) -> None:
+    """One Tune trial == one training run, named after its (stable) trial id. ``fault`` is the
+    test-only hook of ``engine/session.fault_hook`` (docs/faults.md)."""
     import logging
 
     import ray.tune
@@ -55,8 +60,15 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     tree = trial_recipe(base, fixed, params, seed)
     tree.setdefault("tracking", {})["wandb"] = "disabled"  # the driver logs this trial (tracking/search_wandb.py)
     run_dir = Path(output) / TRIALS_DIR / trial_id
+    last = ended_result(run_dir)
+    if last is not None:
+        # Restored after the driver died: Tune's saved state (written every few seconds) may still
+        # call this trial running though it had ended. Report how it ended, train nothing.
+        ray.tune.report({**last, REPLAYED: True})
+        return
     if workers == 0:
-        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False})
+        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False,
+                               "fault": fault})
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -65,11 +77,28 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     recipe = Recipe.model_validate(tree)
     fit(recipe, read_manifest(recipe.data.path), run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
         name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", verbose=False,
-        callbacks=[TuneReportCallback()])
+        fault=fault, callbacks=[TuneReportCallback()])
 
 
-def trial_progress_callback(total: int, max_t: int):
-    """One line per ended trial (Tune's own tables are turned off): which, how far, how good."""
+def ended_result(run_dir: Path) -> dict[str, Any] | None:
+    """The last result of a trial that has already ended, from its run directory, or ``None``.
+
+    A trial has ended when its loop wrote ``result.json`` (every epoch trained) or when the
+    driver recorded ``ended.json`` (Tune ended it, e.g. ASHA stopped it early); both are on disk
+    before Tune's next periodic state snapshot, which a killed driver never writes."""
+    if (run_dir / "result.json").is_file():
+        epochs = None
+    elif (run_dir / ENDED).is_file():
+        epochs = json.loads((run_dir / ENDED).read_text())["epochs_done"]
+    else:
+        return None
+    rows = [m for m in RunRecord(run_dir).read_metrics() if epochs is None or m["epochs_done"] <= epochs]
+    return rows[-1] if rows else None
+
+
+def trial_progress_callback(total: int, max_t: int, trials_dir: Path | None = None):
+    """One line per ended trial (Tune's own tables are turned off): which, how far, how good.
+    With ``trials_dir``, also records in each trial's run directory that (and how) it ended."""
     import ray.tune
 
     class TrialProgress(ray.tune.Callback):
@@ -85,7 +114,14 @@ def trial_progress_callback(total: int, max_t: int):
                   f"epochs, {val_text}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trial, "finished" if trial.last_result.get("epochs_done", 0) >= max_t else "stopped early")
+            epochs_done = (trial.last_result or {}).get("epochs_done", 0)
+            if trials_dir is not None and epochs_done:
+                run_dir = trials_dir / trial.trial_id
+                run_dir.mkdir(parents=True, exist_ok=True)
+                tmp = run_dir / f"{ENDED}.tmp"
+                tmp.write_text(json.dumps({"epochs_done": epochs_done}) + "\n")
+                os.replace(tmp, run_dir / ENDED)
+            self._line(trial, "finished" if epochs_done >= max_t else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, "FAILED")
@@ -94,19 +130,20 @@ def trial_progress_callback(total: int, max_t: int):
 
 
 def _callbacks(space: SearchSpace, max_t: int, tracking: TrackingConfig | None, output: Path) -> list:
-    callbacks = [trial_progress_callback(space.trial_count(), max_t)]
+    callbacks = [trial_progress_callback(space.trial_count(), max_t, output.resolve() / TRIALS_DIR)]
     wandb = search_callback(tracking, output.name, output) if tracking is not None else None
     return callbacks + ([wandb] if wandb is not None else [])
 
 
 def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
-                storage: str | None = None, tracking: TrackingConfig | None = None):
+                storage: str | None = None, tracking: TrackingConfig | None = None,
+                fault: dict[str, Any] | None = None):
     import ray
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = partial(run_trial, base=base, fixed=space.set, output=str(output.resolve()), workers=space.workers,
-                        gpus_per_worker=space.gpus_per_worker, storage=storage)
+                        gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault)
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
     # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
     # their own resources.
@@ -216,13 +253,52 @@ def write_results(rows: list[dict[str, Any]], output: Path) -> Path:
     return output / "results.parquet"
 
 
+# Tune times every callback and result; on a busy machine (or while a W&B logging actor starts)
+# one takes over 0.5 s and Tune warns about a "performance bottleneck", several lines a trial.
+_SLOW_WARNINGS = ("may be a performance bottleneck",)
+
+
+@contextlib.contextmanager
+def quiet_tune(enabled: bool = True):
+    """While a search runs: Tune's legacy console output at verbosity 0, which prints nothing
+    (the new engine prints an experiment banner and paths whatever the verbosity), Tune's INFO
+    lines off, and its slow-operation warnings dropped. Warnings and errors — the traceback of
+    a failed trial, "Trials did not complete" — still reach the console."""
+    if not enabled:
+        yield
+        return
+    from mmbalance.tune.cluster import DropMessages
+
+    saved_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    tune_logger, util_logger = logging.getLogger("ray.tune"), logging.getLogger("ray.tune.utils.util")
+    saved_level, drop = tune_logger.level, DropMessages(*_SLOW_WARNINGS)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_logger.setLevel(logging.WARNING)
+    util_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        util_logger.removeFilter(drop)
+        tune_logger.setLevel(saved_level)
+        if saved_env is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved_env
+
+
 class SearchInterrupted(RuntimeError):
     """The search stopped before every trial ended (SIGINT); it can be resumed."""
 
 
 def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume: bool = False,
-               storage: str | None = None, address: str | None = None) -> "Any":
-    """Validate, connect, search, score, write results; returns the results DataFrame."""
+               storage: str | None = None, address: str | None = None, verbose: bool = False,
+               fault: dict[str, Any] | None = None) -> "Any":
+    """Validate, connect, search, score, write results; returns the results DataFrame.
+
+    Quiet by default: one line per ended trial (``trial_progress_callback``) and whatever the
+    caller prints; Ray's worker output, Tune's banner and slow-operation warnings stay off the
+    console (``quiet_tune``). Errors and the tracebacks of failed trials are always shown.
+    ``verbose=True`` lets everything through."""
     import pandas as pd
 
     from mmbalance.data.shards import validate_shards
@@ -234,11 +310,12 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     output.mkdir(parents=True, exist_ok=True)
     per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
     started_here = connect(Request(workers=per_trial.workers * space.max_concurrent,
-                                   gpus_per_worker=space.gpus_per_worker), address)
+                                   gpus_per_worker=space.gpus_per_worker), address, verbose=verbose)
     check_fits(per_trial, autoscaling=not started_here)
     base = _absolute_data_path(base)
     max_t = space.scheduler.max_t or fixed.schedule.epochs
-    grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking).fit()
+    with quiet_tune(enabled=not verbose):
+        grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking, fault).fit()
     finished = grid.num_terminated + grid.num_errors
     if finished < space.trial_count():  # Tune returns normally after SIGINT with the state saved
         raise SearchInterrupted(f"{finished} of {space.trial_count()} trials finished; the search state is saved in "
