@@ -35,14 +35,14 @@ def test_asha_over_torch_trainers_scores_every_trial_and_leaks_nothing(ray_clust
     baseline = ray_cluster.available_resources()
     space = SearchSpace.model_validate({
         "space": {"optim.lr": {"loguniform": [0.0005, 0.05]}},
-        "seeds": [0, 1], "samples": 3,
+        "seeds": [0, 1], "samples": 2,  # 4 Train-in-Tune trials: each costs ~50 s on 2 cores
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
         "max_concurrent": 2, "workers": 1})
     tree = recipe_dict(small_shards)
     tree["schedule"] = {"epochs": 3, "batch_size": 32}
     frame = run_search(space, tree, tmp_path / "search")
 
-    assert len(frame) == 6
+    assert len(frame) == 4
     assert set(frame["stop_reason"]) <= {"completed", "stopped_early"}
     assert (frame["epochs_run"] <= 3).all() and (frame["stop_reason"] == "completed").any()
     # Every trial, stopped early or not, is scored on test from its best-val checkpoint.
