@@ -65,7 +65,7 @@ CASES = {
         "cannot write or read"),
     "eval output on a full disk": (
         lambda s, t, r: ["eval", str(r), "--missing", "audio", "--out", "/dev/full"],
-        "no space left for"),
+        "no space left for /dev/full"),
     "eval output in an unwritable directory": (
         lambda s, t, r: ["eval", str(r), "--missing", "audio", "--out", "/sys/mmbalance-eval.json"],
         "cannot write or read /sys/mmbalance-eval.json"),

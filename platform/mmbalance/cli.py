@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmbalance import outputs, shipped
+from mmbalance import errors, outputs, shipped
 from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, set_dotted
 from mmbalance.data.convert import CONVERTERS
 from mmbalance.data.convert.pipeline import ConversionError
@@ -279,7 +279,8 @@ def _eval(args: argparse.Namespace) -> None:
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]
     print(f"{args.split} accuracy of {run_dir} (best-val checkpoint)\n" + "\n".join(lines))
     out = Path(args.out or run_dir / f"eval-{args.split}.json")
-    out.write_text(json.dumps({"split": args.split, "p": args.p, "seed": args.seed, "accuracy": table}, indent=1) + "\n")
+    with errors.naming(out):
+        out.write_text(json.dumps({"split": args.split, "p": args.p, "seed": args.seed, "accuracy": table}, indent=1) + "\n")
     print(f"written to {out}")
 
 

@@ -223,7 +223,7 @@ def _validate_nested(model: type[BaseModel], values: dict[str, Any], prefix: str
 
 def _describe(error: dict[str, Any], prefix: str | None) -> str:
     path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(error["loc"]))
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     return f"{path}: {message}" if path else message

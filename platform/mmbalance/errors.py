@@ -9,8 +9,10 @@ expected failures too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from pathlib import Path
 
 from mmbalance.config import ConfigError
 from mmbalance.data.corruptions import CorruptionError
@@ -41,3 +43,15 @@ def expected_message(err: BaseException, extra: tuple[type[BaseException], ...] 
         where = err.filename or "the output"
         return f"no space left for {where}: {err.strerror}; free space or write to another disk"
     return None
+
+
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """Inside it, an ``OSError`` that names no file is re-raised naming ``path``: a write to a
+    full disk fails in ``write()``, whose error carries no file name."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err

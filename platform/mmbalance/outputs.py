@@ -92,7 +92,7 @@ def check_replaceable(directory: str | Path, layout: Layout, reads: Iterable[str
     foreign = foreign_entries(root, layout)
     if foreign:
         shown = ", ".join(str(p) for p in foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
-        raise UnsafeOutput(f"{root} holds files that are not part of a {layout.kind} ({shown}); "
+        raise UnsafeOutput(f"{root} holds files that are not part of a {layout.kind} directory ({shown}); "
                            f"refusing to replace it: move them or choose another output directory")
 
 
