@@ -99,6 +99,9 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
     if storage.is_uri(args.out):
         raise ConfigError(f"--out {args.out}: conversion writes to a file system path (local or a shared volume); "
                           "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)")
+    if not Path(args.root).is_dir():  # before Ray starts (seconds to minutes) and before anything is written
+        raise ConfigError(f"--root {args.root}: no such directory; pass the {args.dataset} folder in its distributed "
+                          "layout (docs/datasets.md)")
     _check_shards_out(args.out, args.overwrite, reads=[args.root])
     started_ray = args.engine == "ray" and _start_ray_for_prepare(args)
     try:
@@ -148,7 +151,7 @@ def _train(args: argparse.Namespace) -> dict:
     if args.gpus_per_worker is not None:
         overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
     recipe_file = shipped.resolve("recipe", args.recipe)
-    recipe = load_recipe(recipe_file, overrides)
+    recipe = _absolute_data(load_recipe(recipe_file, overrides))
     manifest = validate_shards(recipe.data.path)  # a bad shard stops the run here, before any worker starts
     check_against_data(recipe, manifest)
     output = Path(args.output or Path("runs") / recipe_file.stem)
@@ -161,6 +164,15 @@ def _train(args: argparse.Namespace) -> dict:
         result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(output), "resume": args.resume})
     _print_result(result, output, time.perf_counter() - started)
     return result
+
+
+def _absolute_data(recipe):
+    """The recipe with a local ``data.path`` made absolute: ``config.yaml`` records it, and
+    `mmbalance eval` (or a resume) from another directory must find the same data."""
+    path = recipe.data.path
+    if storage.is_uri(path) or Path(path).is_absolute():
+        return recipe
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": str(Path(path).resolve())})})
 
 
 def _tracking_overrides(args: argparse.Namespace) -> list[str]:
@@ -227,6 +239,9 @@ def _demo(args: argparse.Namespace) -> None:
     recipe, space = shipped.resolve("recipe", args.recipe), shipped.resolve("search space", args.space)
     shards = root / "shards" / "synthetic"
     _check_shards_out(str(shards), overwrite=True)
+    if (root / "search").exists() or shards.exists():
+        # The demo owns --out: it replaces its own earlier dataset and search, and says so.
+        print(f"replacing the previous demo in {root} (pass --out DIR to keep it)")
     print(f"[1/3] preparing the synthetic dataset in {shards}")
     _print_prepared(str(shards), prepare_synthetic(shards, overwrite=True))
     print(f"[2/3] searching {space} on it (Ray Tune, ASHA)")
@@ -292,32 +307,50 @@ def _default_modality(name: str, modalities: list[str]) -> str:
 
 
 def _tune(args: argparse.Namespace) -> None:
+    """``--set`` stays apart from the recipe file so it can beat the space's ``set:`` (the
+    precedence table in README.md); the whole space is validated before the output is touched."""
     from mmbalance.config import load_recipe_dict
-    from mmbalance.reports.tables import format_leaderboard, leaderboard
-    from mmbalance.tune.search import run_search
-    from mmbalance.tune.space import load_space
+    from mmbalance.tune.search import SearchFailed, run_search
+    from mmbalance.tune.space import load_space, validate_against
 
     space_file = shipped.resolve("search space", args.space)
     space = load_space(space_file)
     updates = {k: v for k, v in {"samples": args.samples, "max_concurrent": args.max_concurrent,
                                  "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}.items() if v is not None}
     space = space.model_validate({**space.model_dump(), **updates})
-    base = load_recipe_dict(shipped.resolve("recipe", args.recipe), [*args.set, *_tracking_overrides(args)])
+    base = load_recipe_dict(shipped.resolve("recipe", args.recipe))
+    overrides = dict(parse_override(item) for item in [*args.set, *_tracking_overrides(args)])
+    validate_against(space, base, overrides)  # exit 2 here, before Ray and before the output is touched
+    for key in [k for k in overrides if k in space.set]:
+        print(f"note: --set {key}={overrides[key]} beats the space's set: {key}: {space.set[key]}")
     output = Path(args.output or Path("runs") / f"tune-{space_file.stem}")
     holds_search = (output / "results.parquet").exists() or (output / "tune").exists()
     if not args.resume and holds_search and not args.overwrite:
         raise ConfigError(f"{output} already holds a search; pass --resume to finish it or --overwrite to replace it")
     if not args.resume and args.overwrite and output.exists():
-        data = (base.get("data") or {}).get("path")
+        data = overrides.get("data.path", (base.get("data") or {}).get("path"))
         outputs.clear(output, outputs.SEARCH, _local_paths(data) if isinstance(data, str) else [])
     outputs.claim(output, outputs.SEARCH)
     print(f"search {space_file}: {space.trial_count()} trials, scheduler {space.scheduler.name}, "
           f"up to {space.max_concurrent} at once, {space.workers or 'in-process'} worker(s) per trial -> {output}")
-    frame = run_search(space, base, output, resume=args.resume, storage=args.storage, address=args.address,
-                       **_verbosity(args))
+    try:
+        frame = run_search(space, base, output, resume=args.resume, storage=args.storage, address=args.address,
+                           overrides=overrides, **_verbosity(args))
+    except SearchFailed as err:  # the search ran: exit 1 (2 is for what was refused before it ran)
+        if err.frame is not None:
+            _print_search(err.frame, space, output)
+        print(f"mmbalance {args.command}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    _print_search(frame, space, output)
+
+
+def _print_search(frame, space, output: Path) -> None:
+    from mmbalance.reports.tables import format_leaderboard, leaderboard
+
     keys = [k for k in space.space]
     stopped = int((frame["stop_reason"] == "stopped_early").sum())
-    print(f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name})")
+    failed = int((frame["stop_reason"] == "error").sum())
+    print(f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name}" + (f", {failed} failed)" if failed else ")"))
     print(format_leaderboard(leaderboard(frame, keys), keys))
     print(f"\nresults: {output / 'results.parquet'} (also .csv, .json); trial runs: {output / 'trials'}/<trial id>; "
           f"make the report with: mmbalance report {output}")
@@ -404,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="Ray storage path for experiment state and checkpoints (s3://, gs://, shared path)")
     tune.add_argument("--resume", action="store_true", help="finish an interrupted search without re-running finished trials")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing search in --output")
-    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray locally)")
+    tune.add_argument("--address", help="Ray cluster address (beats RAY_ADDRESS; without either, Ray starts locally)")
     tune.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
     _add_tracking_flags(tune)
     tune.set_defaults(func=_tune)
