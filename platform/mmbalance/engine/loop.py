@@ -32,7 +32,7 @@ from mmbalance.engine.metrics import SumCounter, imbalance_ratio
 from mmbalance.engine.session import Session, make_session
 from mmbalance.engine.sources import BatchSource
 from mmbalance.engine.steps import StepClock, evaluate, train_batch
-from mmbalance.tracking.records import RunRecord
+from mmbalance.tracking.records import RunIdentity, RunRecord
 from mmbalance.tracking.wandb_tracker import WandbTracker
 
 StepHook = Callable[[int, int], None]  # (epoch, step within epoch) -> None
@@ -216,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank0:
         _start_record(record, recipe, trainer.progress.epoch)
     table = EpochTable(trainer.modalities, enabled=rank0 and config.get("verbose", True))
-    with _tracker(config, recipe, session.group.rank) as tracker:
+    with _tracker(config, recipe, record, continuing=state is not None or _under_ray(config)) as tracker:
         result = None
         for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
             metrics = trainer.run_epoch(epoch)
@@ -232,14 +232,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _tracker(config: dict[str, Any], recipe: Recipe, rank: int) -> WandbTracker:
-    """W&B on rank 0 only: one run per training run (per trial), grouped by experiment, with an
-    id that survives restarts (the trial id under Tune, the run directory's name otherwise)."""
+def _tracker(config: dict[str, Any], recipe: Recipe, record: RunRecord | None, continuing: bool) -> WandbTracker:
+    """W&B on rank 0 only (``record`` is None elsewhere): one run per training run, grouped by
+    experiment, with the run directory's own id (``RunRecord.identity``), so a restart continues
+    its run and a new run never joins another whose directory has the same name."""
+    if record is None or recipe.tracking.wandb == "disabled":
+        return WandbTracker()  # no id is created for a run that is not tracked
     run_dir = Path(config["output_dir"])
     wandb = config.get("wandb", {})
-    return WandbTracker.start(recipe.tracking, run_dir=run_dir, run_id=wandb.get("run_id", run_dir.name),
+    if "run_id" in wandb:  # the caller owns the identity
+        identity = RunIdentity(wandb["run_id"], resumed=continuing)
+    else:
+        identity = record.identity(continuing)
+    return WandbTracker.start(recipe.tracking, run_dir=run_dir, run_id=identity.run_id,
                               run_name=wandb.get("run_name", run_dir.name), group=wandb.get("group"),
-                              config=recipe.to_dict(), rank=rank)
+                              config=recipe.to_dict(), resume=identity.resumed)
+
+
+def _under_ray(config: dict[str, Any]) -> bool:
+    """Ray may start this loop again in the same run directory before any checkpoint exists (a
+    worker-group restart, a trial retry): that is still the same run. A new Ray run never finds
+    a stored id: ``--overwrite`` removes it, and the CLI refuses a directory holding a run."""
+    return bool(config.get("ray") or config.get("tune"))
 
 
 def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:

@@ -6,6 +6,9 @@ Layout of a run directory::
     metrics.jsonl      one JSON object per epoch (rewritten up to the resumed epoch on resume)
     result.json        {"val": {"best_acc", "best_epoch"}, "test": {...}, "epochs": n}
     checkpoints/latest/state.pt, checkpoints/best/state.pt
+    run_id.json        {"id": ...}: the run's W&B id, created by its first tracked start
+
+A search directory holds ``experiment_id.json`` the same way: the prefix of its trials' W&B ids.
 """
 
 from __future__ import annotations
@@ -13,15 +16,90 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+RUN_ID_FILE = "run_id.json"
+EXPERIMENT_ID_FILE = "experiment_id.json"
+ID_LENGTH = 16  # hex digits: 64 random bits, so ids never collide in practice
+
 
 def _finite(value: Any) -> Any:
     # JSON has no NaN; a metric that could not be computed is recorded as null.
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def new_id() -> str:
+    """A random id, never derived from a path: two runs whose directories share a name (two
+    seeds, two studies: ``exp/a/lf`` and ``exp/b/lf``) must never be one W&B run. Hex digits
+    only, so it is valid wherever W&B accepts an id (and in file names)."""
+    return uuid.uuid4().hex[:ID_LENGTH]
+
+
+def read_id(path: Path) -> str | None:
+    """The id stored in ``path``, or None when there is none (a missing or unreadable file is
+    treated as no id: the caller then starts a new run rather than guessing one)."""
+    try:
+        value = json.loads(Path(path).read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def write_id(path: Path, value: str) -> None:
+    """Replace the stored id atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # owned by the layouts' "<name>*"
+    tmp.write_text(json.dumps({"id": value}) + "\n")
+    os.replace(tmp, path)
+
+
+def shared_id(path: Path) -> str:
+    """The id stored in ``path``, creating it if there is none. Safe when several processes ask
+    at once (the scoring tasks of a search): the file is published with ``os.link``, which fails
+    if another process published first, and then everyone reads the winner's id."""
+    path = Path(path)
+    existing = read_id(path)
+    if existing is not None:
+        return existing
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # owned by the layouts' "<name>*"
+    tmp.write_text(json.dumps({"id": new_id()}) + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return read_id(path)
+
+
+def experiment_id(directory: str | Path, *, fresh: bool = False) -> str:
+    """The search's own id, stored in its directory: the prefix that makes its trials' W&B ids
+    unique across experiments (Tune's trial ids are only unique within one). ``fresh`` (a new
+    search) replaces any stored one; otherwise it is reused (a resumed search, the scoring phase)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = Path(directory) / EXPERIMENT_ID_FILE
+    if fresh:
+        write_id(path, new_id())
+    return shared_id(path)
+
+
+def trial_run_id(experiment: str, trial_id: str) -> str:
+    """A search trial's W&B id: the experiment's id, then Tune's trial id (readable in the UI)."""
+    return f"{experiment}-{trial_id}"
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """A run's W&B id, and whether this start continues that W&B run (only then may W&B
+    resume it; a new run must never append to another)."""
+
+    run_id: str
+    resumed: bool
 
 
 class RunRecord:
@@ -59,3 +137,16 @@ class RunRecord:
 
     def checkpoint_dir(self, which: str) -> Path:
         return self.dir / "checkpoints" / which
+
+    def identity(self, continuing: bool) -> RunIdentity:
+        """This run's id: the stored one when this start is ``continuing`` an earlier one (``--resume``,
+        a Ray worker-group restart, a Tune trial retry: the same run directory, carried on), a new
+        one otherwise, stored for those later starts. A continued run that never stored an id (it
+        was not tracked, or predates ids) starts a new W&B run rather than guess one."""
+        path = self.dir / RUN_ID_FILE
+        stored = read_id(path) if continuing else None
+        if stored is not None:
+            return RunIdentity(stored, resumed=True)
+        fresh = new_id()
+        write_id(path, fresh)
+        return RunIdentity(fresh, resumed=False)

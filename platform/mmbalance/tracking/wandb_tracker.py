@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
@@ -43,15 +43,31 @@ class TrackingConfig(BaseModel):
     entity: str | None = None
 
 
-def sanitize(config: Any, secret: str | None = None) -> Any:
-    """Copy of ``config`` with every value under a secret-looking key, and every string equal
-    to ``secret`` (the live API key), replaced by ``<redacted>``, at any depth."""
+def is_secret_name(name: str) -> bool:
+    """``WANDB_API_KEY``, ``RAY_AUTH_TOKEN``, ``AWS_SECRET_ACCESS_KEY``...: a name that holds a
+    credential. Names of where one is kept (``*_FILE``, ``*_PATH``) are not secrets themselves."""
+    low = str(name).lower()
+    return any(s in low for s in SECRET_MARKERS) and not low.endswith(("_file", "_path", "_dir"))
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of this process's secret-named environment variables (8+ characters, so a
+    short flag such as ``1`` is never mistaken for one): what no written file may contain."""
+    environ = os.environ if environ is None else environ
+    return [v for k, v in environ.items() if is_secret_name(k) and len(v) >= 8]
+
+
+def sanitize(config: Any, secret: str | Sequence[str] | None = None) -> Any:
+    """Copy of ``config`` with every value under a secret-looking key, and every string holding
+    ``secret`` (the live API key, or each of several: ``secret_values()``), replaced by
+    ``<redacted>``, at any depth."""
+    secrets = [s for s in ([secret] if isinstance(secret, str) else secret or []) if s]
     if isinstance(config, dict):
-        return {k: REDACTED if any(s in str(k).lower() for s in SECRET_MARKERS) else sanitize(v, secret)
+        return {k: REDACTED if any(s in str(k).lower() for s in SECRET_MARKERS) else sanitize(v, secrets)
                 for k, v in config.items()}
     if isinstance(config, (list, tuple)):
-        return [sanitize(v, secret) for v in config]
-    if secret and isinstance(config, str) and secret in config:
+        return [sanitize(v, secrets) for v in config]
+    if isinstance(config, str) and any(s in config for s in secrets):
         return REDACTED
     return config
 
@@ -166,9 +182,13 @@ class WandbTracker:
 
     @classmethod
     def start(cls, cfg: TrackingConfig, *, run_dir: Path, run_id: str, run_name: str, group: str | None,
-              config: dict[str, Any], rank: int = 0, job_type: str = "train") -> "WandbTracker":
-        """Start the trial's run. ``run_id`` comes from the Tune trial id (stable across
-        restarts, so ``resume="allow"`` continues it); ``group`` is the experiment name."""
+              config: dict[str, Any], rank: int = 0, job_type: str = "train",
+              resume: bool = False) -> "WandbTracker":
+        """Start the trial's run. ``run_id`` is the run's own id (``records.RunRecord.identity``,
+        or ``records.trial_run_id`` for a search trial), never a directory name; ``group`` is the
+        experiment name. ``resume`` says this start continues that same run (``--resume``, a
+        restart, the scores added to a trial's run): only then is W&B allowed to append to an
+        existing run, so a new run can never land in another one's history."""
         if rank != 0 or cfg.wandb == "disabled":
             return cls()
         mode, reason = resolve_mode(cfg)
@@ -177,8 +197,8 @@ class WandbTracker:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         kwargs = dict(project=cfg.project, entity=cfg.entity, group=group, name=run_name, id=run_id,
-                      resume="allow", dir=str(run_dir), job_type=job_type,
-                      config=sanitize(config, os.environ.get("WANDB_API_KEY")))
+                      resume="allow" if resume else None, dir=str(run_dir), job_type=job_type,
+                      config=sanitize(config, secret_values()))
         try:
             with _quiet_exit_hooks():
                 run = wandb.init(**kwargs, settings=_settings(mode))
