@@ -416,13 +416,6 @@ def test_submit_no_wait_returns_after_printing_the_job_id(fake_client, monkeypat
     assert "raysubmit_fake" in capsys.readouterr().out
 
 
-def test_submit_says_when_an_environment_variable_overrides_address(fake_client, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("RAY_ADDRESS", "http://other:8265")
-    jobs.submit(_submit_args(*COMMAND, address="http://head:8265", no_wait=True))
-    assert "RAY_ADDRESS=http://other:8265 takes precedence over --address" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv", [[], ["--"], ["--", "--workers", "2"], ["--", "submit", "--", "tune"]])
 def test_submit_refuses_a_missing_or_recursive_command(argv):
     with pytest.raises(ConfigError):

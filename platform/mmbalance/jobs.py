@@ -17,15 +17,17 @@ submissions. The SDK attaches the token by itself when the submitter's environme
 ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token`` (``ray get-auth-token``
 prints the current one). This module never reads, prints or forwards a token, and the
 runtime_env must never hold one either (see ``clusters/runtime_env.yaml`` and
-``docs/clusters.md``). The address comes,
-as for ``ray job submit``, from ``RAY_API_SERVER_ADDRESS``, then ``RAY_ADDRESS``, then
-``--address``: Ray lets the environment variables win, so a warning says when one does.
+``docs/clusters.md``). The address comes from ``--address``, then ``RAY_API_SERVER_ADDRESS``,
+then ``RAY_ADDRESS``: the flag wins, as it does for ``tune`` and ``train`` (``tune/cluster.py:
+choose_address``). Ray's SDK would let the variables beat the flag, so they are hidden from it
+while the client is built; the "submitted job" line says which address was used and from where.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -35,6 +37,7 @@ from typing import Any, TextIO
 
 
 from mmbalance.config import ConfigError, read_yaml_mapping
+from mmbalance.tune.cluster import choose_address
 
 DEFAULT_RUNTIME_ENV = Path("clusters/runtime_env.yaml")
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # the SDK lets these override an explicit address
@@ -75,6 +78,26 @@ def build_entrypoint(command: list[str]) -> str:
     return shlex.join(["mmbalance", *words])
 
 
+def refuse_secrets(entrypoint: str, runtime_env: dict[str, Any]) -> None:
+    """Refuse a job that would carry a credential: Ray keeps the entrypoint and runtime_env as
+    literals in its job records, dashboard and world-readable session logs. So no env var with a
+    secret's name (``WANDB_API_KEY``, ``RAY_AUTH_TOKEN``, any ``*_API_KEY`` / ``*_TOKEN``) in
+    ``env_vars``, and no secret-named variable's value from this shell anywhere in the job."""
+    import json
+
+    from mmbalance.tracking.wandb_tracker import is_secret_name, secret_values
+
+    named = sorted(k for k in (runtime_env.get("env_vars") or {}) if is_secret_name(k))
+    if named:
+        raise ConfigError(f"--runtime-env: env_vars {', '.join(named)} would be written in plain text into Ray's job "
+                          "records and logs; set secrets on the cluster nodes instead (docs/clusters.md, the W&B key)")
+    carried = entrypoint + json.dumps(runtime_env, default=str)
+    if any(value in carried for value in secret_values()):
+        raise ConfigError("the job's command or runtime_env holds the value of a secret environment variable "
+                          "(*_API_KEY, *_TOKEN, ...); Ray would write it into its job records and logs: set it on "
+                          "the cluster nodes instead (docs/clusters.md)")
+
+
 def submit(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """Submit ``args.argv`` as a Ray job; 0 if it succeeded (or --no-wait), 1 if it failed or stopped."""
     from ray.job_submission import JobSubmissionClient
@@ -82,13 +105,13 @@ def submit(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     entrypoint = build_entrypoint(args.argv)
     runtime_env = load_runtime_env(args.runtime_env) if args.runtime_env else {}
-    override = next((f"{v}={os.environ[v]}" for v in ADDRESS_VARIABLES if os.environ.get(v)), None)
-    if args.address and override:
-        print(f"note: {override} takes precedence over --address (Ray's rule); unset it to use --address",
-              file=sys.stderr)
-    client = JobSubmissionClient(args.address)
+    refuse_secrets(entrypoint, runtime_env)
+    address, where = choose_address(args.address, ADDRESS_VARIABLES)
+    with _address_variables_hidden(bool(args.address)):
+        client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id)
-    print(f"submitted job {job_id} to {client.get_address()}: {entrypoint}", file=out, flush=True)
+    where = where if address else f"{where}: Ray's auto-detection"
+    print(f"submitted job {job_id} to {client.get_address()} ({where}): {entrypoint}", file=out, flush=True)
     if args.no_wait:
         print(f"follow it with `ray job logs --follow {job_id}`; stop it with `ray job stop {job_id}`", file=out)
         return 0
@@ -101,6 +124,16 @@ def submit(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     message = f": {info.message}" if getattr(info, "message", None) else ""
     print(f"job {job_id} {status}{message}", file=out, flush=True)
     return EXIT_CODES.get(status, 1)
+
+
+@contextlib.contextmanager
+def _address_variables_hidden(hide: bool):
+    """While the SDK picks its address: without the variables that would beat ``--address``."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if hide and name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def follow(client: Any, job_id: str, *, out: TextIO | None = None, poll_s: float | None = None) -> str:
@@ -173,7 +206,7 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         description="Submit `mmbalance <command>` to a Ray cluster and follow its logs; everything after `--` is "
                     "the command. Exit status: 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED.")
     sub.add_argument("--address", help="Ray dashboard / Job API address, e.g. http://HEAD:8265 "
-                     "(RAY_API_SERVER_ADDRESS or RAY_ADDRESS, when set, take precedence)")
+                     "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS; --address beats both)")
     sub.add_argument("--runtime-env", default=str(DEFAULT_RUNTIME_ENV), metavar="FILE",
                      help=f"runtime_env YAML, paths relative to the current directory (default {DEFAULT_RUNTIME_ENV}; "
                      "pass '' for none)")

@@ -2,8 +2,9 @@
 
 On a laptop, Ray is started in-process with logical CPUs for every worker plus headroom:
 Ray Data's read and decode tasks need CPUs of their own, and a 2-worker run on a 2-CPU
-Ray hangs waiting for them (ecosystem.md §2.5). On a cluster (``RAY_ADDRESS`` set, or
-``--address``) nothing is started: the request is checked against what the cluster has.
+Ray hangs waiting for them (ecosystem.md §2.5). On a cluster (``--address``, or else
+``RAY_ADDRESS``) nothing is started: the request is checked against what the cluster has.
+``--address`` beats ``RAY_ADDRESS`` (``choose_address``), and one line says which was used.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def connect(request: Request, address: str | None = None, *, verbose: bool = Tru
     quiet = {} if verbose else {"logging_level": logging.WARNING}
     if not verbose:
         mute_ray_notices()
-    address = address or os.environ.get("RAY_ADDRESS")
+    address, where = choose_address(address)
     if address:
+        print(f"Ray address {address} ({where})", flush=True)
         ray.init(address=address, log_to_driver=verbose, **quiet)
         return False
     local_cpus = max(os.cpu_count() or 1, int(request.cpus + 0.999) + DATA_HEADROOM_CPUS)
@@ -60,6 +62,23 @@ def connect(request: Request, address: str | None = None, *, verbose: bool = Tru
     ray.init(num_cpus=local_cpus, object_store_memory=object_store_bytes(), include_dashboard=True,
              log_to_driver=verbose, **quiet)
     return True
+
+
+def choose_address(explicit: str | None, variables: tuple[str, ...] = ("RAY_ADDRESS",)) -> tuple[str | None, str]:
+    """The Ray address a command uses and where it came from, for the line that says so.
+
+    ``--address`` (``explicit``) beats the environment: a flag typed for this command is more
+    specific than a variable exported once in a shell profile. ``ray.init`` agrees; Ray's job
+    SDK lets the variables win, so ``jobs.submit`` hides them. Then the first of ``variables``
+    that is set; else ``None``: start Ray locally."""
+    env = [(name, os.environ[name]) for name in variables if os.environ.get(name)]
+    if explicit:
+        ignored = "".join(f"; {name}={value} ignored" for name, value in env if value != explicit)
+        return explicit, f"from --address{ignored}"
+    if env:
+        name, value = env[0]
+        return value, f"from {name}; no --address given"
+    return None, f"no --address, no {' or '.join(variables)}"
 
 
 class DropMessages(logging.Filter):

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mmbalance.config import Recipe
+from mmbalance.config import check_against_data, set_dotted, validate_recipe
 from mmbalance.tracking.records import RunRecord
 from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
 from mmbalance.tracking.wandb_tracker import TrackingConfig
@@ -42,9 +42,15 @@ def tune_param_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], output: str, workers: int,
-              gpus_per_worker: float, storage: str | None = None, fault: dict[str, Any] | None = None) -> None:
+              gpus_per_worker: float, storage: str | None = None, fault: dict[str, Any] | None = None,
+              overrides: dict[str, Any] | None = None) -> None:
     """One Tune trial == one training run, named after its (stable) trial id. ``fault`` is the
-    test-only hook of ``engine/session.fault_hook`` (docs/faults.md)."""
+    test-only hook of ``engine/session.fault_hook`` (docs/faults.md).
+
+    Neither Tune's nor Ray Train's ``FailureConfig`` tells a deterministic error from a dead
+    process: both retry any exception. So the trial checks its recipe against its data here,
+    before a ``TorchTrainer`` starts: a config error that got past ``validate_against`` costs
+    one cheap Tune retry of this process, not two worker-group starts per attempt."""
     import logging
 
     import ray.tune
@@ -57,7 +63,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     trial_id = ray.tune.get_context().get_trial_id()
     params = dict(config["params"])
     seed = params.pop("seed")
-    tree = trial_recipe(base, fixed, params, seed)
+    tree = trial_recipe(base, fixed, params, seed, overrides=overrides)
     tree.setdefault("tracking", {})["wandb"] = "disabled"  # the driver logs this trial (tracking/search_wandb.py)
     run_dir = Path(output) / TRIALS_DIR / trial_id
     last = ended_result(run_dir)
@@ -74,8 +80,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
 
     from mmbalance.tune.driver import fit
 
-    recipe = Recipe.model_validate(tree)
-    fit(recipe, read_manifest(recipe.data.path), run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
+    recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
+    manifest = read_manifest(recipe.data.path)
+    check_against_data(recipe, manifest)
+    fit(recipe, manifest, run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
         name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", verbose=False,
         fault=fault, callbacks=[TuneReportCallback()])
 
@@ -137,13 +145,13 @@ def _callbacks(space: SearchSpace, max_t: int, tracking: TrackingConfig | None, 
 
 def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
                 storage: str | None = None, tracking: TrackingConfig | None = None,
-                fault: dict[str, Any] | None = None):
+                fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
     import ray
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = partial(run_trial, base=base, fixed=space.set, output=str(output.resolve()), workers=space.workers,
-                        gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault)
+                        gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault, overrides=overrides)
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
     # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
     # their own resources.
@@ -292,8 +300,12 @@ class SearchInterrupted(RuntimeError):
 
 def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume: bool = False,
                storage: str | None = None, address: str | None = None, verbose: bool = False,
-               fault: dict[str, Any] | None = None) -> "Any":
+               fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> "Any":
     """Validate, connect, search, score, write results; returns the results DataFrame.
+
+    ``overrides`` are the user's ``--set`` keys: above the space's ``set:``, below the draw
+    (``space.trial_recipe``). A search whose trials failed (all, or more than the space's
+    ``max_failed_fraction``) raises ``SearchFailed`` after its results are written.
 
     Quiet by default: one line per ended trial (``trial_progress_callback``) and whatever the
     caller prints; Ray's worker output, Tune's banner and slow-operation warnings stay off the
@@ -305,24 +317,101 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     from mmbalance.tune.cluster import Request, check_fits, connect
     from mmbalance.tune.space import validate_against
 
-    fixed = validate_against(space, base)
-    validate_shards(fixed.data.path)
+    overrides = dict(overrides or {})
+    fixed = validate_against(space, base, overrides)
+    check_against_data(fixed, validate_shards(fixed.data.path))
+    output = Path(output).resolve()  # trials and scoring tasks run in other working directories
     output.mkdir(parents=True, exist_ok=True)
     per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
     started_here = connect(Request(workers=per_trial.workers * space.max_concurrent,
                                    gpus_per_worker=space.gpus_per_worker), address, verbose=verbose)
     check_fits(per_trial, autoscaling=not started_here)
-    base = _absolute_data_path(base)
+    base, overrides = _absolute_data_path(_data_into_base(base, overrides)), _without_data(overrides)
     max_t = space.scheduler.max_t or fixed.schedule.epochs
     with quiet_tune(enabled=not verbose):
-        grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking, fault).fit()
+        grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking, fault,
+                           overrides).fit()
     finished = grid.num_terminated + grid.num_errors
     if finished < space.trial_count():  # Tune returns normally after SIGINT with the state saved
         raise SearchInterrupted(f"{finished} of {space.trial_count()} trials finished; the search state is saved in "
                                 f"{output}: rerun the same command with --resume to finish it")
     rows = score_trials(trial_rows(grid, space, output, max_t), space, fixed.tracking, output)
     write_results(rows, output)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    check_failures(trial_errors(grid), len(rows), space.max_failed_fraction, frame, output)
+    return frame
+
+
+class SearchFailed(RuntimeError):
+    """The search ran, but too many of its trials failed; its results are written. ``frame``
+    holds them (failed trials with ``stop_reason: error``) for the caller to print."""
+
+    def __init__(self, message: str, frame: Any = None):
+        super().__init__(message)
+        self.frame = frame
+
+
+MAX_ERROR_KINDS = 5  # distinct kinds of error printed when a search fails
+
+
+def trial_errors(grid) -> list[tuple[str, str, str]]:
+    """``(trial id, kind, message)`` of every failed trial in Tune's result grid."""
+    failed = []
+    for result in grid:
+        if result.error is not None:
+            metrics = result.metrics or {}
+            trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-2]
+            failed.append((trial_id, *error_summary(result.error)))
+    return failed
+
+
+def error_summary(error: Any) -> tuple[str, str]:
+    """An error's kind (its exception type, unwrapped from Ray's ``RayTaskError``) and its
+    message in one line: what a user needs to tell "my config is wrong" from "a node died"."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, BaseException):
+        kind, text = type(cause).__name__, str(cause)
+    else:  # Tune's text trace, when the exception could not be pickled
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        last = lines[-1] if lines else "unknown error"
+        kind, _, text = last.partition(": ") if ": " in last else ("Error", "", last)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Traceback")]
+    message = " / ".join(lines[:3]) or kind
+    return kind, message if len(message) <= 400 else message[:397] + "..."
+
+
+def check_failures(errors: list[tuple[str, str, str]], total: int, max_fraction: float, frame: Any = None,
+                   output: Path | None = None) -> None:
+    """Raise ``SearchFailed`` when every trial failed, or more than ``max_fraction`` of them:
+    an exit status of 0 with an empty leaderboard reads as success to a script or a CI job."""
+    if not errors or (len(errors) < total and len(errors) <= max_fraction * total):
+        return
+    first: dict[str, tuple[str, str, int]] = {}
+    for trial_id, kind, message in errors:
+        trial, text, count = first.get(kind, (trial_id, message, 0))
+        first[kind] = (trial, text, count + 1)
+    why = "every trial failed" if len(errors) == total else \
+        f"{len(errors)} of {total} trials failed, more than max_failed_fraction={max_fraction:g} allows"
+    kinds = [f"  {kind} ({count} trial{'s' if count > 1 else ''}; first: trial {trial}): {text}"
+             for kind, (trial, text, count) in list(first.items())[:MAX_ERROR_KINDS]]
+    if len(first) > MAX_ERROR_KINDS:
+        kinds.append(f"  ... and {len(first) - MAX_ERROR_KINDS} more kinds (see each trial's error.txt under tune/)")
+    where = f"; results (failed trials have stop_reason error) are in {output / 'results.parquet'}" if output else ""
+    raise SearchFailed(f"the search failed: {why}{where}; first error of each kind:\n" + "\n".join(kinds), frame)
+
+
+def _data_into_base(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--set data.*`` goes into the base (a space never sets data), so the shard path made
+    absolute below is the one trials read."""
+    tree = yaml.safe_load(yaml.safe_dump(base))
+    for key, value in overrides.items():
+        if key == "data" or key.startswith("data."):
+            set_dotted(tree, key, value)
+    return tree
+
+
+def _without_data(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if not (k == "data" or k.startswith("data."))}
 
 
 def _absolute_data_path(base: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,22 @@ every searched or fixed key must exist in the recipe (with the objective the tri
 use), every categorical value and both ends of every range must be valid values, and
 ASHA's grace period must cover the longest warm-up, since before warm-up ends the
 objectives behave like the baseline and early rungs cannot tell them apart.
+
+Values interact (``objective.name: arm`` needs ``model.fusion: concat``; ``objective.lam``
+exists for MNL only), so validation checks every *combination* of categorical values and
+range ends, not each value alone, through the same ``validate_recipe`` a run uses: a bad
+combination fails with exit 2 before Ray starts, instead of as FAILED trials. At most
+``MAX_CHECKED_COMBINATIONS`` combinations are checked (each value is always checked on its
+own as well); a larger space has only its first combinations (in product order) checked.
+
+Precedence of a trial's recipe keys, lowest to highest (``trial_recipe``): the recipe file,
+the space's ``set:``, the user's ``--set`` (``overrides``), the drawn value and seed. A
+``--set`` of a key the space searches (or of ``seed``) is refused: the draw would silently
+beat it.
+
+``max_failed_fraction`` (default 0.5): a search whose trials all failed, or more than this
+fraction of them, ends with exit 1 after its results are written (``tune/search.py``).
+``1.0`` fails the command only when every trial failed.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ from mmbalance.config import ConfigError, Recipe, read_yaml_mapping, set_dotted,
 from mmbalance.objectives import objective_params_model, objective_requirements
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+MAX_CHECKED_COMBINATIONS = 256  # each is one recipe validation (~10 ms); mnl_asha, the largest shipped space, has 60
 
 
 class _Strict(BaseModel):
@@ -96,6 +113,8 @@ class SearchSpace(_Strict):
     max_concurrent: int = Field(1, ge=1)
     workers: int = Field(0, ge=0, description="per trial: 0 trains inside the trial process; N >= 1 runs a TorchTrainer with N workers")
     gpus_per_worker: float = Field(0.0, ge=0.0)
+    max_failed_fraction: float = Field(0.5, ge=0.0, le=1.0, description="the command fails (exit 1) when more than "
+                                       "this fraction of the trials failed, or all of them did")
 
     @model_validator(mode="after")
     def _keys_are_dotted(self) -> "SearchSpace":
@@ -141,32 +160,104 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError(f"search space {file} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
-def trial_recipe(base: dict[str, Any], fixed: dict[str, Any], sampled: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The recipe one trial trains: base recipe, then the space's fixed keys, then its draw."""
+def trial_recipe(base: dict[str, Any], fixed: dict[str, Any], sampled: dict[str, Any], seed: int, *,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe one trial trains, lowest to highest precedence: the recipe file (``base``),
+    the space's ``set:`` (``fixed``), the user's ``--set`` (``overrides``), the draw, the seed.
+    ``--set`` sits above ``set:`` because the user typed it for this search; below the draw
+    because a searched key cannot also be fixed (``check_overrides`` refuses it)."""
     tree = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
-    for key, value in {**fixed, **sampled}.items():
-        # A bundle (an undotted key) sets several recipe keys together, e.g. an objective and
-        # the fusion it needs, so a grid over it never produces an invalid pair.
-        for path, item in (value.items() if "." not in key else [(key, value)]):
-            set_dotted(tree, path, item)
+    _apply(tree, fixed, bundles=True)
+    _apply(tree, overrides or {}, bundles=False)  # `--set model={...}` replaces a section, as in `train`
+    _apply(tree, sampled, bundles=True)
     tree["seed"] = seed
     return tree
 
 
-def validate_against(space: SearchSpace, base: dict[str, Any]) -> Recipe:
-    """Check every key and probe value of ``space`` against ``base``; return the fixed recipe."""
-    fixed = validate_recipe(trial_recipe(base, space.set, {}, space.seeds[0]), source="recipe with the space's `set`")
-    keys = list(space.space)
+def _apply(tree: dict[str, Any], layer: dict[str, Any], *, bundles: bool) -> None:
+    for key, value in layer.items():
+        # A bundle (an undotted key of a space) sets several recipe keys together, e.g. an
+        # objective and the fusion it needs, so a grid over it never produces an invalid pair.
+        for path, item in (value.items() if bundles and "." not in key else [(key, value)]):
+            set_dotted(tree, path, item)
+
+
+def searched_keys(space: SearchSpace) -> set[str]:
+    """Every recipe key a trial's draw sets: dotted space keys, the keys inside bundles, ``seed``."""
+    keys = {"seed"}
+    for key, dist in space.space.items():
+        if "." in key:
+            keys.add(key)
+        else:
+            keys.update(k for bundle in dist.probe_values() for k in bundle)
+    return keys
+
+
+def check_overrides(space: SearchSpace, overrides: dict[str, Any]) -> None:
+    """A ``--set`` of a key the space searches (or of a key above or below one) is an error:
+    the draw would beat it in every trial, so the user's value would silently never be used."""
+    searched = searched_keys(space)
+    for key in overrides:
+        clash = sorted(k for k in searched if k == key or k.startswith(key + ".") or key.startswith(k + "."))
+        if clash:
+            what = "seeds come from the space's `seeds`" if clash == ["seed"] else f"the search space searches {clash[0]}"
+            raise ConfigError(f"--set {key}: {what}; remove it from --set or from the space")
+
+
+def validate_against(space: SearchSpace, base: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
+    """Check every key, value and combination of ``space`` against ``base`` with the space's
+    ``set:`` and the user's ``overrides``; return the fixed recipe (no draw)."""
+    overrides = dict(overrides or {})
+    check_overrides(space, overrides)
+    seed = space.seeds[0]
+    fixed = validate_recipe(trial_recipe(base, space.set, {}, seed, overrides=overrides),
+                            source="recipe with the space's `set` and --set")
     warmups = [warmup_epochs(fixed)]
-    for values in itertools.product(*(space.space[k].probe_values() for k in keys)) if keys else [()]:
-        sampled = dict(zip(keys, values))
+    for sampled in probe_combinations(space):
         try:
-            probe = validate_recipe(trial_recipe(base, space.set, sampled, space.seeds[0]), source="trial recipe")
+            probe = validate_recipe(trial_recipe(base, space.set, sampled, seed, overrides=overrides),
+                                    source="trial recipe")
         except ConfigError as err:
-            raise ConfigError(f"search space value {sampled} does not fit the recipe:\n{err}") from None
+            raise ConfigError(f"search space combination {_describe_combination(sampled)} does not fit the "
+                              f"recipe:\n{err}") from None
         warmups.append(warmup_epochs(probe))
     _check_scheduler(space, fixed, max(warmups))
     return fixed
+
+
+def probe_combinations(space: SearchSpace, limit: int = MAX_CHECKED_COMBINATIONS) -> list[dict[str, Any]]:
+    """Draws to validate: each probe value alone (the other keys at their first value), then
+    every combination of all keys' probe values, up to ``limit`` combinations in all. Each
+    value alone comes first so that a capped space still has every value checked."""
+    keys = list(space.space)
+    if not keys:
+        return [{}]
+    probes = [space.space[k].probe_values() for k in keys]
+    first = {k: values[0] for k, values in zip(keys, probes)}
+    singles = [{**first, k: v} for k, values in zip(keys, probes) for v in values]
+    combos = (dict(zip(keys, values)) for values in itertools.product(*probes))
+    seen, chosen = set(), []
+    for sampled in itertools.chain(singles, combos):
+        marker = yaml.safe_dump(sampled, sort_keys=True)
+        if marker in seen:
+            continue
+        if len(chosen) >= max(limit, len(singles)):
+            break
+        seen.add(marker)
+        chosen.append(sampled)
+    return chosen
+
+
+def _describe_combination(sampled: dict[str, Any]) -> str:
+    """``{objective.name: arm, objective.lam: 0.1}``: the keys as the space names them."""
+    cells = [f"{k}: {_label(v)}" for k, v in sampled.items()]
+    return "{" + ", ".join(cells) + "}"
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def warmup_epochs(recipe: Recipe) -> int:
