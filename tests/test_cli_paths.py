@@ -32,5 +32,5 @@ def test_prepare_refuses_a_missing_root_before_starting_ray(tmp_path, capsys):
 
     assert main(["prepare", "cremad", "--root", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mmbalance prepare: error: --root ") and "no such directory" in err
+    assert err.startswith("mmbalance prepare: error: --root ") and "dataset root does not exist" in err
     assert not ray.is_initialized() and not (tmp_path / "out").exists()

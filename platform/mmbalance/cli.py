@@ -100,7 +100,7 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out}: conversion writes to a file system path (local or a shared volume); "
                           "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)")
     if not Path(args.root).is_dir():  # before Ray starts (seconds to minutes) and before anything is written
-        raise ConfigError(f"--root {args.root}: no such directory; pass the {args.dataset} folder in its distributed "
+        raise ConfigError(f"--root {args.root}: dataset root does not exist; pass the {args.dataset} folder in its distributed "
                           "layout (docs/datasets.md)")
     _check_shards_out(args.out, args.overwrite, reads=[args.root])
     started_ray = args.engine == "ray" and _start_ray_for_prepare(args)
