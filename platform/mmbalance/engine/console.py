@@ -27,9 +27,17 @@ class EpochTable:
         if not self.enabled:
             return
         if not self.printed_header:
-            print(" ".join(f"{c:>10}" for c in self.columns), flush=True)
+            _write_line(" ".join(f"{c:>10}" for c in self.columns))
             self.printed_header = True
         values = [metrics["epoch"], metrics["train/loss_total"], metrics["train/acc_fused"], metrics["val/acc_fused"]]
         values += [metrics[f"val/acc_{m}"] for m in self.modalities]
         values += [metrics["val/imbalance_ratio"], metrics["train/samples_per_s"]]
-        print(" ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1]) + f" {values[-1]:>10.0f}", flush=True)
+        _write_line(" ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1]) + f" {values[-1]:>10.0f}")
+
+
+def _write_line(line: str) -> None:
+    """One line straight to stdout, not through ``print``: a Ray Train worker replaces ``print``
+    with a version that logs the text and, when stdout is wrapped, also prints it, so
+    `train --workers N` showed every epoch row twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
