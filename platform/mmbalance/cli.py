@@ -169,10 +169,7 @@ def _train(args: argparse.Namespace) -> dict:
 def _absolute_data(recipe):
     """The recipe with a local ``data.path`` made absolute: ``config.yaml`` records it, and
     `mmbalance eval` (or a resume) from another directory must find the same data."""
-    path = recipe.data.path
-    if storage.is_uri(path) or Path(path).is_absolute():
-        return recipe
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": str(Path(path).resolve())})})
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": storage.absolute(recipe.data.path)})})
 
 
 def _tracking_overrides(args: argparse.Namespace) -> list[str]:

@@ -13,6 +13,12 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def absolute(location: str | Path) -> str:
+    """A local path made absolute (other processes and later commands run in other working
+    directories); a URI unchanged."""
+    return str(location) if is_uri(location) else str(Path(location).resolve())
+
+
 def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path inside it)`` for a shard directory or file."""
     if is_uri(location):

@@ -416,7 +416,6 @@ def _without_data(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _absolute_data_path(base: dict[str, Any]) -> dict[str, Any]:
     """Trials run in other processes (other working directories): make the shard path absolute."""
-    path = str(base["data"]["path"])
-    if "://" in path:
-        return base
-    return {**base, "data": {**base["data"], "path": str(Path(path).resolve())}}
+    from mmbalance.data.storage import absolute
+
+    return {**base, "data": {**base["data"], "path": absolute(base["data"]["path"])}}
