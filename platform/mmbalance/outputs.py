@@ -44,6 +44,8 @@ RUN = Layout("run", ("config.yaml", "metrics.jsonl", "result.json", "checkpoints
 SEARCH = Layout("search", ("results.parquet", "results.csv", "results.json", "trials", "tune", "train", "report", "wandb",
                            "experiment_id.json*"))
 REPORT = Layout("report", ("report.html", "report.md", "*.png", "wandb_report.json"))
+# A conversion's resumable work directory, <out>.partial (data/convert/pipeline.py).
+CONVERSION_WORK = Layout("conversion work", ("fingerprint.txt", "chunks"))
 
 
 def shards_layout(directory: Path) -> Layout:

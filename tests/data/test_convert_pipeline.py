@@ -133,6 +133,18 @@ def test_changed_parameters_discard_the_partial_work(tmp_path):
     assert read_manifest(tmp_path / "out").preprocessing["params"] == {"scale": 3.0}
 
 
+def test_a_foreign_folder_named_like_the_work_directory_is_never_removed(tmp_path):
+    from mmbalance.outputs import UnsafeOutput
+
+    make_toy(tmp_path / "raw", n=4)
+    foreign = work_dir_for(tmp_path / "out")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(UnsafeOutput, match="notes.txt"):
+        convert(ToyConverter(), tmp_path / "raw", tmp_path / "out", engine="local", **QUIET)
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+
 def test_bad_files_are_listed_and_skipped_only_on_request(tmp_path):
     make_toy(tmp_path / "raw", n=15)
     (tmp_path / "raw" / "s004.txt").write_text("garbage")

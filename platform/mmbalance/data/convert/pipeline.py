@@ -130,6 +130,7 @@ def _fingerprint(converter: Converter, listing: Listing, samples: list[RawSample
 def _open_work_dir(work: Path, fingerprint: str, progress: Callable[[str], None]) -> None:
     stamp = work / "fingerprint.txt"
     if work.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+        outputs.check_replaceable(work, outputs.CONVERSION_WORK)  # a folder that merely shares the name survives
         progress(f"{work}: left by a conversion with other inputs or parameters; starting over")
         shutil.rmtree(work)
     (work / "chunks").mkdir(parents=True, exist_ok=True)
