@@ -48,6 +48,18 @@ def test_killed_worker_recovers_from_latest_checkpoint_without_duplicate_epochs(
     assert result["epochs"] == 3
 
 
+def test_deterministic_error_in_a_worker_is_raised_without_retry(ray_cluster, small_shards, tmp_path):
+    """max_failures=2 would give three attempts; a ValueError raised by the training function
+    is a deterministic error (tune/failure_policy.py) and must cost exactly one."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    attempts = tmp_path / "attempts"
+    fault = {"kind": "raise", "rank": 0, "epoch": 1, "step": 0, "attempts_file": str(attempts)}
+    with pytest.raises(WorkerGroupError, match="planted deterministic error"):
+        _fit(small_shards, tmp_path / "run", epochs=3, fault=fault, max_failures=2)
+    assert len(attempts.read_text().splitlines()) == 1
+
+
 def test_request_that_cannot_fit_is_refused_before_scheduling(ray_cluster):
     with pytest.raises(DoesNotFit, match="50 workers x 1.0 CPU"):
         check_fits(Request(workers=50))

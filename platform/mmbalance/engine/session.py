@@ -108,9 +108,13 @@ def fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, int], 
     """Test-only: kill this worker process once at (epoch, step) to exercise recovery.
     ``fault = {"rank": r, "epoch": e, "step": s, "once_file": path}``; the file makes it fire once,
     in one process only: the first to create it dies (a search hands the same fault to every
-    trial, and concurrent trials reach the same step together)."""
+    trial, and concurrent trials reach the same step together). With ``"kind": "raise"`` and
+    ``"attempts_file"`` instead, every attempt raises a ``ValueError`` there (a deterministic
+    error) after appending a line to that file, so a test can count the attempts."""
     if not fault or fault["rank"] != rank:
         return None
+    if fault.get("kind") == "raise":
+        return _raise_hook(fault)
     marker = Path(fault["once_file"])
 
     def maybe_die(epoch: int, step: int) -> None:
@@ -122,6 +126,16 @@ def fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, int], 
             os._exit(17)
 
     return maybe_die
+
+
+def _raise_hook(fault: dict[str, Any]) -> Callable[[int, int], None]:
+    def always_raise(epoch: int, step: int) -> None:
+        if epoch == fault["epoch"] and step == fault["step"]:
+            with open(fault["attempts_file"], "a") as attempts:
+                attempts.write(f"{os.getpid()}\n")
+            raise ValueError(f"planted deterministic error at epoch {epoch}, step {step}")
+
+    return always_raise
 
 
 def _claim(marker: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Called by ``mmbalance train --workers N`` and (later) by every Tune trial, so the two never
 drift. Workers run ``engine.loop.train_loop_per_worker`` unchanged; this module only wires
-datasets, scaling, failure handling and checkpoint retention.
+datasets, scaling, failure handling (``tune/failure_policy.py``: only recoverable failures are
+retried) and checkpoint retention.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, g
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from mmbalance.tune import failure_policy
+
+    failure_policy.install()  # max_failures counts worker deaths; a deterministic error is raised at once
     output_dir = Path(output_dir).resolve()
     data_root = recipe.data.path if "://" in recipe.data.path else str(Path(recipe.data.path).resolve())
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data_root})})

@@ -31,6 +31,7 @@ from mmbalance.tune.space import SearchSpace, trial_recipe
 TRIALS_DIR = "trials"
 EXPERIMENT_STATE = "tune"
 ENDED = "ended.json"  # in a trial's run directory, written by the driver when Tune ends the trial
+FAILED = "failed.json"  # in a trial's run directory: its deterministic error, re-raised by a retry
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
@@ -47,10 +48,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     """One Tune trial == one training run, named after its (stable) trial id. ``fault`` is the
     test-only hook of ``engine/session.fault_hook`` (docs/faults.md).
 
-    Neither Tune's nor Ray Train's ``FailureConfig`` tells a deterministic error from a dead
-    process: both retry any exception. So the trial checks its recipe against its data here,
-    before a ``TorchTrainer`` starts: a config error that got past ``validate_against`` costs
-    one cheap Tune retry of this process, not two worker-group starts per attempt."""
+    Tune's ``FailureConfig`` retries any exception, Ray Train's only recoverable ones
+    (``tune/failure_policy.py``). So the trial checks its recipe against its data before a
+    ``TorchTrainer`` starts, and a deterministic error is recorded in the run directory
+    (``failed.json``): Tune's retry then re-raises it at once instead of training again."""
     import logging
 
     import ray.tune
@@ -72,20 +73,54 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
         # call this trial running though it had ended. Report how it ended, train nothing.
         ray.tune.report({**last, REPLAYED: True})
         return
-    if workers == 0:
-        train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False,
-                               "fault": fault})
+    raise_recorded_failure(run_dir)
+    try:
+        if workers == 0:
+            train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False,
+                                   "fault": fault})
+            return
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from mmbalance.tune.driver import fit
+
+        recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
+        manifest = read_manifest(recipe.data.path)
+        check_against_data(recipe, manifest)
+        fit(recipe, manifest, run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
+            name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train",
+            verbose=False, fault=fault, callbacks=[TuneReportCallback()])
+    except Exception as err:
+        record_failure(run_dir, err)
+        raise
+
+
+class RepeatedTrialError(RuntimeError):
+    """A retried trial whose previous attempt raised a deterministic error: raised again
+    without training. ``kind`` is the original exception's type, for the failure summary."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{message} (not retried: the previous attempt of this trial raised it)")
+        self.kind = kind
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """Write ``failed.json`` when ``error`` would recur on a retry (nothing otherwise)."""
+    from mmbalance.tune.failure_policy import is_deterministic
+
+    if not is_deterministic(error):
         return
-    from ray.tune.integration.ray_train import TuneReportCallback
+    failures = getattr(error, "worker_failures", None)
+    first = next(iter(failures.values())) if failures else error
+    first = getattr(first, "_base_exc", first)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).write_text(json.dumps({"kind": type(first).__name__, "message": str(first)}) + "\n")
 
-    from mmbalance.tune.driver import fit
 
-    recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
-    manifest = read_manifest(recipe.data.path)
-    check_against_data(recipe, manifest)
-    fit(recipe, manifest, run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
-        name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", verbose=False,
-        fault=fault, callbacks=[TuneReportCallback()])
+def raise_recorded_failure(run_dir: Path) -> None:
+    file = run_dir / FAILED
+    if file.is_file():
+        recorded = json.loads(file.read_text())
+        raise RepeatedTrialError(recorded["kind"], recorded["message"])
 
 
 def ended_result(run_dir: Path) -> dict[str, Any] | None:
@@ -168,6 +203,8 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
         # The saved Tuner holds its run config, callbacks included (the W&B logger resumes too).
         if tracking is not None:
             prepare_driver(tracking, output)
+        for recorded in (output / TRIALS_DIR).glob(f"*/{FAILED}"):
+            recorded.unlink()  # --resume retries errored trials: the user may have fixed the cause
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
                                   resume_unfinished=True, resume_errored=True)
     if space.scheduler.name == "asha":
@@ -370,7 +407,7 @@ def error_summary(error: Any) -> tuple[str, str]:
     message in one line: what a user needs to tell "my config is wrong" from "a node died"."""
     cause = getattr(error, "cause", None) or error
     if isinstance(cause, BaseException):
-        kind, text = type(cause).__name__, str(cause)
+        kind, text = getattr(cause, "kind", None) or type(cause).__name__, str(cause)
     else:  # Tune's text trace, when the exception could not be pickled
         lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
         last = lines[-1] if lines else "unknown error"
