@@ -81,6 +81,8 @@ class DataConfig(_Strict):
     test_split: str = "test"
     train_corruptions: list[TrainCorruption] = Field(
         default_factory=list, description="corruptions applied, in order, to training batches only (augmentation)")
+    modalities: list[str] | None = Field(None, min_length=1, description="train on only these of the recipe's "
+                                         "modalities (e.g. [audio] for a unimodal run); null: all of them")
 
     @model_validator(mode="after")
     def _val_is_not_test(self) -> "DataConfig":
@@ -190,6 +192,24 @@ class Recipe(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _keep_data_modalities(self) -> "Recipe":
+        """``data.modalities`` keeps only those modalities (in the recipe's order), and drops the
+        sweeps and train corruptions of the others: a study adds the subset to a recipe written
+        for all modalities. Runs before the objective's modality count is checked."""
+        keep = self.data.modalities
+        if keep is None:
+            return self
+        unknown = [m for m in keep if m not in self.modalities]
+        if unknown or len(set(keep)) != len(keep):
+            problem = f"{unknown} not in the recipe's modalities" if unknown else f"{keep} repeats a name"
+            raise ValueError(f"data.modalities: {problem}; allowed: {sorted(self.modalities)}")
+        self.modalities = {m: cfg for m, cfg in self.modalities.items() if m in keep}
+        self.data.modalities = list(self.modalities)
+        self.eval.corruptions = [c for c in self.eval.corruptions if c.modality in self.modalities]
+        self.data.train_corruptions = [c for c in self.data.train_corruptions if c.modality in self.modalities]
+        return self
 
     @model_validator(mode="after")
     def _objective_fits_model(self) -> "Recipe":
