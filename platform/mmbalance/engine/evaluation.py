@@ -4,7 +4,9 @@ A Tune scheduler may stop a trial at any report, so nothing after a trial's last
 guaranteed to run. The search therefore scores every trial here, from the best-val
 checkpoint it reported: test accuracy (fused and per modality) and robustness — accuracy
 with each modality missing (its input zeroed) and under each configured corruption level.
-The test split is read here and nowhere in model selection.
+With 2-4 modalities it also splits fused test accuracy into each modality's Shapley value
+(``shapley.py``): every coalition is scored with the modalities outside it missing, the same
+masking as the missing-modality scores. The test split is read here and nowhere in model selection.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mmbalance.engine.batches import InMemorySplit
 from mmbalance.engine.build import build_bound_objective, build_model, load_model_state, resolve_device
 from mmbalance.engine.checkpoint import load_state
 from mmbalance.engine.metrics import imbalance_ratio
+from mmbalance.engine.shapley import MAX_PLAYERS, coalitions, shapley_values
 from mmbalance.engine.steps import evaluate
 
 ArrayTransform = Callable[[SplitArrays], SplitArrays]
@@ -155,11 +158,41 @@ def evaluate_run(run_dir: str | Path, recipe_tree: dict[str, Any]) -> dict[str, 
         return score_arrays(model, objective, arrays, modalities, recipe.eval.batch_size, epoch, device)
 
     clean = score(test)
-    robustness = {name: score(transform(test))["acc_fused"] for name, transform in robustness_transforms(recipe, manifest).items()}
+    transforms = robustness_transforms(recipe, manifest)
+    robustness = {name: score(transform(test))["acc_fused"] for name, transform in transforms.items()}
+    known = {frozenset(modalities): clean["acc_fused"],
+             **{frozenset(modalities) - {m}: robustness[f"missing_{m}"] for m in modalities}}
+    contributions = shapley_scores(lambda arrays: score(arrays)["acc_fused"], test, modalities, transforms, known)
     return {
         "best_epoch": epoch,
         "best_val": state["progress"]["best_val"],
         "test": {"acc": clean["acc_fused"], "acc_per_modality": {m: clean[f"acc_{m}"] for m in modalities},
-                 "imbalance_ratio": clean["imbalance_ratio"], "samples": len(test)},
+                 "imbalance_ratio": clean["imbalance_ratio"], "samples": len(test), **contributions},
         "robustness": robustness,
     }
+
+
+def shapley_scores(fused: Callable[[SplitArrays], float], arrays: SplitArrays, modalities: list[str],
+                   transforms: dict[str, ArrayTransform], known: dict[frozenset[str], float]) -> dict[str, float]:
+    """``shapley_<m>`` (``shapley.shapley_values`` of fused accuracy) for each modality and
+    ``coalition_<a+b>`` (fused accuracy with only a and b present; ``coalition_none``: all
+    missing) for every coalition, when there are 2 to ``MAX_PLAYERS`` modalities; else nothing.
+    A coalition's absent modalities go through their ``transforms["missing_<m>"]`` in turn;
+    coalitions in ``known`` (the clean and single-missing passes) are not scored again."""
+    if not 2 <= len(modalities) <= MAX_PLAYERS:
+        return {}
+    values = dict(known)
+
+    def value(present: frozenset[str]) -> float:
+        if present not in values:
+            masked = arrays
+            for m in modalities:
+                if m not in present:
+                    masked = transforms[f"missing_{m}"](masked)
+            values[present] = fused(masked)
+        return values[present]
+
+    phi = shapley_values(value, modalities)
+    names = {s: "+".join(m for m in modalities if m in s) or "none" for s in coalitions(modalities)}
+    return {**{f"shapley_{m}": phi[m] for m in modalities},
+            **{f"coalition_{names[s]}": values[s] for s in reversed(coalitions(modalities))}}
