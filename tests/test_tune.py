@@ -59,6 +59,36 @@ def test_asha_over_torch_trainers_scores_every_trial_and_leaks_nothing(ray_clust
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
 
+def test_a_second_sigint_stops_the_search_at_once(ray_cluster, small_shards, tmp_path):
+    """Tune ends a search gracefully on the first SIGINT (saving its state, finishing the W&B
+    runs within search_wandb.FINISH_WAIT_S); a second one must skip that and exit now."""
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"space": {"optim.lr": {"choice": [0.001, 0.002]}}, "samples": 2,
+                                          "scheduler": {"name": "fifo"}, "max_concurrent": 2, "workers": 0}))
+    recipe = tmp_path / "recipe.yaml"
+    tree = recipe_dict(small_shards, tracking={"wandb": "offline"})
+    tree["schedule"] = {"epochs": 200, "batch_size": 32}
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "search"
+    search = subprocess.Popen([shutil.which("mmbalance"), "tune", str(space_file), "--recipe", str(recipe),
+                               "--output", str(out), "--address", ray_cluster.get_runtime_context().gcs_address],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not list((out / "trials").glob("*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert list((out / "trials").glob("*/metrics.jsonl")), "no trial reported an epoch in time"
+    search.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    search.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    log = search.communicate(timeout=60)[0]
+    stop_s = time.monotonic() - second
+    print(f"second SIGINT to exit: {stop_s:.1f} s")
+    assert search.returncode == 130, log[-3000:]
+    assert stop_s < 10, log[-3000:]
+    assert "interrupted; stopped without the final save" in log and "Traceback" not in log, log[-3000:]
+
+
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, small_shards, tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({
@@ -104,7 +134,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
         fragments = [read_offline_run(d) for d in sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))]
         assert fragments, trial_id
         assert {f["run"]["run_id"] for f in fragments} == {run_id}
-        assert {f["run"]["run_group"] for f in fragments} == {"search"}
+        # Grouped by the experiment: its directory name and its own id (never the name alone).
+        assert {f["run"]["run_group"] for f in fragments} == {f"search-{experiment[:8]}"}
         epochs = sorted(row["epoch"] for f in fragments for row in f["history"].values() if "epoch" in row)
         assert epochs == list(range(8)), (trial_id, epochs)  # nothing lost, nothing twice
         assert any("val/acc_fused" in row for f in fragments for row in f["history"].values())

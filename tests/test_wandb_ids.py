@@ -7,6 +7,9 @@ cluster: the search callback's actor class is built and constructed in this proc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import yaml
 from mmbalance import outputs
 from mmbalance.cli import main
 from mmbalance.tracking import records
-from mmbalance.tracking.records import RunRecord, experiment_id, new_id, trial_run_id
+from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, new_id, trial_run_id
 from mmbalance.tracking.wandb_tracker import TrackingConfig
 
 from conftest import recipe_dict
@@ -147,6 +150,35 @@ def test_resume_continues_the_same_wandb_run_and_overwrite_starts_a_new_one(tmp_
     assert not fresh["run"].get("resume") and sorted(fresh["history"]) == [0, 1]
 
 
+def test_a_run_killed_with_its_wandb_run_open_logs_its_last_epoch_again_on_resume(tmp_path, recipe_file):
+    """kill -9 right after an epoch is recorded can lose that epoch's W&B row (the W&B service
+    had not flushed it); the resumed start logs the last recorded epoch again, so the synced
+    history has every epoch."""
+    run_dir = tmp_path / "run"
+    tree = yaml.safe_load(recipe_file.read_text())
+    tree["schedule"]["epochs"] = 3
+    recipe = tmp_path / "three.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    config = {"recipe": tree, "output_dir": str(run_dir), "verbose": False,
+              "fault": {"rank": 0, "epoch": 1, "step": 0, "once_file": str(tmp_path / "fired"), "delay_s": 0}}
+    script = f"from mmbalance.engine.loop import train_loop_per_worker; train_loop_per_worker({config!r})"
+    # Its own W&B service, as a separate command has: wandb hands its service address to child
+    # processes, and a stream that a killed child left in this process's service keeps its id busy.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == 17, killed.stderr[-2000:]  # the fault hook's os._exit: no cleanup ran
+    assert (run_dir / records.TRACKING_OPEN).is_file()
+    train(recipe, run_dir, "--resume")
+    # The killed start's own file may be unreadable (here it usually holds not even the run record).
+    resumed = read_offline_run(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])
+    assert sorted(resumed["history"]) == [0, 1, 2]  # epoch 0 again, then the epochs it trained
+    assert not (run_dir / records.TRACKING_OPEN).exists()
+
+    train(recipe, run_dir, "--resume")  # a start that finished cleanly: nothing is logged again
+    again = read_offline_run(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])
+    assert again["run"]["run_id"] == resumed["run"]["run_id"] and sorted(again["history"]) == []
+
+
 def test_an_untracked_run_creates_no_id(tmp_path, recipe_file):
     run_dir = tmp_path / "quiet"
     train(recipe_file, run_dir, "--wandb", "disabled")
@@ -171,17 +203,20 @@ def test_search_logger_and_scores_use_one_experiment_specific_trial_id(tmp_path,
     monkeypatch.chdir(tmp_path)  # the actor chdirs into its logdir
     cfg = TrackingConfig(wandb="offline")
     trial = "a1b2c_00000"
-    ids = {}
+    ids, groups = {}, {}
     for name in ("study1", "study2"):
         out = tmp_path / name / "search"  # two experiments, same directory name, same trial id
-        logged = logger_actor_id(search_callback(cfg, "search", out), trial, tmp_path)
-        record_scores(cfg, "search", out, trial, {"test": {"acc": 0.5}})
+        callback = search_callback(cfg, out)
+        logged = logger_actor_id(callback, trial, tmp_path)
+        record_scores(cfg, experiment_group(out), out, trial, {"test": {"acc": 0.5}})
         [scored] = [read_offline_run(d) for d in (out / "wandb").glob("offline-run-*")]
         assert scored["run"]["run_id"] == logged == trial_run_id(experiment_id(out), trial)
+        assert callback.group == scored["run"]["run_group"] == experiment_group(out) != "search"
+        groups[name] = callback.group
         assert scored["run"]["resume"] is True and scored["summary"]["test/acc"] == 0.5
         assert logged.endswith(trial)
         ids[name] = logged
-    assert ids["study1"] != ids["study2"]
+    assert ids["study1"] != ids["study2"] and groups["study1"] != groups["study2"]
 
 
 def test_scores_of_an_untracked_search_write_nothing(tmp_path):

@@ -216,19 +216,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank0:
         _start_record(record, recipe, trainer.progress.epoch)
     table = EpochTable(trainer.modalities, enabled=rank0 and config.get("verbose", True))
-    with _tracker(config, recipe, record, continuing=state is not None or _under_ray(config)) as tracker:
-        result = None
-        for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
-            metrics = trainer.run_epoch(epoch)
-            if epoch == recipe.schedule.epochs - 1:
-                latest = trainer.state()  # before final_test swaps in the best weights
-                result = trainer.final_test()
-            _finish_epoch(session, trainer, record, table, tracker, metrics, latest if result else trainer.state(), result)
-        if result is None:  # resumed after the last epoch had already been reported
+    tracked = _tracker(config, recipe, record, continuing=state is not None or _under_ray(config))
+    tracking = record is not None and tracked.active
+    try:
+        with tracked as tracker:
+            result = _train_epochs(session, trainer, recipe, record, table, tracker, state is not None)
+    finally:
+        if tracking:
+            record.close_tracking()  # W&B finished (also after an error): everything logged is flushed
+    return result
+
+
+def _train_epochs(session: Session, trainer: Trainer, recipe: Recipe, record: RunRecord | None, table: EpochTable,
+                  tracker: WandbTracker, restored: bool) -> dict[str, Any]:
+    if record is not None and tracker.active and record.open_tracking() and restored:
+        # The start before this one was killed with its W&B run open: the last epoch it
+        # recorded may never have reached W&B. Log it again at its step: W&B drops a row for
+        # a step it already has, so this fills the gap and never duplicates (log_epoch_again).
+        recorded = [m for m in record.read_metrics() if m["epoch"] < trainer.progress.epoch]
+        if recorded:
+            tracker.log_epoch_again(recorded[-1])
+    result = None
+    for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
+        metrics = trainer.run_epoch(epoch)
+        if epoch == recipe.schedule.epochs - 1:
+            latest = trainer.state()  # before final_test swaps in the best weights
             result = trainer.final_test()
-            if rank0:
-                record.write_result(result)
-            tracker.summary(result)
+        _finish_epoch(session, trainer, record, table, tracker, metrics, latest if result else trainer.state(), result)
+    if result is None:  # resumed after the last epoch had already been reported
+        result = trainer.final_test()
+        if record is not None:
+            record.write_result(result)
+        tracker.summary(result)
     return result
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 RUN_ID_FILE = "run_id.json"
+TRACKING_OPEN = "wandb_open.json"  # present while a start's W&B run is open; left behind by a kill
 EXPERIMENT_ID_FILE = "experiment_id.json"
 ID_LENGTH = 16  # hex digits: 64 random bits, so ids never collide in practice
 
@@ -88,6 +89,13 @@ def experiment_id(directory: str | Path, *, fresh: bool = False) -> str:
     return shared_id(path)
 
 
+def experiment_group(directory: str | Path) -> str:
+    """A search's W&B group: its directory name (readable) + its own id's first 8 characters,
+    so two experiments in directories of the same name (``a/search``, ``b/search``) never share
+    a group."""
+    return f"{Path(directory).name}-{experiment_id(directory)[:8]}"
+
+
 def trial_run_id(experiment: str, trial_id: str) -> str:
     """A search trial's W&B id: the experiment's id, then Tune's trial id (readable in the UI)."""
     return f"{experiment}-{trial_id}"
@@ -137,6 +145,19 @@ class RunRecord:
 
     def checkpoint_dir(self, which: str) -> Path:
         return self.dir / "checkpoints" / which
+
+    def open_tracking(self) -> bool:
+        """Mark this run's W&B run as open; return whether an earlier start left it open, i.e.
+        was killed before its W&B run finished. Such a start may have written an epoch to
+        ``metrics.jsonl`` that never reached W&B (the W&B service had not flushed it)."""
+        marker = self.dir / TRACKING_OPEN
+        left_open = marker.is_file()
+        marker.write_text(json.dumps({"pid": os.getpid()}) + "\n")
+        return left_open
+
+    def close_tracking(self) -> None:
+        """The W&B run finished (flushed): nothing logged is at risk any more."""
+        (self.dir / TRACKING_OPEN).unlink(missing_ok=True)
 
     def identity(self, continuing: bool) -> RunIdentity:
         """This run's id: the stored one when this start is ``continuing`` an earlier one (``--resume``,

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmbalance.tracking.records import experiment_id, trial_run_id
+from mmbalance.tracking.records import experiment_group, experiment_id, trial_run_id
 from mmbalance.tracking.wandb_tracker import (TrackingConfig, WandbTracker, _quiet_exit_hooks, _say, _settings,
                                              resolve_mode)
 
@@ -112,14 +112,16 @@ def prepare_driver(cfg: TrackingConfig, out_dir: Path) -> str:
     return mode
 
 
-def search_callback(cfg: TrackingConfig, group: str, out_dir: Path):
-    """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled."""
+def search_callback(cfg: TrackingConfig, out_dir: Path):
+    """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled.
+    Its runs' group is ``records.experiment_group``, made from the search's new id."""
     mode = prepare_driver(cfg, out_dir)
     if mode == "disabled":
         return None
     wandb_dir = Path(out_dir).resolve()
     wandb_dir.mkdir(parents=True, exist_ok=True)
     experiment = experiment_id(out_dir, fresh=True)  # only a new search builds this callback; a resumed one unpickles it
+    group = experiment_group(out_dir)
     import ray
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
     from ray.util.queue import Queue

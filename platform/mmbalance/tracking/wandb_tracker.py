@@ -227,6 +227,15 @@ class WandbTracker:
         row = {k: (int(v) if isinstance(v, bool) else v) for k, v in metrics.items() if _scalar(v)}
         self.run.log(row, step=int(metrics["epoch"]))
 
+    def log_epoch_again(self, metrics: dict[str, Any]) -> None:
+        """``log_epoch`` for an epoch an earlier, killed start may not have flushed. Online, a
+        resumed run knows its next step: an epoch W&B already has is skipped (W&B would drop
+        it with a warning). Offline, a resumed run starts at step 0 and the row is written; when
+        the fragments are synced, W&B drops a row for a step it already has."""
+        if self.run is None or int(getattr(self.run, "step", 0) or 0) > int(metrics["epoch"]):
+            return
+        self.log_epoch(metrics)
+
     def summary(self, result: dict[str, Any]) -> None:
         """The final result (best val, test, robustness, ...) as flat summary keys; NaN is
         dropped, as in the local record where it becomes null."""

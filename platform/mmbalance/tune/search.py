@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from mmbalance.config import check_against_data, set_dotted, validate_recipe
-from mmbalance.tracking.records import RunRecord
+from mmbalance.tracking.records import RunRecord, experiment_group
 from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
 from mmbalance.tracking.wandb_tracker import TrackingConfig
 from mmbalance.data.manifest import read_manifest
@@ -174,7 +174,7 @@ def trial_progress_callback(total: int, max_t: int, trials_dir: Path | None = No
 
 def _callbacks(space: SearchSpace, max_t: int, tracking: TrackingConfig | None, output: Path) -> list:
     callbacks = [trial_progress_callback(space.trial_count(), max_t, output.resolve() / TRIALS_DIR)]
-    wandb = search_callback(tracking, output.name, output) if tracking is not None else None
+    wandb = search_callback(tracking, output) if tracking is not None else None
     return callbacks + ([wandb] if wandb is not None else [])
 
 
@@ -259,7 +259,7 @@ def score_trial(run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], ou
     from mmbalance.engine.evaluation import evaluate_run
 
     score = evaluate_run(run_dir, tree)
-    record_scores(TrackingConfig.model_validate(tracking), Path(output).name, Path(output), Path(run_dir).name, score)
+    record_scores(TrackingConfig.model_validate(tracking), experiment_group(output), Path(output), Path(run_dir).name, score)
     return score
 
 
