@@ -496,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print(f"mmbalance {args.command}: interrupted", file=sys.stderr)
+        # In a search this is the second Ctrl-C (Tune handles the first): the last state save
+        # and the W&B finish were skipped, so say what --resume will find.
+        after = ("; stopped without the final save: --resume continues from the search state Tune saved last "
+                 "(trials that were running restart from their latest checkpoint)"
+                 if args.command in ("tune", "demo") else "")
+        print(f"mmbalance {args.command}: interrupted{after}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
         sys.stderr.close()

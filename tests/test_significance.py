@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mmbalance.reports.statistics import (Interval, adjust, bonferroni, compare_to_reference, format_interval,
+from mmbalance.reports.significance import (Interval, adjust, bonferroni, compare_to_reference, format_interval,
                                           holm, mean_interval, paired_difference, significant)
 
 T_975_DF3 = 3.182446  # t_{0.975, 3}, from a printed t table
