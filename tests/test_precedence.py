@@ -104,6 +104,23 @@ def test_ray_address_beats_a_local_ray(monkeypatch):
     assert cluster.choose_address(None)[0] is None
 
 
+@pytest.mark.parametrize("flag, expected, line", [
+    ("10.0.0.1:6379", "10.0.0.1:6379", "Ray address 10.0.0.1:6379 (from --address; RAY_ADDRESS=10.0.0.9:6379 ignored)"),
+    (None, "10.0.0.9:6379", "Ray address 10.0.0.9:6379 (from RAY_ADDRESS; no --address given)"),
+])
+def test_prepare_uses_the_same_address_rule_and_says_so(monkeypatch, capsys, flag, expected, line):
+    import ray
+
+    from mmbalance.cli import _start_ray_for_prepare
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    assert _start_ray_for_prepare(argparse.Namespace(address=flag, num_cpus=None)) is True
+    assert calls[0]["address"] == expected and line in capsys.readouterr().out
+
+
 def test_connect_passes_the_chosen_address_to_ray_and_says_so(monkeypatch, capsys):
     """``tune`` and ``train --workers`` connect through ``connect``; ray.init is faked here."""
     import ray

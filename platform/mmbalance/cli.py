@@ -33,25 +33,36 @@ DEFAULT_SPACE = Path("search_spaces/quickstart.yaml")
 
 
 def _prepare_synthetic(args: argparse.Namespace) -> None:
-    from mmbalance.data.synthetic import SyntheticSpec, prepare_synthetic
+    from mmbalance.data.synthetic import prepare_synthetic
 
-    spec = SyntheticSpec()
+    try:
+        spec = _synthetic_spec(args)
+    except ValueError as err:  # a spec the generator refuses (pydantic's errors are ValueErrors)
+        raise ConfigError(str(err)) from None
+    _check_shards_out(args.out, args.overwrite)
+    manifest = prepare_synthetic(args.out, spec, overwrite=args.overwrite)
+    _print_prepared(args.out, manifest)
+
+
+def _synthetic_spec(args: argparse.Namespace):
+    from mmbalance.data.synthetic import SyntheticSpec
+
+    version = int(args.generator.removeprefix("v"))
+    spec = SyntheticSpec(version=version)
     names = args.modalities.split(",") if args.modalities else list(spec.modalities)
     signals = _floats(args.signal, len(names), "--signal") if args.signal else None
     noises = _floats(args.noise, len(names), "--noise") if args.noise else None
     defaults = list(spec.modalities.values())
     modalities = {}
     for i, name in enumerate(names):
-        base = defaults[min(i, len(defaults) - 1)].model_dump()
-        base.update({"dim": args.dim} if args.dim else {})
+        default = defaults[min(i, len(defaults) - 1)]
+        base = (default.resized(args.dim) if args.dim else default).model_dump()
         base.update({"signal": signals[i]} if signals else {})
         base.update({"noise": noises[i]} if noises else {})
         modalities[name] = base
     samples = {"train": args.samples, "val": args.val_samples, "test": args.test_samples}
-    spec = SyntheticSpec.model_validate({"samples": samples, "classes": args.classes, "modalities": modalities, "seed": args.seed})
-    _check_shards_out(args.out, args.overwrite)
-    manifest = prepare_synthetic(args.out, spec, overwrite=args.overwrite)
-    _print_prepared(args.out, manifest)
+    return SyntheticSpec.model_validate({"version": version, "samples": samples, "classes": args.classes,
+                                         "modalities": modalities, "seed": args.seed})
 
 
 def _floats(text: str, count: int, flag: str) -> list[float]:
@@ -119,19 +130,19 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
 
 
 def _start_ray_for_prepare(args: argparse.Namespace) -> bool:
-    import os
-
     import ray
 
-    from mmbalance.tune.cluster import object_store_bytes
+    from mmbalance.tune.cluster import choose_address, object_store_bytes
 
     if ray.is_initialized():
         return False
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address, where = choose_address(args.address)  # --address beats RAY_ADDRESS, as for tune and submit
     if address:
+        print(f"Ray address {address} ({where})", flush=True)
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=args.num_cpus, object_store_memory=object_store_bytes(), include_dashboard=False)
+        return True
+    print(f"Ray: starting a local instance ({where})", flush=True)
+    ray.init(num_cpus=args.num_cpus, object_store_memory=object_store_bytes(), include_dashboard=False)
     return True
 
 
@@ -390,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--modalities", help="comma-separated names (default audio,visual; audio dominant)")
     syn.add_argument("--signal", help="comma-separated class-signal strength per modality")
     syn.add_argument("--noise", help="comma-separated noise std per modality")
-    syn.add_argument("--dim", type=int, help="feature dimension of every modality (default 32)")
+    syn.add_argument("--dim", type=int, help="feature dimension of every modality (default 32; an XOR code keeps at most dim/2 pairs)")
+    syn.add_argument("--generator", choices=["v1", "v2"], default="v2",
+                     help="v2: visual class signal an XOR code (learned slowly); v1: the version-1 dataset, byte for byte")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     syn.set_defaults(func=_prepare_synthetic)
