@@ -14,7 +14,7 @@ def _space(**fields) -> SearchSpace:
 
 
 def test_every_shipped_space_loads_and_fits_the_synthetic_recipe(small_shards):
-    spaces = sorted((REPO / "search_spaces").glob("*.yaml"))
+    spaces = sorted(p for p in (REPO / "search_spaces").glob("*.yaml") if not p.stem.startswith("study_"))
     assert {p.stem for p in spaces} >= {"quickstart", "mnl_asha", "guidance_ablation", "objectives_compare"}
     for path in spaces:
         validate_against(load_space(path), recipe_dict(small_shards))

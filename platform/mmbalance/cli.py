@@ -352,6 +352,51 @@ def _tune(args: argparse.Namespace) -> None:
     _print_search(frame, space, output)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    """Like ``tune``: the whole study (every method's space against the recipe, equal budgets)
+    is validated before Ray starts and before the output is touched."""
+    from mmbalance.config import load_recipe_dict
+    from mmbalance.reports.verdicts import format_verdicts
+    from mmbalance.tune.compare import run_study
+    from mmbalance.tune.search import SearchFailed
+    from mmbalance.tune.study import load_study, validate_study
+
+    study_file = shipped.resolve("study", args.study)
+    study = load_study(study_file)
+    updates = {k: v for k, v in {"max_concurrent": args.max_concurrent, "workers": args.workers,
+                                 "gpus_per_worker": args.gpus_per_worker}.items() if v is not None}
+    if args.seeds:
+        updates["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.trials:
+        updates["budget"] = {**study.budget.model_dump(), "trials": args.trials}
+    study = study.model_validate({**study.model_dump(), **updates})
+    base = load_recipe_dict(shipped.resolve("recipe", args.recipe))
+    overrides = dict(parse_override(item) for item in [*args.set, *_tracking_overrides(args)])
+    methods = validate_study(study, base, overrides)  # exit 2 here, before Ray
+    output = Path(args.output or Path("runs") / f"compare-{study_file.stem}")
+    holds = (output / "study.json").exists() or (output / "methods").exists()
+    if not args.resume and holds and not args.overwrite:
+        raise ConfigError(f"{output} already holds a study; pass --resume to finish it or --overwrite to replace it")
+    if not args.resume and args.overwrite and output.exists():
+        data = overrides.get("data.path", (base.get("data") or {}).get("path"))
+        outputs.clear(output, outputs.STUDY, _local_paths(data) if isinstance(data, str) else [])
+    outputs.claim(output, outputs.STUDY)
+    trials = study.budget.trials * len(study.budget.seeds)
+    print(f"study {study_file}: {len(methods)} methods ({', '.join(methods)}), each: {trials} search trials "
+          f"({study.budget.scheduler.name}), then its best on val trained on {len(study.seeds)} seeds -> {output}",
+          flush=True)
+    try:
+        _, summary = run_study(study, base, output, resume=args.resume, storage=args.storage, address=args.address,
+                               overrides=overrides, say=lambda line: print(line, flush=True), **_verbosity(args))
+    except SearchFailed as err:
+        print(f"mmbalance {args.command}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    print()
+    print(format_verdicts(summary))
+    print(f"\nstudy: {output / 'study.json'}; results: {output / 'results.parquet'}; "
+          f"runs: {output / 'methods'}/<method>/{{search,final}}")
+
+
 def _print_search(frame, space, output: Path) -> None:
     from mmbalance.reports.tables import format_leaderboard, leaderboard
 
@@ -463,6 +508,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="where to write the JSON table (default RUN/eval-<split>.json)")
     ev.set_defaults(func=_eval)
 
+    cmp = sub.add_parser("compare", help="equal-budget comparison study: tune every method alike, train each best "
+                                         "on several seeds, test the differences")
+    cmp.add_argument("study", help="study YAML, or a shipped study's name (mmbalance recipes)")
+    cmp.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe's name")
+    cmp.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="recipe overrides for every method (dotted keys)")
+    cmp.add_argument("--trials", type=int, help="search trials per method (overrides the study's budget.trials)")
+    cmp.add_argument("--seeds", help="comma-separated seeds of the final runs (overrides the study's seeds)")
+    cmp.add_argument("--max-concurrent", type=int, help="trials running at once")
+    cmp.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
+    cmp.add_argument("--gpus-per-worker", type=float, help="GPUs per worker of each trial")
+    cmp.add_argument("--output", help="study directory (default runs/compare-<study name>)")
+    cmp.add_argument("--storage", help="Ray storage path for experiment state and checkpoints")
+    cmp.add_argument("--resume", action="store_true", help="finish an interrupted study without re-running finished phases")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an existing study in --output")
+    cmp.add_argument("--address", help="Ray cluster address (beats RAY_ADDRESS; without either, Ray starts locally)")
+    cmp.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
+    _add_tracking_flags(cmp)
+    cmp.set_defaults(func=_compare)
     demo = sub.add_parser("demo", help="prepare the synthetic dataset and run the quickstart search on it (the README's first command)")
     demo.add_argument("--out", default="demo", help="directory for shards and the search (default ./demo)")
     demo.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="a recipe file or a shipped recipe's name")

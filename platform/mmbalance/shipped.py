@@ -16,7 +16,8 @@ from pathlib import Path
 
 from mmbalance.config import ConfigError
 
-FOLDERS = {"recipe": "trainables", "search space": "search_spaces"}
+STUDY_PREFIX = "study_"
+FOLDERS = {"recipe": "trainables", "search space": "search_spaces", "study": "search_spaces"}  # studies sit beside spaces
 CHECKOUT = Path(__file__).resolve().parents[2]  # platform/mmbalance/shipped.py -> the repository root
 
 
@@ -30,7 +31,14 @@ def shipped_dir(kind: str) -> Path | None:
 def shipped(kind: str) -> dict[str, Path]:
     """name -> file of every shipped ``kind``, sorted by name."""
     directory = shipped_dir(kind)
-    return {} if directory is None else {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+    if directory is None:
+        return {}
+    files = {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+    if FOLDERS[kind] != "search_spaces":
+        return files
+    # Studies and spaces share a folder: a study's file name starts with "study_".
+    is_study = kind == "study"
+    return {name: path for name, path in files.items() if name.startswith(STUDY_PREFIX) == is_study}
 
 
 def resolve(kind: str, text: str | Path) -> Path:

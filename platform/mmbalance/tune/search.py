@@ -285,6 +285,8 @@ def _flatten_scores(score: dict[str, Any] | None) -> dict[str, Any]:
             "test_imbalance_ratio": score["test"]["imbalance_ratio"], "test_samples": score["test"]["samples"]}
     flat.update({f"test_acc_{m}": acc for m, acc in score["test"]["acc_per_modality"].items()})
     flat.update({f"robust_{name}": acc for name, acc in score["robustness"].items()})
+    # Each modality's Shapley contribution to fused test accuracy (engine/shapley.py).
+    flat.update({f"test_{k}": v for k, v in score["test"].items() if k.startswith("shapley_")})
     return flat
 
 

@@ -212,7 +212,9 @@ def validate_against(space: SearchSpace, base: dict[str, Any], overrides: dict[s
     seed = space.seeds[0]
     fixed = validate_recipe(trial_recipe(base, space.set, {}, seed, overrides=overrides),
                             source="recipe with the space's `set` and --set")
-    warmups = [warmup_epochs(fixed)]
+    # The recipe's own warm-up counts only if no trial replaces it with a drawn one.
+    key = objective_requirements(fixed.objective.name).warmup_key
+    warmups = [] if key and f"objective.{key}" in searched_keys(space) else [warmup_epochs(fixed)]
     for sampled in probe_combinations(space):
         try:
             probe = validate_recipe(trial_recipe(base, space.set, sampled, seed, overrides=overrides),
@@ -221,7 +223,7 @@ def validate_against(space: SearchSpace, base: dict[str, Any], overrides: dict[s
             raise ConfigError(f"search space combination {_describe_combination(sampled)} does not fit the "
                               f"recipe:\n{err}") from None
         warmups.append(warmup_epochs(probe))
-    _check_scheduler(space, fixed, max(warmups))
+    _check_scheduler(space, fixed, max(warmups, default=0))
     return fixed
 
 
