@@ -248,6 +248,15 @@ def test_wandb_report_builds_offline(experiment, offline, tmp_path, monkeypatch)
         assert (leaf.key.section, leaf.key.name, leaf.op, leaf.value) == ("run", "group", "=", "exp-report")
     lines = {y for p in panels if isinstance(p, wr.LinePlot) for y in p.y}
     assert lines == {"val/acc_fused", "val/acc_audio", "val/acc_visual", "val/imbalance_ratio"}
+    # A search made with its own id groups its runs by name and id: the report selects that group.
+    from mmbalance.tracking.records import experiment_group
+
+    group = experiment_group(experiment)
+    assert group.startswith("exp-report-") and len(group) == len("exp-report-") + 8
+    regrouped = build_wandb_report(experiment, "mm-proj", "mm-ent")
+    assert {r.filters for b in regrouped.blocks if isinstance(b, wr.PanelGrid) for r in b.runsets} == \
+        {f"Group = '{group}'"}
+    (experiment / "experiment_id.json").unlink()
     parallel = next(p for p in panels if isinstance(p, wr.ParallelCoordinatesPlot))
     searched = ["objective.name", "objective.lam", "objective.warmup_epochs", "objective.guidance", "objective.scope"]
     assert [c.metric for c in parallel.columns] == [*map(wr.Config, searched), wr.SummaryMetric("val/best_acc")]

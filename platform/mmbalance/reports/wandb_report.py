@@ -2,8 +2,8 @@
 
 Sections mirror report.html: tables computed locally from results.parquet are embedded as
 Markdown (test scores and robustness never reach W&B during training), and live panels read
-the experiment's runs, selected by their W&B run group (= the experiment directory's name,
-the ``WandbLoggerCallback`` default; ecosystem.md §3.3). Panels address the trial's recipe
+the experiment's runs, selected by their W&B run group (``wandb_group``: the experiment
+directory's name and the search's own id). Panels address the trial's recipe
 in the run config (``config.objective.lam``) and the per-epoch metrics (``val/acc_<m>``).
 
 Saving a report needs a W&B server and an API key. Without them (or with WANDB_MODE offline
@@ -54,7 +54,8 @@ def build_wandb_report(experiment_dir: str | Path, project: str | None, entity: 
     project, entity = _destination(experiment.results, project, entity)
     sections = {s.key: s for s in report_sections(experiment, group_by)}
     keys = group_keys(experiment, group_by)
-    runs = lambda name, by: wr.Runset(entity=entity, project=project, name=name, filters=run_filter(experiment.name),
+    group = wandb_group(experiment_dir)
+    runs = lambda name, by: wr.Runset(entity=entity, project=project, name=name, filters=run_filter(group),
                                       groupby=[f"config.{k}" for k in by])
     blocks = [wr.TableOfContents(), *_text(wr, sections["leaderboard"]),
               wr.PanelGrid(runsets=[runs(experiment.name, _dotted(keys))], panels=[
@@ -77,7 +78,7 @@ def build_wandb_report(experiment_dir: str | Path, project: str | None, entity: 
               *_text(wr, sections["robustness"])]
     return wr.Report(entity=entity, project=project, title=f"{experiment.name}: imbalanced multimodal learning"[:128],
                      description=f"{len(experiment.results)} trials; tables computed locally from results.parquet, "
-                                 f"panels from the runs of W&B group {experiment.name}", blocks=blocks, width="fluid")
+                                 f"panels from the runs of W&B group {group}", blocks=blocks, width="fluid")
 
 
 def _destination(results, project: str | None, entity: str | None) -> tuple[str, str]:
@@ -98,6 +99,15 @@ def _destination(results, project: str | None, entity: str | None) -> tuple[str,
 def _epoch_plot(wr, metric: str):
     """One metric per epoch (the tracker logs at step = epoch), mean ± std over a group's runs."""
     return wr.LinePlot(title=metric, x="Step", title_x="epoch", y=[metric], **MEAN_STD)
+
+
+def wandb_group(experiment_dir: str | Path) -> str:
+    """The W&B group of a search's runs (``records.experiment_group``: its directory name and its
+    own id); a directory without a stored id (made before ids existed) used its name alone."""
+    from mmbalance.tracking.records import EXPERIMENT_ID_FILE, experiment_group
+
+    directory = Path(experiment_dir)
+    return experiment_group(directory) if (directory / EXPERIMENT_ID_FILE).is_file() else directory.resolve().name
 
 
 def run_filter(group: str) -> str:
