@@ -224,3 +224,14 @@ def test_scores_of_an_untracked_search_write_nothing(tmp_path):
 
     record_scores(TrackingConfig(wandb="disabled"), "search", tmp_path / "s", "t_00000", {"test": {"acc": 1.0}})
     assert not (tmp_path / "s").exists()
+
+
+def test_a_studys_runs_are_grouped_by_method_with_the_studys_id(tmp_path):
+    study = tmp_path / "study"
+    study_id = experiment_id(study, fresh=True)
+    groups = {phase: experiment_group(study / "methods" / "mnl" / phase) for phase in ("search", "final")}
+    assert groups == {"search": f"mnl-{study_id[:8]}", "final": f"mnl-{study_id[:8]}"}
+    assert experiment_group(study / "methods" / "lf" / "search") == f"lf-{study_id[:8]}"
+    # Outside a study (no study id above it) a "methods/<m>/search" folder is an ordinary search.
+    plain = tmp_path / "other" / "methods" / "lf" / "search"
+    assert experiment_group(plain) == f"search-{experiment_id(plain)[:8]}"

@@ -89,11 +89,20 @@ def experiment_id(directory: str | Path, *, fresh: bool = False) -> str:
     return shared_id(path)
 
 
+STUDY_METHODS_DIR = "methods"  # a study's per-method searches: <study>/methods/<method>/{search,final}
+
+
 def experiment_group(directory: str | Path) -> str:
     """A search's W&B group: its directory name (readable) + its own id's first 8 characters,
     so two experiments in directories of the same name (``a/search``, ``b/search``) never share
-    a group."""
-    return f"{Path(directory).name}-{experiment_id(directory)[:8]}"
+    a group. A phase of a comparison study (``tune/compare.py``) is grouped by its method
+    instead, with the study's id: both phases of a method, and no other method, in one group."""
+    directory = Path(directory).resolve()
+    study = directory.parent.parent.parent
+    study_id = read_id(study / EXPERIMENT_ID_FILE) if directory.parent.parent.name == STUDY_METHODS_DIR else None
+    if study_id:
+        return f"{directory.parent.name}-{study_id[:8]}"
+    return f"{directory.name}-{experiment_id(directory)[:8]}"
 
 
 def trial_run_id(experiment: str, trial_id: str) -> str:

@@ -10,7 +10,8 @@ unfinished one is resumed.
 
 Layout: ``<out>/methods/<method>/{search,final}/`` (each a search directory), and at the top
 ``results.parquet`` (every trial of every phase, with ``method`` and ``phase`` columns) and
-``study.json`` (``reports/study_summary.py``).
+``study.json`` (``reports/study_summary.py``). W&B groups a study's runs by method
+(``records.experiment_group``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from mmbalance.tracking.records import STUDY_METHODS_DIR
 from mmbalance.tune.study import Study, final_space, method_base, search_space, validate_study
 
-METHODS_DIR = "methods"
+METHODS_DIR = STUDY_METHODS_DIR
 
 
 def best_configuration(frame, keys: list[str]) -> tuple[dict[str, Any], float]:
@@ -52,8 +54,11 @@ def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool 
     from mmbalance.reports.study_summary import summarize, write_summary
     from mmbalance.tune.search import run_search
 
+    from mmbalance.tracking.records import experiment_id
+
     methods = validate_study(study, base, overrides)
     output = Path(output).resolve()
+    experiment_id(output, fresh=not resume)  # the study's own id: its methods' W&B groups carry it
     frames, chosen = [], {}
     for index, (name, method) in enumerate(methods.items(), start=1):
         where = output / METHODS_DIR / name
