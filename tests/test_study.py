@@ -134,3 +134,22 @@ def test_best_alone_is_chosen_on_val_and_the_gap_is_ceiling_minus_in_fusion(tmp_
     assert weak_modality(summary) == "visual"
     budget = summary["methods"]["lf"]["budget"]
     assert budget == {"trials": 0, "epochs": 0, "stopped_early": 0, "failed": 0}  # no search rows in this table
+
+
+def test_the_study_wandb_report_has_one_runset_per_method_and_the_verdicts(tmp_path):
+    import wandb_workspaces.reports.v2 as wr  # in the test extra
+
+    from mmbalance.reports.study_summary import write_summary
+    from mmbalance.reports.study_wandb_report import build_study_wandb_report
+    from mmbalance.tracking.records import experiment_id
+
+    study = tmp_path / "study"
+    study.mkdir()
+    write_summary(_summary(tmp_path, broken_test=[0.10, 0.11, 0.09, 0.10, 0.12]), study)
+    study_id = experiment_id(study, fresh=True)
+    report = build_study_wandb_report(study, "mm-proj", "mm-ent")
+    runsets = [r for b in report.blocks if isinstance(b, wr.PanelGrid) for r in b.runsets]
+    assert {r.name: r.filters for r in runsets} == {
+        name: f"Group = '{name}-{study_id[:8]}'" for name in ("lf", "lf_again", "broken", "alone:visual", "alone:audio")}
+    markdown = "\n".join(b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock))
+    assert "| broken |" in markdown and "worse" in markdown and "no significant difference" in markdown
