@@ -46,10 +46,17 @@ def report_dir(experiment_dir: str | Path, out: str | Path | None) -> Path:
 
 
 def write_report(experiment_dir: str | Path, out: str | Path | None = None, group_by: list[str] | None = None) -> Path:
-    """The HTML/Markdown report of an experiment, in a checked report directory."""
+    """The HTML/Markdown report of an experiment, in a checked report directory; a study
+    directory (``mmbalance compare``, it holds study.json) gets the study report."""
     from mmbalance.reports.render import build_report
+    from mmbalance.reports.study_summary import SUMMARY_FILE
 
-    return build_report(experiment_dir, report_dir(experiment_dir, out), group_by)
+    target = report_dir(experiment_dir, out)
+    if (Path(experiment_dir) / SUMMARY_FILE).is_file():
+        from mmbalance.reports.study_report import write_study_report
+
+        return write_study_report(experiment_dir, target)
+    return build_report(experiment_dir, target, group_by)
 
 
 def _wandb_report(args: argparse.Namespace, out: Path, group_by: list[str] | None) -> None:
