@@ -153,3 +153,17 @@ def test_the_study_wandb_report_has_one_runset_per_method_and_the_verdicts(tmp_p
         name: f"Group = '{name}-{study_id[:8]}'" for name in ("lf", "lf_again", "broken", "alone:visual", "alone:audio")}
     markdown = "\n".join(b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock))
     assert "| broken |" in markdown and "worse" in markdown and "no significant difference" in markdown
+
+
+def test_mmbalance_report_wandb_on_a_study_writes_the_study_spec_offline(tmp_path, monkeypatch):
+    from test_study_report import _study_dir
+
+    from mmbalance.cli import main
+    from mmbalance.tracking.records import experiment_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never published from a test
+    study, _ = _study_dir(tmp_path)
+    experiment_id(study, fresh=True)
+    assert main(["report", str(study), "--wandb", "--wandb-entity", "mm-ent", "--wandb-project", "mm-proj"]) == 0
+    spec = json.loads((study / "report" / "wandb_report.json").read_text())
+    assert "equal-budget study" in spec["title"] and (study / "report" / "report.html").is_file()

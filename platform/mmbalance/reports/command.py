@@ -63,7 +63,14 @@ def _wandb_report(args: argparse.Namespace, out: Path, group_by: list[str] | Non
     from mmbalance.reports.wandb_report import (build_wandb_report, can_publish, publish_hint,
                                                 write_wandb_report)
 
-    report = build_wandb_report(args.experiment_dir, args.wandb_project, args.wandb_entity, group_by)
+    from mmbalance.reports.study_summary import SUMMARY_FILE
+
+    if (Path(args.experiment_dir) / SUMMARY_FILE).is_file():  # a study: grouped by method
+        from mmbalance.reports.study_wandb_report import build_study_wandb_report
+
+        report = build_study_wandb_report(args.experiment_dir, args.wandb_project, args.wandb_entity)
+    else:
+        report = build_wandb_report(args.experiment_dir, args.wandb_project, args.wandb_entity, group_by)
     spec = write_wandb_report(report, out)
     if not can_publish():
         print(publish_hint(spec, args.experiment_dir, report.project, report.entity))
