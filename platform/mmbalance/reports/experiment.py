@@ -30,7 +30,7 @@ SCOPE = "objective.scope"
 FUSION = "model.fusion"
 FIXED_COLUMNS = ("trial_id", "seed", "epochs_run", "stop_reason", "run_dir", "best_val", "best_epoch", "test_acc",
                  "test_imbalance_ratio", "test_samples")
-FIXED_PREFIXES = ("test_acc_", "robust_")
+FIXED_PREFIXES = ("test_acc_", "robust_", "test_shapley_")  # scores, never searched keys
 
 
 @dataclass(frozen=True)
