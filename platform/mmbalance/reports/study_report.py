@@ -31,6 +31,7 @@ from mmbalance.reports.verdicts import verdict_rows, weak_modality
 STANDARD_COLUMNS = ("method", "phase", *FIXED_COLUMNS)  # never a searched key
 STANDARD_PREFIXES = (*FIXED_PREFIXES, "test_shapley_", "_")
 WARN = "⚠ "  # a note starting with it is drawn in red
+CSS = "td{white-space:nowrap}td:last-child{white-space:normal}"  # "0.7740 ± 0.0086" never breaks
 LINES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # per method, so identical methods stay visible
 
 
@@ -52,7 +53,8 @@ def write_study_report(study_dir: str | Path, out_dir: str | Path | None = None)
                 budget_section(summary), sensitivity_section(frame[frame["phase"] == "search"], out)]
     title = f"Study report: {study_dir.resolve().name}"
     (out / "report.md").write_text(to_markdown(title, sections))
-    page = to_html(title, sections).replace(f"<p>{WARN}", f'<p style="color:#b00000;font-weight:600">{WARN}')
+    page = to_html(title, sections).replace("</style>", f"{CSS}</style>", 1)
+    page = page.replace(f"<p>{WARN}", f'<p style="color:#b00000;font-weight:600">{WARN}')
     (out / "report.html").write_text(page)
     return out / "report.html"
 
@@ -88,14 +90,15 @@ def configuration(values: dict[str, Any]) -> str:
 
 
 def metric_label(column: str, modalities: list[str]) -> str:
+    """A test score's short name: ``acc fused``, ``acc audio``, ``acc, audio missing``, ``Shapley audio``."""
     if column == "test_acc":
-        return "test acc fused"
+        return "acc fused"
     if column.startswith("test_acc_"):
-        return f"test acc {column.removeprefix('test_acc_')}"
+        return f"acc {column.removeprefix('test_acc_')}"
     if column.startswith("test_shapley_"):
         return f"Shapley {column.removeprefix('test_shapley_')}"
     robust = parse_robust_column(column, modalities)
-    return f"test acc, {robust.label}" if robust else column
+    return f"acc, {robust.label}" if robust else column
 
 
 def _table(caption: str, rows: list[dict[str, str]]) -> Table:
@@ -148,11 +151,11 @@ def leaderboard_section(summary: dict[str, Any], modalities: list[str]) -> Secti
     rows = []
     for rank, name in enumerate(order, start=1):
         scores = methods[name]["scores"]
-        row = {"rank": str(rank), "method": name, "configuration (chosen on val)": configuration(
-            methods[name]["configuration"]), "search val": _number(methods[name]["search_best_val"]),
-            "n": str(scores.get("best_val", {}).get("n", 0)), "val acc": ci(scores.get("best_val")),
-            "test acc fused": ci(scores.get("test_acc"))}
+        row = {"rank": str(rank), "method": name, "n": str(scores.get("best_val", {}).get("n", 0)),
+               "val acc": ci(scores.get("best_val")), "test acc fused": ci(scores.get("test_acc"))}
         row.update({f"test acc {m}": ci(scores.get(f"test_acc_{m}")) for m in modalities})
+        row["search val"] = _number(methods[name]["search_best_val"])
+        row["configuration (chosen on val)"] = configuration(methods[name]["configuration"])
         rows.append(row)
     notes = ["Ranked by the final runs' mean best val accuracy (never by test). Each method's configuration is "
              "the one with the best mean val in its search ('search val'), then trained on every study seed. "
@@ -177,13 +180,14 @@ def differences_section(summary: dict[str, Any], modalities: list[str]) -> Secti
                          "on that metric. Only methods that see the baseline's modalities are compared with it. "
                          "Every score is higher-is-better.")
     if summary["vs_baseline"]:
-        section.tables.append(_table(f"vs the baseline, {summary['baseline']}",
+        section.tables.append(_table(f"vs the baseline, {summary['baseline']} (test scores)",
                                      _comparison_rows(summary["vs_baseline"], modalities)))
     else:
         section.notes.append("No comparison with the baseline: it has no final runs, or no method shares its "
                              "modalities.")
     if summary.get("vs_best_alone"):
-        section.tables.append(_table(f"vs the best modality alone, {summary['best_alone']} (best alone on val)",
+        section.tables.append(_table(f"vs the best modality alone, {summary['best_alone']} (best alone on val; "
+                                     "test scores)",
                                      _comparison_rows(summary["vs_best_alone"], modalities)))
     return section
 
@@ -239,7 +243,7 @@ def robustness_section(final: pd.DataFrame, modalities: list[str], out: Path) ->
     if not columns:
         section.notes.append("Skipped: results.parquet has no robust_* columns (set eval.corruptions).")
         return section
-    labels = {"test_acc": "clean", **{c: metric_label(c, modalities).removeprefix("test acc, ") for c in columns}}
+    labels = {"test_acc": "clean", **{c: metric_label(c, modalities).removeprefix("acc, ") for c in columns}}
     means = final.groupby("method", sort=False)[list(labels)].mean()
     section.notes.append("Test accuracy of each method's final runs (mean over seeds) on the clean test set, with a "
                          "modality missing (its input zeroed) and under each corruption level. '–': the method "
@@ -360,9 +364,11 @@ def robustness_lines(means: pd.DataFrame, path: Path) -> Path:
 
 
 def sensitivity_scatter(rows: pd.DataFrame, keys: list[str], name: str, path: Path) -> Path:
-    """One panel per key: best val of each search trial against the key's value."""
-    fig = Figure(figsize=(3.3 * len(keys) + 0.6, 3.0), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(keys), squeeze=False, sharey=True)[0]
+    """One panel per key (three to a row): best val of each search trial against the key's value."""
+    cols = min(len(keys), 3)
+    fig = Figure(figsize=(3.3 * cols + 0.6, 2.9 * math.ceil(len(keys) / cols)), dpi=DPI, layout="constrained")
+    grid = fig.subplots(math.ceil(len(keys) / cols), cols, squeeze=False, sharey=True)
+    axes = grid.ravel()
     early = (rows["stop_reason"] == "stopped_early").to_numpy()
     for ax, key in zip(axes, keys):
         numeric = pd.to_numeric(rows[key], errors="coerce")
@@ -373,11 +379,14 @@ def sensitivity_scatter(rows: pd.DataFrame, keys: list[str], name: str, path: Pa
         if values is numeric and numeric.min() > 0 and numeric.max() / numeric.min() >= 10:
             ax.set_xscale("log")
         elif values is numeric:
-            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.xaxis.set_major_locator(MaxNLocator(4, integer=bool((numeric % 1 == 0).all())))
         ax.tick_params(axis="x", labelsize=8)
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("best val acc (search trial)")
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax in grid[:, 0]:
+        ax.set_ylabel("best val acc (search trial)")
     axes[0].legend(fontsize=7)
     fig.suptitle(name, fontsize=10)
     fig.savefig(path, format="png")
