@@ -61,27 +61,21 @@ def test_objective_with_a_fusion_it_cannot_use_fails_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_prepares_compares_and_reports_from_outside_the_checkout(tmp_path):
-    # The shipped recipe and demo study, on a smaller budget: 1 search trial and 2 seeds per method.
-    done = _cli("demo", "--out", "demo", "--trials", "1", "--seeds", "0,1", "--set", "schedule.epochs=3", cwd=tmp_path)
+def test_demo_prepares_searches_and_reports_from_outside_the_checkout(tmp_path):
+    done = _cli("demo", "--out", "demo", "--samples", "2", cwd=tmp_path)  # the shipped recipe and space
     assert done.returncode == 0, done.stderr
-    study = tmp_path / "demo" / "study"
-    frame = pd.read_parquet(study / "results.parquet")
-    methods = ["lf", "joint", "mnl", "arl", "alone:audio", "alone:visual"]
-    assert sorted(frame["method"].unique()) == sorted(methods)
-    assert sorted(frame.groupby("phase").size().items()) == [("final", 12), ("search", 6)]
-    table = done.stdout[done.stdout.index("method "):]
-    assert "test fused (mean ± 95% CI)" in table and all(m in table for m in methods)
-    assert "(baseline)" in table
-    assert f"report written to {Path('demo') / 'study' / 'report' / 'report.html'}" in done.stdout
-    assert (study / "report" / "report.html").is_file()
+    search = tmp_path / "demo" / "search"
+    assert len(pd.read_parquet(search / "results.parquet")) == 4  # 2 draws x 2 seeds
+    assert "val acc (mean ± std)" in done.stdout  # the leaderboard
+    assert f"report written to {Path('demo') / 'search' / 'report' / 'report.html'}" in done.stdout
+    assert (search / "report" / "report.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing written beside --out
     # Quiet by default: one progress line per trial, no Ray worker output, no timing or W&B warnings.
     log = done.stdout + done.stderr
-    assert len([line for line in done.stdout.splitlines() if line.startswith("[") and "] trial " in line]) == 18
+    assert len([line for line in done.stdout.splitlines() if line.startswith("[") and "] trial " in line]) == 4
     assert "pid=" not in log, log  # Ray prefixes worker lines with "(<actor> pid=...)"
     assert "performance bottleneck" not in log and "reinit" not in log and "Token authentication" not in log, log
-    assert len(log.splitlines()) < 90, log
+    assert len(log.splitlines()) < 40, log
 
 
 def test_recipes_lists_the_shipped_recipes_and_spaces(tmp_path):
