@@ -196,6 +196,20 @@ def _add_tracking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb-entity", help="W&B team or user (default: tracking.entity)")
 
 
+def _add_search_flags(parser: argparse.ArgumentParser, *, what: str, output: str) -> None:
+    """What ``tune`` and ``compare`` share: trial resources, where results go, resume, Ray, W&B."""
+    parser.add_argument("--max-concurrent", type=int, help="trials running at once")
+    parser.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker of each trial")
+    parser.add_argument("--output", help=output)
+    parser.add_argument("--storage", help="Ray storage path for experiment state and checkpoints (s3://, gs://, shared path)")
+    parser.add_argument("--resume", action="store_true", help=f"finish an interrupted {what} without re-running finished trials")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} in --output")
+    parser.add_argument("--address", help="Ray cluster address (beats RAY_ADDRESS; without either, Ray starts locally)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
+    _add_tracking_flags(parser)
+
+
 def _prepare_output(output: Path, *, resume: bool, overwrite: bool, reads: list[str]) -> None:
     """Resume needs a checkpoint; a finished run needs --resume or --overwrite; --overwrite removes
     only what a run writes (Ray's run state included, which would otherwise be restored)."""
@@ -485,16 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                       help="dotted recipe overrides, several after one --set or repeated")
     tune.add_argument("--samples", type=int, help="random draws (overrides the space's samples)")
-    tune.add_argument("--max-concurrent", type=int, help="trials running at once")
-    tune.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
-    tune.add_argument("--gpus-per-worker", type=float, help="GPUs per worker of each trial (overrides the space's)")
-    tune.add_argument("--output", help="experiment directory (default runs/tune-<space name>)")
-    tune.add_argument("--storage", help="Ray storage path for experiment state and checkpoints (s3://, gs://, shared path)")
-    tune.add_argument("--resume", action="store_true", help="finish an interrupted search without re-running finished trials")
-    tune.add_argument("--overwrite", action="store_true", help="replace an existing search in --output")
-    tune.add_argument("--address", help="Ray cluster address (beats RAY_ADDRESS; without either, Ray starts locally)")
-    tune.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
-    _add_tracking_flags(tune)
+    _add_search_flags(tune, what="search", output="experiment directory (default runs/tune-<space name>)")
     tune.set_defaults(func=_tune)
 
     ev = sub.add_parser("eval", help="score a run's best-val checkpoint under corruptions and missing modalities")
@@ -517,16 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recipe overrides for every method (dotted keys)")
     cmp.add_argument("--trials", type=int, help="search trials per method (overrides the study's budget.trials)")
     cmp.add_argument("--seeds", help="comma-separated seeds of the final runs (overrides the study's seeds)")
-    cmp.add_argument("--max-concurrent", type=int, help="trials running at once")
-    cmp.add_argument("--workers", type=int, help="workers per trial: 0 trains in the trial process, N >= 1 a TorchTrainer")
-    cmp.add_argument("--gpus-per-worker", type=float, help="GPUs per worker of each trial")
-    cmp.add_argument("--output", help="study directory (default runs/compare-<study name>)")
-    cmp.add_argument("--storage", help="Ray storage path for experiment state and checkpoints")
-    cmp.add_argument("--resume", action="store_true", help="finish an interrupted study without re-running finished phases")
-    cmp.add_argument("--overwrite", action="store_true", help="replace an existing study in --output")
-    cmp.add_argument("--address", help="Ray cluster address (beats RAY_ADDRESS; without either, Ray starts locally)")
-    cmp.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log lines and warnings")
-    _add_tracking_flags(cmp)
+    _add_search_flags(cmp, what="study", output="study directory (default runs/compare-<study name>)")
     cmp.set_defaults(func=_compare)
     demo = sub.add_parser("demo", help="prepare the synthetic dataset and run the quickstart search on it (the README's first command)")
     demo.add_argument("--out", default="demo", help="directory for shards and the search (default ./demo)")

@@ -151,13 +151,18 @@ class SearchSpace(_Strict):
 
 
 def load_space(path: str | Path) -> SearchSpace:
+    return load_model(SearchSpace, path, "search space")
+
+
+def load_model(model: type[BaseModel], path: str | Path, what: str):
+    """A YAML file validated as ``model``; every problem in one ConfigError naming its key."""
     file = Path(path)
-    tree = read_yaml_mapping(file, "search space")
+    tree = read_yaml_mapping(file, what)
     try:
-        return SearchSpace.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"search space {file} is invalid:\n  " + "\n  ".join(lines)) from None
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
+        raise ConfigError(f"{what} {file} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
 def trial_recipe(base: dict[str, Any], fixed: dict[str, Any], sampled: dict[str, Any], seed: int, *,

@@ -22,10 +22,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mmbalance.config import ConfigError, read_yaml_mapping
-from mmbalance.tune.space import Distribution, SchedulerConfig, SearchSpace, validate_against
+from mmbalance.config import ConfigError
+from mmbalance.tune.space import Distribution, SchedulerConfig, SearchSpace, load_model, validate_against
 
 ALONE_PREFIX = "alone:"  # methods that train one modality by itself: "alone:audio"
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -88,13 +88,7 @@ class Study(_Strict):
 
 
 def load_study(path: str | Path) -> Study:
-    file = Path(path)
-    tree = read_yaml_mapping(file, "study")
-    try:
-        return Study.model_validate(tree)
-    except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
-        raise ConfigError(f"study {file} is invalid:\n  " + "\n  ".join(lines)) from None
+    return load_model(Study, path, "study")
 
 
 def all_methods(study: Study, base: dict[str, Any]) -> dict[str, Method]:
