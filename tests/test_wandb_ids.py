@@ -206,7 +206,7 @@ def test_search_logger_and_scores_use_one_experiment_specific_trial_id(tmp_path,
     ids, groups = {}, {}
     for name in ("study1", "study2"):
         out = tmp_path / name / "search"  # two experiments, same directory name, same trial id
-        callback = search_callback(cfg, out)
+        callback = search_callback(cfg, out, out / "trials")
         logged = logger_actor_id(callback, trial, tmp_path)
         record_scores(cfg, experiment_group(out), out, trial, {"test": {"acc": 0.5}})
         [scored] = [read_offline_run(d) for d in (out / "wandb").glob("offline-run-*")]

@@ -26,7 +26,7 @@ from mmbalance.errors import debug_requested, expected_message
 from mmbalance.jobs import add_submit_parser
 from mmbalance.reports.command import add_report_parser
 from mmbalance.tune.cluster import DoesNotFit
-from mmbalance.tune.search import SearchInterrupted
+from mmbalance.tune.search import SECOND_PRESS_MESSAGE, SearchInterrupted
 
 DEFAULT_RECIPE = Path("trainables/synthetic.yaml")
 DEFAULT_SPACE = Path("search_spaces/quickstart.yaml")
@@ -572,10 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # In a search this is the second Ctrl-C (Tune handles the first): the last state save
         # and the W&B finish were skipped, so say what --resume will find.
-        after = ("; stopped without the final save: --resume continues from the search state Tune saved last "
-                 "(trials that were running restart from their latest checkpoint)"
-                 if args.command in ("tune", "demo") else "")
-        print(f"mmbalance {args.command}: interrupted{after}", file=sys.stderr)
+        said = SECOND_PRESS_MESSAGE if args.command in ("tune", "demo", "compare") else "interrupted"
+        print(f"mmbalance {args.command}: {said}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
         sys.stderr.close()

@@ -41,7 +41,7 @@ class Layout:
 # run_id.json / experiment_id.json: the W&B ids (tracking/records.py); "*" also owns their temp files.
 RUN = Layout("run", ("config.yaml", "metrics.jsonl", "result.json", "checkpoints", "wandb", "ray", "eval-*.json",
                      "run_id.json*", "ended.json", "failed.json",
-                     "wandb_open.json"))
+                     "wandb_open.json", "wandb_logged.json*"))
 SEARCH = Layout("search", ("results.parquet", "results.csv", "results.json", "trials", "tune", "train", "report", "wandb",
                            "experiment_id.json*"))
 # A comparison study: every method's search and final runs under methods/ (tune/compare.py).

@@ -236,6 +236,7 @@ def _train_epochs(session: Session, trainer: Trainer, recipe: Recipe, record: Ru
         recorded = [m for m in record.read_metrics() if m["epoch"] < trainer.progress.epoch]
         if recorded:
             tracker.log_epoch_again(recorded[-1])
+    session.report_missed()
     result = None
     for epoch in range(trainer.progress.epoch, recipe.schedule.epochs):
         metrics = trainer.run_epoch(epoch)

@@ -30,6 +30,8 @@ class Session:
 
     def __init__(self, config: dict[str, Any], group: ProcessGroup, api: Any = None, train_worker: bool = False):
         self.config, self.group, self.api, self.train_worker = config, group, api, train_worker
+        self.missed: list[dict[str, Any]] = []  # recorded epochs Tune may not have seen (``_tune_trial_state``)
+        self.missed_checkpoint: Path | None = None
 
     def device(self, recipe: Recipe) -> torch.device:
         if self.train_worker:
@@ -64,23 +66,39 @@ class Session:
         Tune's is older when the driver was killed: Tune saves which checkpoint a trial has only
         every few seconds, and may since have deleted that one (``CheckpointConfig(num_to_keep)``).
         The run directory's is used only if ``metrics.jsonl`` records its last epoch (a process
-        killed between the two writes must not leave an epoch out of the record)."""
-        states = []
+        killed between the two writes must not leave an epoch out of the record).
+
+        When the run directory is ahead, the epochs after Tune's checkpoint were recorded but
+        their reports may never have reached the driver (a Ctrl-C stops the search before it
+        reads them), and the driver is what logs a trial to W&B: ``report_missed`` sends them."""
+        tune_state = None
         checkpoint = self.api.get_checkpoint()
         if checkpoint is not None:
             try:
                 with checkpoint.as_directory() as directory:
-                    states.append(load_state(directory))
+                    tune_state = load_state(directory)
             except FileNotFoundError:
                 pass
+        tune_epoch = tune_state["progress"]["epoch"] if tune_state is not None else 0
         output_dir = Path(self.config["output_dir"])
         latest = output_dir / "checkpoints" / "latest"
         if (latest / STATE_FILE).is_file():
             state = load_state(latest)
-            recorded = {m["epoch"] for m in RunRecord(output_dir).read_metrics()}
-            if state["progress"]["epoch"] - 1 in recorded:
-                states.append(state)
-        return max(states, key=lambda state: state["progress"]["epoch"], default=None)
+            epoch = state["progress"]["epoch"]
+            recorded = RunRecord(output_dir).read_metrics()
+            if epoch - 1 in {m["epoch"] for m in recorded} and epoch > tune_epoch:
+                self.missed = [m for m in recorded if tune_epoch <= m["epoch"] < epoch]
+                self.missed_checkpoint = latest
+                return state
+        return tune_state
+
+    def report_missed(self) -> None:
+        """Report the recorded epochs Tune has no checkpoint for, the last with the run
+        directory's latest checkpoint, before training goes on. Tune counts them as new
+        iterations, so W&B gets them at the steps they would have had."""
+        for i, metrics in enumerate(self.missed):
+            self.report(metrics, self.missed_checkpoint if i == len(self.missed) - 1 else None)
+        self.missed = []
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if self.api is None:

@@ -25,6 +25,7 @@ import yaml
 
 RUN_ID_FILE = "run_id.json"
 TRACKING_OPEN = "wandb_open.json"  # present while a start's W&B run is open; left behind by a kill
+DRIVER_LOGGED = "wandb_logged.json"  # a search trial: the last epoch the driver passed to W&B
 EXPERIMENT_ID_FILE = "experiment_id.json"
 ID_LENGTH = 16  # hex digits: 64 random bits, so ids never collide in practice
 
@@ -167,6 +168,19 @@ class RunRecord:
     def close_tracking(self) -> None:
         """The W&B run finished (flushed): nothing logged is at risk any more."""
         (self.dir / TRACKING_OPEN).unlink(missing_ok=True)
+
+    def last_logged_epoch(self) -> int:
+        """For a search trial, logged to W&B by the driver: the last epoch it logged (-1: none)."""
+        try:
+            return int(json.loads((self.dir / DRIVER_LOGGED).read_text())["epoch"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return -1
+
+    def mark_logged(self, epoch: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{DRIVER_LOGGED}.tmp"
+        tmp.write_text(json.dumps({"epoch": int(epoch)}) + "\n")
+        os.replace(tmp, self.dir / DRIVER_LOGGED)
 
     def identity(self, continuing: bool) -> RunIdentity:
         """This run's id: the stored one when this start is ``continuing`` an earlier one (``--resume``,

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmbalance.tracking.records import experiment_group, experiment_id, trial_run_id
+from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, trial_run_id
 from mmbalance.tracking.wandb_tracker import (TrackingConfig, WandbTracker, _quiet_exit_hooks, _say, _settings,
                                              resolve_mode)
 
@@ -112,9 +112,11 @@ def prepare_driver(cfg: TrackingConfig, out_dir: Path) -> str:
     return mode
 
 
-def search_callback(cfg: TrackingConfig, out_dir: Path):
+def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: Path):
     """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled.
-    Its runs' group is ``records.experiment_group``, made from the search's new id."""
+    Its runs' group is ``records.experiment_group``, made from the search's new id; a trial's
+    run directory is ``trials_dir / <trial id>``."""
+    trials_dir = Path(trials_dir).resolve()
     mode = prepare_driver(cfg, out_dir)
     if mode == "disabled":
         return None
@@ -167,8 +169,18 @@ def search_callback(cfg: TrackingConfig, out_dir: Path):
             self._logging_future_to_trial[future] = trial
 
         def log_trial_result(self, iteration, trial, result):
-            if not result.get(REPLAYED):
-                super().log_trial_result(iteration, trial, result)
+            """Each epoch once. A trial restored after a Ctrl-C reports again the epochs its run
+            directory has past Tune's checkpoint (``Session.report_missed``); which of those this
+            driver had logged is in the trial's record, since Tune's saved state may predate them."""
+            if result.get(REPLAYED):
+                return
+            record = RunRecord(trials_dir / trial.trial_id)
+            epoch = result.get("epoch")
+            if isinstance(epoch, int) and epoch <= record.last_logged_epoch():
+                return
+            super().log_trial_result(iteration, trial, result)
+            if isinstance(epoch, int):
+                record.mark_logged(epoch)
 
         def on_experiment_end(self, trials, **info):
             # Ray waits up to upload_timeout (30 min by default) for every logging actor, and the

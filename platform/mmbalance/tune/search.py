@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def trial_progress_callback(total: int, max_t: int, trials_dir: Path | None = No
 
 def _callbacks(space: SearchSpace, max_t: int, tracking: TrackingConfig | None, output: Path) -> list:
     callbacks = [trial_progress_callback(space.trial_count(), max_t, output.resolve() / TRIALS_DIR)]
-    wandb = search_callback(tracking, output) if tracking is not None else None
+    wandb = search_callback(tracking, output, output / TRIALS_DIR) if tracking is not None else None
     return callbacks + ([wandb] if wandb is not None else [])
 
 
@@ -333,6 +334,33 @@ def quiet_tune(enabled: bool = True):
             os.environ["RAY_AIR_NEW_OUTPUT"] = saved_env
 
 
+SECOND_PRESS_GRACE_S = 5.0  # after a second Ctrl-C, how long the driver may take to unwind before it is ended
+SECOND_PRESS_MESSAGE = ("interrupted; stopped without the final save: --resume continues from the search state "
+                        "Tune saved last (trials that were running restart from their latest checkpoint)")
+
+
+@contextlib.contextmanager
+def tune_interrupts():
+    """Ctrl-C during ``Tuner.fit``: the first press asks Tune for its graceful stop (state saved,
+    W&B runs finished within search_wandb.FINISH_WAIT_S); a second press stops at once, even while
+    the driver waits inside Ray (``interrupts.CountedInterrupts`` says why Tune's own handler
+    cannot promise that). Tune's SIGUSR1 handler is its graceful stop; its SIGINT handler is off."""
+    from mmbalance.interrupts import CountedInterrupts
+
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    counter = CountedInterrupts(lambda: os.kill(os.getpid(), signal.SIGUSR1), grace_s=SECOND_PRESS_GRACE_S,
+                                message=f"mmbalance: {SECOND_PRESS_MESSAGE}")
+    try:
+        with counter:
+            yield counter
+    finally:
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+
+
 class SearchInterrupted(RuntimeError):
     """The search stopped before every trial ended (SIGINT); it can be resumed."""
 
@@ -367,13 +395,15 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     check_fits(per_trial, autoscaling=not started_here)
     base, overrides = _absolute_data_path(_data_into_base(base, overrides)), _without_data(overrides)
     max_t = space.scheduler.max_t or fixed.schedule.epochs
-    with quiet_tune(enabled=not verbose):
+    with quiet_tune(enabled=not verbose), tune_interrupts() as presses:
         grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking, fault,
                            overrides).fit()
     finished = grid.num_terminated + grid.num_errors
-    if finished < space.trial_count():  # Tune returns normally after SIGINT with the state saved
-        raise SearchInterrupted(f"{finished} of {space.trial_count()} trials finished; the search state is saved in "
-                                f"{output}: rerun the same command with --resume to finish it")
+    # Tune returns normally after a graceful stop, with the state saved. Ended-trial counts cannot
+    # tell: the trials Tune stopped read as terminated here (they resume as unfinished).
+    if presses.interrupted or finished < space.trial_count():
+        raise SearchInterrupted(f"the search stopped with {finished} of {space.trial_count()} trials ended; its state is "
+                                f"saved in {output}: rerun the same command with --resume to finish it")
     rows = score_trials(trial_rows(grid, space, output, max_t), space, fixed.tracking, output)
     write_results(rows, output)
     frame = pd.DataFrame(rows)
