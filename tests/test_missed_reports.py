@@ -90,7 +90,7 @@ def test_nothing_is_reported_again_when_tune_is_not_behind(tmp_path, tune_epochs
 
 class FakeTrial:
     def __init__(self, trial_id: str):
-        self.trial_id = trial_id
+        self.trial_id, self.config = trial_id, {"params": {}}
 
 
 def test_the_driver_logs_each_epoch_of_a_trial_once_across_restores(tmp_path, monkeypatch):

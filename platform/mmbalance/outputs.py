@@ -45,7 +45,7 @@ RUN = Layout("run", ("config.yaml", "metrics.jsonl", "result.json", "checkpoints
 SEARCH = Layout("search", ("results.parquet", "results.csv", "results.json", "trials", "tune", "train", "report", "wandb",
                            "experiment_id.json*"))
 # A comparison study: every method's search and final runs under methods/ (tune/compare.py).
-STUDY = Layout("study", ("results.parquet", "results.csv", "study.json", "methods", "report", "wandb",
+STUDY = Layout("study", ("results.parquet", "results.csv", "study.json", "methods", "stages", "report", "wandb",
                          "experiment_id.json*"))
 REPORT = Layout("report", ("report.html", "report.md", "*.png", "wandb_report.json"))
 # A conversion's resumable work directory, <out>.partial (data/convert/pipeline.py).

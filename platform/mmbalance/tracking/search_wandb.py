@@ -112,11 +112,17 @@ def prepare_driver(cfg: TrackingConfig, out_dir: Path) -> str:
     return mode
 
 
-def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: Path):
+def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict[Any, Path]",
+                    groups: "dict[Any, str] | None" = None):
     """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled.
     Its runs' group is ``records.experiment_group``, made from the search's new id; a trial's
-    run directory is ``trials_dir / <trial id>``."""
-    trials_dir = Path(trials_dir).resolve()
+    run directory is ``trials_dir / <trial id>``. When one Tuner runs several searches
+    (``tune/search.Part``), ``trials_dir`` and ``groups`` are per part, keyed by the part key in
+    a trial's params."""
+    from mmbalance.tune.search import PART
+
+    trials = ({k: Path(v).resolve() for k, v in trials_dir.items()} if isinstance(trials_dir, dict)
+              else {None: Path(trials_dir).resolve()})
     mode = prepare_driver(cfg, out_dir)
     if mode == "disabled":
         return None
@@ -124,6 +130,10 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: Path):
     wandb_dir.mkdir(parents=True, exist_ok=True)
     experiment = experiment_id(out_dir, fresh=True)  # only a new search builds this callback; a resumed one unpickles it
     group = experiment_group(out_dir)
+    groups = dict(groups or {None: group})
+
+    def part_of(trial) -> Any:
+        return trial.config.get("params", {}).get(PART)
     import ray
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
     from ray.util.queue import Queue
@@ -159,6 +169,7 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: Path):
             # The queue actor is Ray's, as Ray's callback makes it: it holds no key.
             queue_options = {**logging_actor_options(), "max_restarts": -1, "max_task_retries": -1}
             self._trial_queues[trial] = Queue(actor_options=queue_options)
+            wandb_init_kwargs = {**wandb_init_kwargs, "group": groups.get(part_of(trial), group)}
             actor = self._remote_logger_class.remote(
                 logdir=trial.local_path, queue=self._trial_queues[trial], exclude=exclude_results,
                 to_config=self.AUTO_CONFIG_KEYS, key_file=str(self._key_file) if self._key_file else None,
@@ -174,7 +185,7 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: Path):
             driver had logged is in the trial's record, since Tune's saved state may predate them."""
             if result.get(REPLAYED):
                 return
-            record = RunRecord(trials_dir / trial.trial_id)
+            record = RunRecord(trials[part_of(trial)] / trial.trial_id)
             epoch = result.get("epoch")
             if isinstance(epoch, int) and epoch <= record.last_logged_epoch():
                 return

@@ -1,17 +1,18 @@
 """``mmbalance compare``: run a study (``tune/study.py``) on Ray Tune, method by method.
 
-For each method, in the study's order: a search on the study's budget (its own Tuner, so
-ASHA's rungs compare a method's trials with each other, never with another method's), then
-its best configuration by mean best val over the search seeds (test is never read), trained
-again on every study seed (a second Tuner, FIFO). Both are ordinary ``tune/search.run_search``
-experiments, so a study inherits their scoring phase, W&B runs, failure rules and Ctrl-C /
-``--resume`` behaviour: a finished phase is read back from its ``results.parquet``, an
+Two phases, each one Tuner for every method (``tune/search.run_searches``): first every
+method's search on the study's budget (each method has its own ASHA, so its rungs compare its
+trials with each other, never with another method's), then each method's best configuration
+by mean best val over the search seeds (test is never read) trained again on every study seed
+(FIFO). A study inherits the searches' scoring phase, W&B runs, failure rules and Ctrl-C /
+``--resume`` behaviour: a finished phase is read back from its ``results.parquet`` files, an
 unfinished one is resumed.
 
-Layout: ``<out>/methods/<method>/{search,final}/`` (each a search directory), and at the top
-``results.parquet`` (every trial of every phase, with ``method`` and ``phase`` columns) and
-``study.json`` (``reports/study_summary.py``). W&B groups a study's runs by method
-(``records.experiment_group``).
+Layout: ``<out>/methods/<method>/{search,final}/`` (each with its ``trials/`` and results, as a
+search directory), ``<out>/stages/{search,final}/`` (each phase's Tuner state and W&B runs),
+and at the top ``results.parquet`` (every trial of every phase, with ``method`` and ``phase``
+columns) and ``study.json`` (``reports/study_summary.py``). W&B groups a study's runs by
+method (``records.experiment_group``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mmbalance.tracking.records import STUDY_METHODS_DIR
 from mmbalance.tune.study import Study, final_space, method_base, search_space, validate_study
 
 METHODS_DIR = STUDY_METHODS_DIR
+STAGES_DIR = "stages"  # the Tuner of each phase: <study>/stages/{search,final} (tune/ state, W&B runs)
 
 
 def best_configuration(frame, keys: list[str]) -> tuple[dict[str, Any], float]:
@@ -47,34 +49,35 @@ def _plain(value: Any) -> Any:
 def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool = False, storage: str | None = None,
               address: str | None = None, verbose: bool = False, overrides: dict[str, Any] | None = None,
               say: Callable[[str], None] = print):
-    """Run every method's search and final runs; write ``results.parquet`` and ``study.json``.
-    Returns ``(frame, summary)``."""
+    """Run every method's search, then every method's final runs; write ``results.parquet``
+    and ``study.json``. Returns ``(frame, summary)``."""
     import pandas as pd
 
     from mmbalance.reports.study_summary import summarize, write_summary
-    from mmbalance.tune.search import run_search
-
     from mmbalance.tracking.records import experiment_id
 
     methods = validate_study(study, base, overrides)
     output = Path(output).resolve()
     experiment_id(output, fresh=not resume)  # the study's own id: its methods' W&B groups carry it
-    frames, chosen = [], {}
-    for index, (name, method) in enumerate(methods.items(), start=1):
-        where = output / METHODS_DIR / name
-        space = search_space(study, method)
-        keys = list(space.space)
-        say(f"[{index}/{len(methods)}] {name}: search, {space.trial_count()} trials")
-        searched = _phase(run_search, space, method_base(base, method), where / "search", resume, storage, address,
-                          verbose, overrides)
-        best, best_val = best_configuration(searched, keys)
+    common = dict(resume=resume, storage=storage, address=address, verbose=verbose, overrides=overrides)
+    spaces = {name: search_space(study, method) for name, method in methods.items()}
+    trials = sum(space.trial_count() for space in spaces.values())
+    say(f"phase 1/2, search: {len(methods)} methods in one Tuner, {trials} trials "
+        f"({trials // len(methods)} per method, each method's ASHA separate): {', '.join(methods)}")
+    searched = _stage("search", {name: (spaces[name], method_base(base, method)) for name, method in methods.items()},
+                      output, **common)
+    chosen, finals = {}, {}
+    for name, method in methods.items():
+        best, best_val = best_configuration(searched[name], list(spaces[name].space))
         chosen[name] = {"configuration": best, "search_best_val": best_val}
         described = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items())
-        say(f"[{index}/{len(methods)}] {name}: best on val {best_val:.4f} ({described or 'nothing searched'}); "
-            f"training it on {len(study.seeds)} seeds")
-        final = _phase(run_search, final_space(study, method, best), method_base(base, method), where / "final",
-                       resume, storage, address, verbose, overrides)
-        frames += [searched.assign(method=name, phase="search"), final.assign(method=name, phase="final")]
+        say(f"  {name}: best on val {best_val:.4f} ({described or 'nothing searched'})")
+        finals[name] = (final_space(study, method, best), method_base(base, method))
+    say(f"phase 2/2, final runs: each method's best configuration on {len(study.seeds)} seeds "
+        f"({len(methods) * len(study.seeds)} runs in one Tuner)")
+    final = _stage("final", finals, output, **common)
+    frames = [frame for name in methods
+              for frame in (searched[name].assign(method=name, phase="search"), final[name].assign(method=name, phase="final"))]
     frame = pd.concat(frames, ignore_index=True)
     _write_frame(frame, output)
     summary = summarize(frame, study, methods, chosen)
@@ -82,16 +85,25 @@ def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool 
     return frame, summary
 
 
-def _phase(run_search, space, base, directory: Path, resume: bool, storage, address, verbose, overrides):
-    """One search, or its results when an earlier (interrupted) study already finished it."""
+def _stage(phase: str, parts: dict[str, tuple[Any, dict[str, Any]]], output: Path, *, resume: bool, storage,
+           address, verbose, overrides) -> dict[str, Any]:
+    """One phase of every method in one Tuner (``search.Part``): its state and W&B runs in
+    ``<out>/stages/<phase>``, each method's trials and results in ``<out>/methods/<m>/<phase>``.
+    A phase every method finished earlier (an interrupted study) is read back; an unfinished
+    one is resumed."""
     import pandas as pd
 
-    if (directory / "results.parquet").is_file():
-        return pd.read_parquet(directory / "results.parquet")
-    in_progress = resume and (directory / "tune").exists()
-    phase_storage = f"{storage.rstrip('/')}/{directory.parent.name}/{directory.name}" if storage else None
-    return run_search(space, base, directory, resume=in_progress, storage=phase_storage, address=address,
-                      verbose=verbose, overrides=overrides)
+    from mmbalance.tune.search import Part, run_searches
+
+    directories = {name: output / METHODS_DIR / name / phase for name in parts}
+    if all((d / "results.parquet").is_file() for d in directories.values()):
+        return {name: pd.read_parquet(d / "results.parquet") for name, d in directories.items()}
+    stage = output / STAGES_DIR / phase
+    in_progress = resume and (stage / "tune").exists()
+    stage_storage = f"{storage.rstrip('/')}/{STAGES_DIR}/{phase}" if storage else None
+    return run_searches([Part(name, space, base, directories[name]) for name, (space, base) in parts.items()], stage,
+                        resume=in_progress, storage=stage_storage, address=address, verbose=verbose,
+                        overrides=overrides)
 
 
 def _write_frame(frame, output: Path) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,44 @@ ENDED = "ended.json"  # in a trial's run directory, written by the driver when T
 FAILED = "failed.json"  # in a trial's run directory: its deterministic error, re-raised by a retry
 
 
-def tune_param_space(space: SearchSpace) -> dict[str, Any]:
+PART = "_part"  # in a trial's params when one Tuner runs several searches: which one it belongs to
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of the searches a single Tuner runs (``run_searches``). A comparison study runs every
+    method's search in one Tuner and every method's final runs in another: one Tuner start, one
+    set of trial processes and one scoring round for all methods, where a Tuner per method and
+    phase paid each of them twelve times in the demo study. Each part keeps its own directory
+    (``output``: its ``trials/`` and ``results.parquet``), its own scheduler (ASHA rungs compare
+    its trials only, ``per_part_scheduler.py``) and its own failure rule. ``name`` None: the one
+    search of ``mmbalance tune``, whose trials carry no part key."""
+
+    name: str | None
+    space: SearchSpace
+    base: dict[str, Any]
+    output: Path
+
+
+def tune_param_space(parts: "list[Part] | SearchSpace") -> dict[str, Any]:
     """All trial configurations, as one Tune grid: each draw is shared by every seed, so
     results can be averaged over seeds per configuration (Tune would redraw per seed)."""
     import ray.tune as tune
 
-    return {"params": tune.grid_search(space.configurations())}
+    if isinstance(parts, SearchSpace):
+        return {"params": tune.grid_search(parts.configurations())}
+    configs = []
+    for part in parts:
+        configs += [c if part.name is None else {**c, PART: part.name} for c in part.space.configurations()]
+    return {"params": tune.grid_search(configs)}
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], output: str, workers: int,
+def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]], workers: int,
               gpus_per_worker: float, storage: str | None = None, fault: dict[str, Any] | None = None,
               overrides: dict[str, Any] | None = None) -> None:
-    """One Tune trial == one training run, named after its (stable) trial id. ``fault`` is the
-    test-only hook of ``engine/session.fault_hook`` (docs/faults.md).
+    """One Tune trial == one training run, named after its (stable) trial id, in its part's
+    directory (``parts[name] = {"base", "fixed", "output"}``). ``fault`` is the test-only hook of
+    ``engine/session.fault_hook`` (docs/faults.md).
 
     Tune's ``FailureConfig`` retries any exception, Ray Train's only recoverable ones
     (``tune/failure_policy.py``). So the trial checks its recipe against its data before a
@@ -64,6 +90,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
         logging.getLogger(name).setLevel(logging.WARNING)
     trial_id = ray.tune.get_context().get_trial_id()
     params = dict(config["params"])
+    part = parts[params.pop(PART, None)]
+    base, fixed, output = part["base"], part["fixed"], part["output"]
     seed = params.pop("seed")
     tree = trial_recipe(base, fixed, params, seed, overrides=overrides)
     tree.setdefault("tracking", {})["wandb"] = "disabled"  # the driver logs this trial (tracking/search_wandb.py)
@@ -140,10 +168,15 @@ def ended_result(run_dir: Path) -> dict[str, Any] | None:
     return rows[-1] if rows else None
 
 
-def trial_progress_callback(total: int, max_t: int, trials_dir: Path | None = None):
+def trial_progress_callback(total: int, max_t: "int | dict[str | None, int]",
+                            trials_dir: "Path | dict[str | None, Path] | None" = None):
     """One line per ended trial (Tune's own tables are turned off): which, how far, how good.
-    With ``trials_dir``, also records in each trial's run directory that (and how) it ended."""
+    With ``trials_dir``, also records in each trial's run directory that (and how) it ended.
+    With several parts, ``max_t`` and ``trials_dir`` are per part, and a line names the part."""
     import ray.tune
+
+    def of_part(value, trial):
+        return value.get(trial.config["params"].get(PART)) if isinstance(value, dict) else value
 
     class TrialProgress(ray.tune.Callback):
         def __init__(self):
@@ -154,18 +187,19 @@ def trial_progress_callback(total: int, max_t: int, trials_dir: Path | None = No
             result = trial.last_result or {}
             val = result.get("val/acc_fused")
             val_text = f"val acc {val:.4f}" if isinstance(val, float) else "no result"
-            print(f"[{self.ended}/{total}] trial {trial.trial_id}: {how} after {result.get('epochs_done', 0)}/{max_t} "
-                  f"epochs, {val_text}", flush=True)
+            part = trial.config["params"].get(PART)
+            print(f"[{self.ended}/{total}] {f'{part} ' if part is not None else ''}trial {trial.trial_id}: {how} after "
+                  f"{result.get('epochs_done', 0)}/{of_part(max_t, trial)} epochs, {val_text}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epochs_done = (trial.last_result or {}).get("epochs_done", 0)
             if trials_dir is not None and epochs_done:
-                run_dir = trials_dir / trial.trial_id
+                run_dir = of_part(trials_dir, trial) / trial.trial_id
                 run_dir.mkdir(parents=True, exist_ok=True)
                 tmp = run_dir / f"{ENDED}.tmp"
                 tmp.write_text(json.dumps({"epochs_done": epochs_done}) + "\n")
                 os.replace(tmp, run_dir / ENDED)
-            self._line(trial, "finished" if epochs_done >= max_t else "stopped early")
+            self._line(trial, "finished" if epochs_done >= of_part(max_t, trial) else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, "FAILED")
@@ -173,21 +207,40 @@ def trial_progress_callback(total: int, max_t: int, trials_dir: Path | None = No
     return TrialProgress()
 
 
-def _callbacks(space: SearchSpace, max_t: int, tracking: TrackingConfig | None, output: Path) -> list:
-    callbacks = [trial_progress_callback(space.trial_count(), max_t, output.resolve() / TRIALS_DIR)]
-    wandb = search_callback(tracking, output, output / TRIALS_DIR) if tracking is not None else None
+def _callbacks(parts: list[Part], max_t: dict[str | None, int], tracking: TrackingConfig | None,
+               output: Path) -> list:
+    trials = {part.name: part.output.resolve() / TRIALS_DIR for part in parts}
+    callbacks = [trial_progress_callback(sum(p.space.trial_count() for p in parts), max_t, trials)]
+    # A plain search's group comes from the id search_callback makes fresh, so only named parts
+    # (a study's methods, grouped with the study's id) are given here.
+    groups = {part.name: experiment_group(part.output) for part in parts if part.name is not None}
+    wandb = search_callback(tracking, output, trials, groups) if tracking is not None else None
     return callbacks + ([wandb] if wandb is not None else [])
 
 
-def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: bool, epochs: int,
-                storage: str | None = None, tracking: TrackingConfig | None = None,
-                fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
-    import ray
-    import ray.tune as tune
+def _scheduler(space: SearchSpace, max_t: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    trainable = partial(run_trial, base=base, fixed=space.set, output=str(output.resolve()), workers=space.workers,
-                        gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault, overrides=overrides)
+    if space.scheduler.name == "asha":
+        return ASHAScheduler(time_attr="epochs_done", max_t=max_t, grace_period=space.scheduler.grace_period,
+                             reduction_factor=space.scheduler.reduction_factor)
+    return FIFOScheduler()
+
+
+def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str | None, int],
+                storage: str | None = None, tracking: TrackingConfig | None = None,
+                fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
+    """One Tuner over every part's trials; ``output`` holds its state (``tune/``) and W&B runs."""
+    import ray
+    import ray.tune as tune
+
+    from mmbalance.tune.per_part_scheduler import PerPartScheduler
+
+    space = parts[0].space  # trial resources and concurrency: the same for every part (run_searches)
+    trainable = partial(run_trial, parts={p.name: {"base": p.base, "fixed": p.space.set, "output": str(p.output.resolve())}
+                                          for p in parts},
+                        workers=space.workers, gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault,
+                        overrides=overrides)
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
     # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
     # their own resources.
@@ -197,7 +250,6 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
         resources = {"cpu": 0.01, "TRAIN_DRIVER": 0.01}
     trainable = tune.with_resources(trainable, resources)
     storage_path = storage or str(output.resolve())
-    max_t = space.scheduler.max_t or epochs
     # Frequent small trials trip Tune's "snapshotting too often" warning on every report.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
@@ -208,30 +260,31 @@ def build_tuner(space: SearchSpace, base: dict[str, Any], output: Path, resume: 
             recorded.unlink()  # --resume retries errored trials: the user may have fixed the cause
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
                                   resume_unfinished=True, resume_errored=True)
-    if space.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_t,
-                                  grace_period=space.scheduler.grace_period,
-                                  reduction_factor=space.scheduler.reduction_factor)
+    if len(parts) == 1:
+        scheduler = _scheduler(space, max_t[parts[0].name])
     else:
-        scheduler = FIFOScheduler()
+        scheduler = PerPartScheduler({p.name: _scheduler(p.space, max_t[p.name]) for p in parts}, PART)
     return tune.Tuner(
         trainable,
-        param_space=tune_param_space(space),
-        # A fresh process per trial: W&B's service connection (and torch's global state) never
-        # leaks from one trial into the next.
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, reuse_actors=False,
+        param_space=tune_param_space(parts),
+        # A trial process is reused by the next trial: a new one costs seconds of imports on a
+        # small machine. Nothing carries over: a trial trains with W&B off (the driver logs it),
+        # and the trainer seeds every generator from the trial's own seed.
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, reuse_actors=True,
                                     scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT_STATE, storage_path=storage_path,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
-                                  callbacks=_callbacks(space, max_t, tracking, output)),
+                                  callbacks=_callbacks(parts, max_t, tracking, output)),
     )
 
 
-def trial_rows(grid, space: SearchSpace, output: Path, max_t: int) -> list[dict[str, Any]]:
-    """One dict per trial from Tune's result grid: its draw, seed, epochs and stop reason."""
+def trial_rows(grid, space: SearchSpace, output: Path, max_t: int, part: str | None = None) -> list[dict[str, Any]]:
+    """One dict per trial (of ``part``) from Tune's result grid: its draw, seed, epochs and stop reason."""
     rows = []
     for result in grid:
+        if result.config["params"].get(PART) != part:
+            continue
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-2]
         epochs_run = int(metrics.get("epochs_done", 0))
@@ -241,7 +294,7 @@ def trial_rows(grid, space: SearchSpace, output: Path, max_t: int) -> list[dict[
             reason = "completed"
         else:
             reason = "stopped_early"
-        params = {k: _label(v) for k, v in result.config["params"].items()}
+        params = {k: _label(v) for k, v in result.config["params"].items() if k != PART}
         row = {"trial_id": trial_id, **params,
                "epochs_run": epochs_run, "stop_reason": reason, "run_dir": str(output / TRIALS_DIR / trial_id)}
         rows.append(row)
@@ -255,26 +308,30 @@ def _label(value: Any) -> Any:
     return value
 
 
-def score_trial(run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], output: str) -> dict[str, Any]:
-    """Score one trial and add the scores to its W&B run (runs as a Ray task)."""
+def score_trial(run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], output: str, group: str) -> dict[str, Any]:
+    """Score one trial and add the scores to its W&B run (runs as a Ray task); ``output`` is
+    the Tuner's directory (the W&B runs), ``group`` the trial's W&B group."""
     from mmbalance.engine.evaluation import evaluate_run
 
     score = evaluate_run(run_dir, tree)
-    record_scores(TrackingConfig.model_validate(tracking), experiment_group(output), Path(output), Path(run_dir).name, score)
+    record_scores(TrackingConfig.model_validate(tracking), group, Path(output), Path(run_dir).name, score)
     return score
 
 
 def score_trials(rows: list[dict[str, Any]], space: SearchSpace, tracking: TrackingConfig,
-                 output: Path) -> list[dict[str, Any]]:
-    """The scoring phase: every trial with a best checkpoint, in parallel Ray tasks."""
+                 output: Path, groups: list[str] | None = None) -> list[dict[str, Any]]:
+    """The scoring phase: every trial with a best checkpoint, in parallel Ray tasks. ``groups``:
+    each row's W&B group (default: the group of ``output``)."""
     import ray
 
     remote = ray.remote(num_cpus=1, num_gpus=space.gpus_per_worker and 1)(score_trial)
+    groups = groups or [experiment_group(output)] * len(rows)
     pending = {}
-    for row in rows:
+    for row, group in zip(rows, groups):
         if (Path(row["run_dir"]) / "checkpoints" / "best" / "state.pt").is_file():
             tree = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())  # the trial's own recipe
-            pending[row["trial_id"]] = remote.remote(row["run_dir"], tree, tracking.model_dump(), str(output.resolve()))
+            pending[row["trial_id"]] = remote.remote(row["run_dir"], tree, tracking.model_dump(), str(output.resolve()),
+                                                     group)
     scored = dict(zip(pending, ray.get(list(pending.values()))))
     return [{**row, **_flatten_scores(scored.get(row["trial_id"]))} for row in rows]
 
@@ -378,6 +435,19 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     caller prints; Ray's worker output, Tune's banner and slow-operation warnings stay off the
     console (``quiet_tune``). Errors and the tracebacks of failed trials are always shown.
     ``verbose=True`` lets everything through."""
+    output = Path(output).resolve()
+    frames = run_searches([Part(None, space, base, output)], output, resume=resume, storage=storage,
+                          address=address, verbose=verbose, fault=fault, overrides=overrides)
+    return frames[None]
+
+
+def run_searches(parts: list[Part], output: Path, *, resume: bool = False, storage: str | None = None,
+                 address: str | None = None, verbose: bool = False, fault: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None) -> "dict[str | None, Any]":
+    """``run_search`` for several searches in one Tuner (``Part`` says why); ``output`` holds the
+    Tuner's state and W&B runs, each part's results go to its own directory. Every part must
+    ask for the same trial resources and concurrency. Returns each part's results DataFrame; the
+    failure rule applies to each part alone (``SearchFailed`` names the first part that broke it)."""
     import pandas as pd
 
     from mmbalance.data.shards import validate_shards
@@ -385,30 +455,57 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     from mmbalance.tune.space import validate_against
 
     overrides = dict(overrides or {})
-    fixed = validate_against(space, base, overrides)
-    check_against_data(fixed, validate_shards(fixed.data.path))
+    space = parts[0].space
+    shape = {(p.space.workers, p.space.gpus_per_worker, p.space.max_concurrent) for p in parts}
+    if len(shape) != 1:
+        raise ValueError(f"searches run in one Tuner need the same workers, gpus_per_worker, max_concurrent: {shape}")
+    fixed, checked = {}, {}
+    for part in parts:
+        fixed[part.name] = validate_against(part.space, part.base, overrides)
+        path = fixed[part.name].data.path
+        if path not in checked:
+            checked[path] = validate_shards(path)
+        check_against_data(fixed[part.name], checked[path])
     output = Path(output).resolve()  # trials and scoring tasks run in other working directories
     output.mkdir(parents=True, exist_ok=True)
     per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
     started_here = connect(Request(workers=per_trial.workers * space.max_concurrent,
                                    gpus_per_worker=space.gpus_per_worker), address, verbose=verbose)
     check_fits(per_trial, autoscaling=not started_here)
-    base, overrides = _absolute_data_path(_data_into_base(base, overrides)), _without_data(overrides)
-    max_t = space.scheduler.max_t or fixed.schedule.epochs
+    ready = [Part(p.name, p.space, _absolute_data_path(_data_into_base(p.base, overrides)), Path(p.output).resolve())
+             for p in parts]
+    overrides = _without_data(overrides)
+    max_t = {p.name: p.space.scheduler.max_t or fixed[p.name].schedule.epochs for p in parts}
+    tracking = fixed[parts[0].name].tracking
+    total = sum(p.space.trial_count() for p in parts)
     with quiet_tune(enabled=not verbose), tune_interrupts() as presses:
-        grid = build_tuner(space, base, output, resume, fixed.schedule.epochs, storage, fixed.tracking, fault,
-                           overrides).fit()
+        grid = build_tuner(ready, output, resume, max_t, storage, tracking, fault, overrides).fit()
     finished = grid.num_terminated + grid.num_errors
     # Tune returns normally after a graceful stop, with the state saved. Ended-trial counts cannot
     # tell: the trials Tune stopped read as terminated here (they resume as unfinished).
-    if presses.interrupted or finished < space.trial_count():
-        raise SearchInterrupted(f"the search stopped with {finished} of {space.trial_count()} trials ended; its state is "
+    if presses.interrupted or finished < total:
+        raise SearchInterrupted(f"the search stopped with {finished} of {total} trials ended; its state is "
                                 f"saved in {output}: rerun the same command with --resume to finish it")
-    rows = score_trials(trial_rows(grid, space, output, max_t), space, fixed.tracking, output)
-    write_results(rows, output)
-    frame = pd.DataFrame(rows)
-    check_failures(trial_errors(grid), len(rows), space.max_failed_fraction, frame, output)
-    return frame
+    per_part = {p.name: trial_rows(grid, p.space, p.output, max_t[p.name], p.name) for p in ready}
+    rows = [row for p in ready for row in per_part[p.name]]
+    groups = [experiment_group(p.output) for p in ready for _ in per_part[p.name]]
+    scored = iter(score_trials(rows, space, tracking, output, groups))  # one round of tasks for every part
+    frames, errors = {}, trial_errors(grid)
+    for part in ready:
+        part_rows = [next(scored) for _ in per_part[part.name]]
+        part.output.mkdir(parents=True, exist_ok=True)
+        write_results(part_rows, part.output)
+        frames[part.name] = pd.DataFrame(part_rows)
+    for part in ready:
+        ids = {row["trial_id"] for row in per_part[part.name]}
+        failure = [e for e in errors if e[0] in ids]
+        try:
+            check_failures(failure, len(ids), part.space.max_failed_fraction, frames[part.name], part.output)
+        except SearchFailed as err:
+            if part.name is not None:
+                raise SearchFailed(f"{part.name}: {err}", err.frame) from None
+            raise
+    return frames
 
 
 class SearchFailed(RuntimeError):
