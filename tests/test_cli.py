@@ -1,6 +1,7 @@
 """End-to-end runs of the installed ``mmbalance`` command."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 import subprocess
@@ -10,6 +11,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from mmbalance.tracking.records import experiment_id
+from test_wandb_tracker import read_offline_run
 
 pytestmark = pytest.mark.integration
 
@@ -61,21 +64,44 @@ def test_objective_with_a_fusion_it_cannot_use_fails_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_prepares_searches_and_reports_from_outside_the_checkout(tmp_path):
-    done = _cli("demo", "--out", "demo", "--samples", "2", cwd=tmp_path)  # the shipped recipe and space
+def test_demo_prepares_compares_and_reports_from_outside_the_checkout(tmp_path):
+    # The shipped recipe and demo study, on a smaller budget: 1 search trial and 2 seeds per method,
+    # logged to W&B offline (the demo's default is off: it costs minutes on 2 CPUs).
+    done = _cli("demo", "--out", "demo", "--trials", "1", "--seeds", "0,1", "--set", "schedule.epochs=3",
+                "--wandb", "offline", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    search = tmp_path / "demo" / "search"
-    assert len(pd.read_parquet(search / "results.parquet")) == 4  # 2 draws x 2 seeds
-    assert "val acc (mean ± std)" in done.stdout  # the leaderboard
-    assert f"report written to {Path('demo') / 'search' / 'report' / 'report.html'}" in done.stdout
-    assert (search / "report" / "report.html").is_file()
+    study = tmp_path / "demo" / "study"
+    frame = pd.read_parquet(study / "results.parquet")
+    methods = ["lf", "joint", "mnl", "arl", "alone:audio", "alone:visual"]
+    assert sorted(frame["method"].unique()) == sorted(methods)
+    assert sorted(frame.groupby("phase").size().items()) == [("final", 12), ("search", 6)]
+    table = done.stdout[done.stdout.index("method "):]
+    assert "test fused (mean ± 95% CI)" in table and all(m in table for m in methods)
+    assert "(baseline)" in table
+    assert f"report written to {Path('demo') / 'study' / 'report' / 'report.html'}" in done.stdout
+    assert (study / "report" / "report.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing written beside --out
     # Quiet by default: one progress line per trial, no Ray worker output, no timing or W&B warnings.
     log = done.stdout + done.stderr
-    assert len([line for line in done.stdout.splitlines() if line.startswith("[") and "] trial " in line]) == 4
+    progress = [line for line in done.stdout.splitlines() if re.match(r"\[\d+/\d+\] \S+ trial ", line)]
+    assert len(progress) == 18, done.stdout  # every method's trials, named by method
     assert "pid=" not in log, log  # Ray prefixes worker lines with "(<actor> pid=...)"
     assert "performance bottleneck" not in log and "reinit" not in log and "Token authentication" not in log, log
-    assert len(log.splitlines()) < 40, log
+    assert len(log.splitlines()) < 90, log
+    assert "W&B is off" not in log
+    # One Tuner per phase for every method, but W&B groups the runs by method, with the study's id,
+    # and each final run's scores reach the W&B run that logged its epochs.
+    study_id = experiment_id(study)
+    runs = [read_offline_run(d) for d in sorted((study / "stages").glob("*/wandb/offline-run-*"))]
+    assert {r["run"]["run_group"] for r in runs} == {f"{m}-{study_id[:8]}" for m in methods}
+    final = frame[frame["phase"] == "final"]
+    for method, trial_id, test_acc in zip(final["method"], final["trial_id"], final["test_acc"]):
+        fragments = [r for r in runs if r["run"]["run_id"].endswith(f"-{trial_id}")
+                     and r["run"]["run_group"].startswith(f"{method}-")]
+        epochs = sorted(row["epoch"] for f in fragments for row in f["history"].values() if "epoch" in row)
+        assert epochs == [0, 1, 2], (method, trial_id, epochs)
+        summary = {k: v for f in fragments for k, v in f["summary"].items()}
+        assert summary["test/acc"] == pytest.approx(test_acc), (method, trial_id)
 
 
 def test_recipes_lists_the_shipped_recipes_and_spaces(tmp_path):
