@@ -267,10 +267,14 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
     return tune.Tuner(
         trainable,
         param_space=tune_param_space(parts),
-        # A trial process is reused by the next trial: a new one costs seconds of imports on a
-        # small machine. Nothing carries over: a trial trains with W&B off (the driver logs it),
-        # and the trainer seeds every generator from the trial's own seed.
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, reuse_actors=True,
+        # An in-process trial's process is reused by the next trial: a new one costs seconds of
+        # imports on a small machine. Nothing carries over: a trial trains with W&B off (the
+        # driver logs it), and the trainer seeds every generator from the trial's own seed.
+        # Not for Train-in-Tune trials: a reused process never started the next TorchTrainer
+        # (the search hung after the first trials, tests/test_tune.py), and there the worker
+        # group's start costs more than the trial process.
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1,
+                                    reuse_actors=space.workers == 0,
                                     scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT_STATE, storage_path=storage_path,
                                   failure_config=tune.FailureConfig(max_failures=1),
