@@ -31,7 +31,6 @@ class Session:
     def __init__(self, config: dict[str, Any], group: ProcessGroup, api: Any = None, train_worker: bool = False):
         self.config, self.group, self.api, self.train_worker = config, group, api, train_worker
         self.missed: list[dict[str, Any]] = []  # recorded epochs Tune may not have seen (``_tune_trial_state``)
-        self.missed_checkpoint: Path | None = None
 
     def device(self, recipe: Recipe) -> torch.device:
         if self.train_worker:
@@ -88,7 +87,6 @@ class Session:
             recorded = RunRecord(output_dir).read_metrics()
             if epoch - 1 in {m["epoch"] for m in recorded} and epoch > tune_epoch:
                 self.missed = [m for m in recorded if tune_epoch <= m["epoch"] < epoch]
-                self.missed_checkpoint = latest
                 return state
         return tune_state
 
@@ -96,8 +94,9 @@ class Session:
         """Report the recorded epochs Tune has no checkpoint for, the last with the run
         directory's latest checkpoint, before training goes on. Tune counts them as new
         iterations, so W&B gets them at the steps they would have had."""
+        latest = Path(self.config["output_dir"]) / "checkpoints" / "latest"  # the state restored from
         for i, metrics in enumerate(self.missed):
-            self.report(metrics, self.missed_checkpoint if i == len(self.missed) - 1 else None)
+            self.report(metrics, latest if i == len(self.missed) - 1 else None)
         self.missed = []
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:

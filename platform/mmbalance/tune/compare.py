@@ -1,4 +1,4 @@
-"""``mmbalance compare``: run a study (``tune/study.py``) on Ray Tune, method by method.
+"""``mmbalance compare``: run a study (``tune/study.py``) on Ray Tune.
 
 Two phases, each one Tuner for every method (``tune/search.run_searches``): first every
 method's search on the study's budget (each method has its own ASHA, so its rungs compare its

@@ -55,13 +55,11 @@ class Part:
     output: Path
 
 
-def tune_param_space(parts: "list[Part] | SearchSpace") -> dict[str, Any]:
+def tune_param_space(parts: list[Part]) -> dict[str, Any]:
     """All trial configurations, as one Tune grid: each draw is shared by every seed, so
     results can be averaged over seeds per configuration (Tune would redraw per seed)."""
     import ray.tune as tune
 
-    if isinstance(parts, SearchSpace):
-        return {"params": tune.grid_search(parts.configurations())}
     configs = []
     for part in parts:
         configs += [c if part.name is None else {**c, PART: part.name} for c in part.space.configurations()]
@@ -168,15 +166,14 @@ def ended_result(run_dir: Path) -> dict[str, Any] | None:
     return rows[-1] if rows else None
 
 
-def trial_progress_callback(total: int, max_t: "int | dict[str | None, int]",
-                            trials_dir: "Path | dict[str | None, Path] | None" = None):
-    """One line per ended trial (Tune's own tables are turned off): which, how far, how good.
-    With ``trials_dir``, also records in each trial's run directory that (and how) it ended.
-    With several parts, ``max_t`` and ``trials_dir`` are per part, and a line names the part."""
+def trial_progress_callback(total: int, max_t: dict[str | None, int], trials_dir: dict[str | None, Path]):
+    """One line per ended trial (Tune's own tables are turned off): which, how far, how good;
+    it also records in each trial's run directory that (and how) it ended. ``max_t`` and
+    ``trials_dir`` are per part (``Part.name``); with several parts a line names the part."""
     import ray.tune
 
     def of_part(value, trial):
-        return value.get(trial.config["params"].get(PART)) if isinstance(value, dict) else value
+        return value[trial.config["params"].get(PART)]
 
     class TrialProgress(ray.tune.Callback):
         def __init__(self):
@@ -193,7 +190,7 @@ def trial_progress_callback(total: int, max_t: "int | dict[str | None, int]",
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epochs_done = (trial.last_result or {}).get("epochs_done", 0)
-            if trials_dir is not None and epochs_done:
+            if epochs_done:
                 run_dir = of_part(trials_dir, trial) / trial.trial_id
                 run_dir.mkdir(parents=True, exist_ok=True)
                 tmp = run_dir / f"{ENDED}.tmp"
