@@ -1,5 +1,5 @@
 """clusters/ holds configuration only, valid for the tools that read it, with no secret in it;
-``mmbalance submit`` (mmbalance/jobs.py) drives the Ray Job SDK correctly. No Ray cluster starts.
+``mmbalance submit`` (mmbalance/launch/submit.py) drives the Ray Job SDK correctly. No Ray cluster starts.
 
 Cluster-launcher YAMLs are checked the way ``ray up`` checks them (ray/autoscaler/_private/
 commands.py ``_bootstrap_config``): ``prepare_config`` merges the provider's defaults.yaml and
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from mmbalance import jobs
+from mmbalance.launch import submit as jobs
 from mmbalance.config import ConfigError
 
 CLUSTERS = REPO / "clusters"
@@ -305,7 +305,7 @@ def test_the_secret_scan_accepts_references(tmp_path):
     assert find_secrets(clean) == []
 
 
-# --- mmbalance submit (jobs.py) ------------------------------------------------------------------
+# --- mmbalance submit (launch/submit.py) ------------------------------------------------------------------
 
 class FakeClient:
     """Stands in for ray.job_submission.JobSubmissionClient; records every call."""

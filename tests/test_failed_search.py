@@ -25,7 +25,7 @@ def test_a_bad_combination_exits_2_naming_it_before_ray_starts(small_shards, tmp
     """Each value fits on its own (arm with auto fusion, lf with mean); arm with mean does not."""
     import ray
 
-    import mmbalance.tune.cluster as cluster
+    import mmbalance.launch.cluster as cluster
 
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
     space, recipe = _files(tmp_path, small_shards, {

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmbalance import jobs
+from mmbalance.launch import submit as jobs
 from mmbalance.cli import main
 from mmbalance.config import ConfigError
-from mmbalance.tune import cluster
+from mmbalance.launch import cluster
 from mmbalance.tune.space import SearchSpace, trial_recipe, validate_against
 
 from conftest import REPO, recipe_dict

@@ -10,8 +10,8 @@ import pytest
 from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.tracking.records import RunRecord
-from mmbalance.tune.cluster import DoesNotFit, Request, check_fits
-from mmbalance.tune.driver import fit
+from mmbalance.launch.cluster import DoesNotFit, Request, check_fits
+from mmbalance.launch.train_driver import fit
 
 from conftest import REPO, recipe_dict
 

@@ -26,7 +26,7 @@ import yaml
 
 from conftest import free_port, recipe_dict
 from mmbalance.config import ConfigError
-from mmbalance.jobs import refuse_secrets
+from mmbalance.launch.submit import refuse_secrets
 from mmbalance.tracking import search_wandb
 from mmbalance.tracking.wandb_tracker import sanitize, secret_values
 

@@ -23,9 +23,9 @@ from mmbalance.data import storage
 from mmbalance.data.manifest import split_order
 from mmbalance.data.shards import validate_shards
 from mmbalance.errors import debug_requested, expected_message
-from mmbalance.jobs import add_submit_parser
+from mmbalance.launch.submit import add_submit_parser
 from mmbalance.reports.command import add_report_parser
-from mmbalance.tune.cluster import DoesNotFit
+from mmbalance.launch.cluster import DoesNotFit
 from mmbalance.tune.search import SECOND_PRESS_MESSAGE, SearchInterrupted
 
 DEFAULT_RECIPE = Path("trainables/synthetic.yaml")
@@ -135,7 +135,7 @@ def _prepare_dataset(args: argparse.Namespace) -> None:
 def _start_ray_for_prepare(args: argparse.Namespace) -> bool:
     import ray
 
-    from mmbalance.tune.cluster import choose_address, object_store_bytes
+    from mmbalance.launch.cluster import choose_address, object_store_bytes
 
     if ray.is_initialized():
         return False
@@ -233,8 +233,8 @@ def _local_paths(*paths: str) -> list[str]:
 
 
 def _train_on_ray(recipe, manifest, output: Path, args: argparse.Namespace) -> dict:
-    from mmbalance.tune.cluster import Request, check_fits, connect
-    from mmbalance.tune.driver import fit
+    from mmbalance.launch.cluster import Request, check_fits, connect
+    from mmbalance.launch.train_driver import fit
 
     request = Request(workers=recipe.scaling.workers, gpus_per_worker=recipe.scaling.gpus_per_worker)
     started_here = connect(request, args.address)

@@ -1,2 +1,2 @@
-"""Ray drivers: the Train driver used by `mmbalance train --workers` (and Tune trials), and
-connecting to / sizing a Ray cluster."""
+"""Ray Tune: searches (one Tuner per phase), their parameter spaces, per-method ASHA, the failure
+rule, studies over seeds and the equal-budget comparison."""

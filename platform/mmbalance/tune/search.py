@@ -108,7 +108,7 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
             return
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from mmbalance.tune.driver import fit
+        from mmbalance.launch.train_driver import fit
 
         recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
         manifest = read_manifest(recipe.data.path)
@@ -373,7 +373,7 @@ def quiet_tune(enabled: bool = True):
     if not enabled:
         yield
         return
-    from mmbalance.tune.cluster import DropMessages
+    from mmbalance.launch.cluster import DropMessages
 
     saved_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
     tune_logger, util_logger = logging.getLogger("ray.tune"), logging.getLogger("ray.tune.utils.util")
@@ -452,7 +452,7 @@ def run_searches(parts: list[Part], output: Path, *, resume: bool = False, stora
     import pandas as pd
 
     from mmbalance.data.shards import validate_shards
-    from mmbalance.tune.cluster import Request, check_fits, connect
+    from mmbalance.launch.cluster import Request, check_fits, connect
     from mmbalance.tune.space import validate_against
 
     overrides = dict(overrides or {})

@@ -18,7 +18,7 @@ submissions. The SDK attaches the token by itself when the submitter's environme
 prints the current one). This module never reads, prints or forwards a token, and the
 runtime_env must never hold one either (see ``clusters/runtime_env.yaml`` and
 ``docs/clusters.md``). The address comes from ``--address``, then ``RAY_API_SERVER_ADDRESS``,
-then ``RAY_ADDRESS``: the flag wins, as it does for ``tune`` and ``train`` (``tune/cluster.py:
+then ``RAY_ADDRESS``: the flag wins, as it does for ``tune`` and ``train`` (``launch/cluster.py:
 choose_address``). Ray's SDK would let the variables beat the flag, so they are hidden from it
 while the client is built; the "submitted job" line says which address was used and from where.
 """
@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 
 from mmbalance.config import ConfigError, read_yaml_mapping
-from mmbalance.tune.cluster import choose_address
+from mmbalance.launch.cluster import choose_address
 
 DEFAULT_RUNTIME_ENV = Path("clusters/runtime_env.yaml")
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # the SDK lets these override an explicit address
