@@ -97,7 +97,7 @@ def test_the_driver_logs_each_epoch_of_a_trial_once_across_restores(tmp_path, mo
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     from mmbalance.tracking.search_wandb import REPLAYED, search_callback
-    from mmbalance.tracking.wandb_tracker import TrackingConfig
+    from mmbalance.config import TrackingConfig
 
     logged = []
     monkeypatch.setattr(WandbLoggerCallback, "log_trial_result",

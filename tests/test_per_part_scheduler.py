@@ -6,7 +6,7 @@ from __future__ import annotations
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from mmbalance.tune.per_part_scheduler import PerPartScheduler
-from mmbalance.tune.search import PART
+from mmbalance.tracking.records import PART
 
 
 class FakeTrial:

@@ -20,7 +20,7 @@ from mmbalance import outputs
 from mmbalance.cli import main
 from mmbalance.tracking import records
 from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, new_id, trial_run_id
-from mmbalance.tracking.wandb_tracker import TrackingConfig
+from mmbalance.config import TrackingConfig
 
 from conftest import recipe_dict
 from test_wandb_tracker import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse

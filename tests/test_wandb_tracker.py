@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mmbalance.tracking import wandb_tracker
-from mmbalance.tracking.wandb_tracker import TrackingConfig, WandbTracker, flatten_result, sanitize
+from mmbalance.config import TrackingConfig
+from mmbalance.tracking.wandb_tracker import WandbTracker, flatten_result, sanitize
 
 FAKE_KEY = "fake-secret-" + "0123456789abcdef" * 2  # 44 chars: wandb rejects keys shorter than 40
 assert len(FAKE_KEY) >= 40

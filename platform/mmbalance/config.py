@@ -16,10 +16,25 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmbalance.models.encoders import ENCODERS
-from mmbalance.tracking.wandb_tracker import TrackingConfig
 from mmbalance.objectives import OBJECTIVES, objective_requirements
 from mmbalance.objectives.base import FUSIONS
 
+
+
+# Where a training run executes: in this process, as a Tune trial in its own process, or on
+# Ray Train workers (``engine/run_spec.RunSpec.where``).
+Where = Literal["local", "tune", "train"]
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+class TrackingConfig(BaseModel):
+    """The recipe's ``tracking`` section. ``offline`` by default: it needs no account, and
+    a sweep never waits on the network; ``wandb sync`` uploads afterwards."""
+
+    model_config = ConfigDict(extra="forbid")
+    wandb: WandbMode = "offline"
+    project: str = "mmbalance"
+    entity: str | None = None
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message lists every offending key path."""

@@ -90,6 +90,10 @@ def experiment_id(directory: str | Path, *, fresh: bool = False) -> str:
     return shared_id(path)
 
 
+# In a trial's params when one Tuner runs several searches (``tune/search.Part``): which one it
+# belongs to. Here, not in tune/, because the W&B callback (tracking/) reads it too.
+PART = "_part"
+
 STUDY_METHODS_DIR = "methods"  # a study's per-method searches: <study>/methods/<method>/{search,final}
 
 

@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, trial_run_id
-from mmbalance.tracking.wandb_tracker import (TrackingConfig, WandbTracker, _quiet_exit_hooks, _say, _settings,
+from mmbalance.tracking.records import PART, RunRecord, experiment_group, experiment_id, trial_run_id
+from mmbalance.config import TrackingConfig
+from mmbalance.tracking.wandb_tracker import (WandbTracker, _quiet_exit_hooks, _say, _settings,
                                              resolve_mode)
 
 # Marks a result a restored trial reports again without training (tune/search.py ended_result):
@@ -119,8 +120,6 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict
     run directory is ``trials_dir / <trial id>``. When one Tuner runs several searches
     (``tune/search.Part``), ``trials_dir`` and ``groups`` are per part, keyed by the part key in
     a trial's params."""
-    from mmbalance.tune.search import PART
-
     trials = ({k: Path(v).resolve() for k, v in trials_dir.items()} if isinstance(trials_dir, dict)
               else {None: Path(trials_dir).resolve()})
     mode = prepare_driver(cfg, out_dir)

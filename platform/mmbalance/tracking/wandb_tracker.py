@@ -25,22 +25,11 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict
+from mmbalance.config import TrackingConfig, WandbMode as Mode
 
-Mode = Literal["online", "offline", "disabled"]
 SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 REDACTED = "<redacted>"
 NETWORK_TIMEOUT_S = 2.0
-
-
-class TrackingConfig(BaseModel):
-    """The recipe's ``tracking`` section. ``offline`` by default: it needs no account, and
-    a sweep never waits on the network; ``wandb sync`` uploads afterwards."""
-
-    model_config = ConfigDict(extra="forbid")
-    wandb: Mode = "offline"
-    project: str = "mmbalance"
-    entity: str | None = None
 
 
 def is_secret_name(name: str) -> bool:

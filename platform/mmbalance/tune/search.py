@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 
 from mmbalance.config import check_against_data, set_dotted, validate_recipe
-from mmbalance.tracking.records import RunRecord, experiment_group
+from mmbalance.tracking.records import PART, RunRecord, experiment_group
 from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
-from mmbalance.tracking.wandb_tracker import TrackingConfig
+from mmbalance.config import TrackingConfig
 from mmbalance.data.manifest import read_manifest
 from mmbalance.tune.space import SearchSpace, trial_recipe
 
@@ -36,7 +36,6 @@ ENDED = "ended.json"  # in a trial's run directory, written by the driver when T
 FAILED = "failed.json"  # in a trial's run directory: its deterministic error, re-raised by a retry
 
 
-PART = "_part"  # in a trial's params when one Tuner runs several searches: which one it belongs to
 
 
 @dataclass(frozen=True)
