@@ -118,7 +118,8 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from mmbalance.config import load_recipe_dict, validate_recipe
-    from mmbalance.engine.loop import train_loop_per_worker
+    from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 
     torch.set_num_threads(1)
     run = Path(job["run_dir"])
@@ -133,7 +134,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         result = json.loads(done.read_text())
     else:
         shutil.rmtree(run, ignore_errors=True)  # a partial run of this bench, under its own --out
-        result = train_loop_per_worker({"recipe": recipe, "output_dir": str(run), "verbose": False})
+        result = run_training(RunSpec.of(recipe, run, verbose=False))
         (run / "job.json").write_text(json.dumps(recipe))
     return {"recipe": recipe, "result": result, "epochs": _read_epochs(run / "metrics.jsonl")}
 

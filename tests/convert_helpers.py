@@ -8,7 +8,8 @@ from conftest import recipe_dict
 from mmbalance.config import check_against_data, validate_recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.data.shards import load_split, validate_shards
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 
 
 def shard_digest(out: Path) -> dict[str, str]:
@@ -39,4 +40,4 @@ def train_one_epoch(shards: Path, encoders: dict[str, dict], tmp_path: Path, bat
     recipe = validate_recipe(tree)
     check_against_data(recipe, validate_shards(shards))
     out = tmp_path / "run"
-    return train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(out), "verbose": False})
+    return run_training(RunSpec(recipe, out, verbose=False))

@@ -3,7 +3,8 @@
 import re
 
 from mmbalance.data.shards import validate_shards
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 
 from conftest import REPO, recipe_dict
 
@@ -19,5 +20,5 @@ def test_documented_pyarrow_example_writes_trainable_shards(tmp_path, monkeypatc
     tree = recipe_dict(shards, modalities=("audio", "video"))
     tree["modalities"]["video"] = {"encoder": "cnn", "params": {"channels": [4], "out_dim": 8, "pooled_size": 2}}
     tree["schedule"] = {"epochs": 1, "batch_size": 32}
-    result = train_loop_per_worker({"recipe": tree, "output_dir": str(tmp_path / "run"), "verbose": False})
+    result = run_training(RunSpec.of(tree, tmp_path / "run", verbose=False))
     assert set(result["test"]["acc_per_modality"]) == {"audio", "video"}

@@ -49,14 +49,15 @@ def test_shipped_cremad_recipe_trains_on_a_converted_fixture(tmp_path):
 
     from mmbalance.data.convert.pipeline import convert
     from mmbalance.engine.evaluation import evaluate_run
-    from mmbalance.engine.loop import train_loop_per_worker
+    from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 
     make_tree(tmp_path / "raw", actors=(1001, 1002))
     convert(build_converter("cremad", SMALL), tmp_path / "raw", tmp_path / "shards", engine="local",
             progress=lambda _: None)
     recipe = load_recipe(REPO / "trainables" / "cremad.yaml", [f"data.path={tmp_path / 'shards'}", "schedule.epochs=1",
                                                               "schedule.batch_size=4", "tracking.wandb=disabled"])
-    result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(tmp_path / "run"), "verbose": False})
+    result = run_training(RunSpec(recipe, tmp_path / "run", verbose=False))
     assert set(result["test"]["acc_per_modality"]) == {"audio", "visual"}
     # The recipe's robustness sweeps run on the converted data's dtypes (uint8 frames, float spectrograms).
     scores = evaluate_run(tmp_path / "run", recipe.to_dict())

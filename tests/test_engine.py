@@ -9,7 +9,8 @@ from mmbalance.engine.build import build_optimizer, build_scheduler, add_param_g
 from mmbalance.data.manifest import read_manifest
 from mmbalance.engine.build import build_bound_objective, build_model, load_model_state
 from mmbalance.engine.distributed import ProcessGroup
-from mmbalance.engine.loop import Trainer, train_loop_per_worker
+from mmbalance.engine.loop import Trainer, run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.sources import InMemorySource
 from mmbalance.objectives import OBJECTIVES
 from mmbalance.tracking.records import RunRecord
@@ -24,7 +25,7 @@ VARIANTS = {**{name: {"name": name} for name in OBJECTIVES},
 def _run(tmp_path, name, tree, **extra):
     recipe = validate_recipe(tree)
     out = tmp_path / name
-    result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(out), "verbose": False, **extra})
+    result = run_training(RunSpec(recipe, out, verbose=False, **extra))
     return result, RunRecord(out).read_metrics()
 
 

@@ -10,7 +10,8 @@ import pytest
 from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import feature_std
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 
 from conftest import recipe_dict
 
@@ -24,7 +25,7 @@ def trained(tmp_path_factory, small_shards):
     tree["eval"]["corruptions"] = SWEEP
     run = tmp_path_factory.mktemp("fn") / "run"
     tree = validate_recipe(tree).to_dict()
-    train_loop_per_worker({"recipe": tree, "output_dir": str(run), "verbose": False})
+    run_training(RunSpec.of(tree, run, verbose=False))
     return run, tree
 
 

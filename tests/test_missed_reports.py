@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from mmbalance.engine.checkpoint import save_state
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.session import Session
 from mmbalance.tracking.records import RunRecord
+
+from conftest import recipe_dict
 
 
 class FakeCheckpoint:
@@ -56,7 +59,8 @@ def _tune_checkpoint(tmp_path: Path, epochs_done: int) -> Path:
 
 
 def _session(run_dir: Path, api: FakeTune) -> Session:
-    return Session({"output_dir": str(run_dir), "tune": True}, group=None, api=api)
+    spec = RunSpec.of(recipe_dict(run_dir / "no-shards"), run_dir, where="tune")  # the session reads only output
+    return Session(spec, group=None, api=api)
 
 
 def test_epochs_past_tunes_checkpoint_are_reported_again_before_training_goes_on(tmp_path):

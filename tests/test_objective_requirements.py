@@ -9,7 +9,8 @@ import torch
 from mmbalance.config import ConfigError, load_recipe, validate_recipe
 from mmbalance.engine.build import build_bound_objective, build_model, build_optimizer
 from mmbalance.engine.distributed import ProcessGroup
-from mmbalance.engine.loop import Trainer, train_loop_per_worker
+from mmbalance.engine.loop import Trainer, run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.sources import InMemorySource
 from mmbalance.data.manifest import read_manifest
 from mmbalance.objectives import OBJECTIVES, DistInfo, StepInputs, objective_params_model, objective_requirements
@@ -69,14 +70,13 @@ def test_shipped_synthetic_recipe_trains_every_objective_with_only_its_name_set(
     recipe = load_recipe(REPO / "trainables" / "synthetic.yaml",
                          [f"data.path={small_shards}", f"objective.name={name}", "schedule.epochs=1",
                           "tracking.wandb=disabled", "eval.corruptions=[]"])
-    result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(tmp_path / name), "verbose": False})
+    result = run_training(RunSpec(recipe, tmp_path / name, verbose=False))
     assert result["objective"] == name and 0.0 <= result["test"]["acc"] <= 1.0
 
 
 def test_a_single_modality_trains_with_lf_and_is_refused_by_the_others(small_shards, tmp_path):
     tree = recipe_dict(small_shards, modalities=("visual",), objective={"name": "lf"})
-    result = train_loop_per_worker({"recipe": validate_recipe(tree).to_dict(), "output_dir": str(tmp_path / "uni"),
-                                    "verbose": False})
+    result = run_training(RunSpec(validate_recipe(tree), tmp_path / "uni", verbose=False))
     assert list(result["test"]["acc_per_modality"]) == ["visual"]
     assert result["test"]["acc"] == result["test"]["acc_per_modality"]["visual"]  # fused = the one modality
     for name in OBJECTIVES:

@@ -11,6 +11,7 @@ from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.tracking.records import RunRecord
 from mmbalance.launch.cluster import DoesNotFit, Request, check_fits
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.launch.train_driver import fit
 
 from conftest import REPO, recipe_dict
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.integration
 def _fit(shards, out, epochs=3, **kwargs):
     tree = recipe_dict(shards)
     tree["schedule"] = {"epochs": epochs, "batch_size": 32}
-    recipe = validate_recipe(tree)
-    fit(recipe, read_manifest(shards), out, workers=2, verbose=False, **kwargs)
+    spec = RunSpec(validate_recipe(tree), out, verbose=False, fault=kwargs.pop("fault", None))
+    fit(spec, read_manifest(shards), workers=2, **kwargs)
     return json.loads((out / "result.json").read_text()), RunRecord(out).read_metrics()
 
 

@@ -19,7 +19,8 @@ import yaml
 from mmbalance.config import ConfigError, Recipe
 from mmbalance.data.synthetic import prepare_synthetic
 from mmbalance.engine.evaluation import evaluate_run
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.reports.command import add_report_parser
 from mmbalance.reports.render import build_report
 from mmbalance.tune.search import _flatten_scores, _label, write_results
@@ -48,7 +49,7 @@ def _train_and_score(base: dict, experiment: Path) -> list[dict]:
             trial_id = f"trial{index}{seed}"
             tree = trial_recipe(base, {}, {"method": method}, seed)
             run_dir = experiment / "trials" / trial_id
-            train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "verbose": False})
+            run_training(RunSpec.of(tree, run_dir, verbose=False))
             score = evaluate_run(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()))
             rows.append({"trial_id": trial_id, "method": _label(method), "seed": seed, "epochs_run": 3,
                          "stop_reason": "completed", "run_dir": str(run_dir), **_flatten_scores(score)})

@@ -6,7 +6,8 @@ import torch
 from mmbalance.data.manifest import ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
 from mmbalance.data.synthetic import generate
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.tracking.records import RunRecord
 
 from conftest import recipe_dict, small_spec
@@ -31,7 +32,7 @@ def test_permuting_test_labels_changes_nothing_but_the_test_score(tmp_path):
         tree = recipe_dict(tmp_path / f"shards-{name}")
         tree["schedule"] = {"epochs": 5, "batch_size": 32}
         tree["optim"]["lr"] = 0.02  # noisy val curve: the best epoch is not simply the last
-        result = train_loop_per_worker({"recipe": tree, "output_dir": str(tmp_path / name), "verbose": False})
+        result = run_training(RunSpec.of(tree, tmp_path / name, verbose=False))
         best = torch.load(tmp_path / name / "checkpoints" / "best" / "state.pt", weights_only=False)
         runs[name] = (result, RunRecord(tmp_path / name).read_metrics(), best)
     (clean, clean_metrics, clean_best), (permuted, permuted_metrics, permuted_best) = runs["clean"], runs["permuted"]

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from mmbalance.config import validate_recipe
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.shapley import coalitions, shapley_values
 
 from conftest import recipe_dict
@@ -85,7 +86,7 @@ def test_evaluate_run_splits_fused_accuracy_into_shapley_values(small_shards, tm
     tree["schedule"]["epochs"] = 2
     tree["eval"]["corruptions"] = [{"modality": "visual", "name": "feature_noise", "levels": [1]}]
     tree = validate_recipe(tree).to_dict()
-    train_loop_per_worker({"recipe": tree, "output_dir": str(tmp_path / "run"), "verbose": False})
+    run_training(RunSpec.of(tree, tmp_path / "run", verbose=False))
     passes = []
     score_arrays = evaluation.score_arrays
     monkeypatch.setattr(evaluation, "score_arrays", lambda *a, **k: passes.append(1) or score_arrays(*a, **k))

@@ -15,7 +15,8 @@ from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import load_split
 from mmbalance.data.synthetic import GENERATOR_VERSION, SyntheticModality, SyntheticSpec, generate, prepare_synthetic
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 
 from conftest import REPO
 
@@ -141,7 +142,6 @@ def test_joint_training_leaves_the_default_weak_modality_15_points_below_its_uni
     alone = {**tree, "modalities": {"visual": tree["modalities"]["visual"]}}
     accs = {}
     for name, recipe in (("joint", joint), ("alone", alone)):
-        config = {"recipe": validate_recipe(recipe).to_dict(), "output_dir": str(tmp_path / name), "verbose": False}
-        accs[name] = train_loop_per_worker(config)["test"]["acc_per_modality"]
+        accs[name] = run_training(RunSpec.of(validate_recipe(recipe), tmp_path / name, verbose=False))["test"]["acc_per_modality"]
     assert accs["alone"]["visual"] - accs["joint"]["visual"] >= 0.15
     assert accs["joint"]["audio"] - accs["joint"]["visual"] >= 0.3  # audio stays dominant

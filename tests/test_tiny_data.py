@@ -12,7 +12,8 @@ from mmbalance.config import ConfigError, validate_recipe
 from mmbalance.data.manifest import ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
 from mmbalance.data.synthetic import SyntheticModality, SyntheticSpec, prepare_synthetic
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.objectives import OBJECTIVES
 
 from conftest import recipe_dict
@@ -30,7 +31,7 @@ def tiny_shards(tmp_path_factory):
 
 def _run(tmp_path, name, tree):
     recipe = validate_recipe(tree)
-    return train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(tmp_path / name), "verbose": False})
+    return run_training(RunSpec(recipe, tmp_path / name, verbose=False))
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))

@@ -16,7 +16,8 @@ from mmbalance.engine.batches import epoch_seed
 from mmbalance.engine.ray_data import collate_train_batch, decode_batch
 from mmbalance.engine.sources import InMemorySource
 
-from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.loop import run_training
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.tracking.records import RunRecord
 
 from conftest import recipe_dict
@@ -162,8 +163,7 @@ def test_ray_collate_of_a_decoded_shard_matches_the_in_process_noise(small_shard
 
 def _run(tmp_path, name, tree, **extra):
     out = tmp_path / name
-    config = {"recipe": validate_recipe(tree).to_dict(), "output_dir": str(out), "verbose": False, **extra}
-    return train_loop_per_worker(config), RunRecord(out).read_metrics()
+    return run_training(RunSpec.of(validate_recipe(tree), out, verbose=False, **extra)), RunRecord(out).read_metrics()
 
 
 def _strip(rows):

@@ -159,9 +159,9 @@ def test_a_run_killed_with_its_wandb_run_open_logs_its_last_epoch_again_on_resum
     tree["schedule"]["epochs"] = 3
     recipe = tmp_path / "three.yaml"
     recipe.write_text(yaml.safe_dump(tree))
-    config = {"recipe": tree, "output_dir": str(run_dir), "verbose": False,
-              "fault": {"rank": 0, "epoch": 1, "step": 0, "once_file": str(tmp_path / "fired"), "delay_s": 0}}
-    script = f"from mmbalance.engine.loop import train_loop_per_worker; train_loop_per_worker({config!r})"
+    fault = {"rank": 0, "epoch": 1, "step": 0, "once_file": str(tmp_path / "fired"), "delay_s": 0}
+    script = ("from mmbalance.engine.loop import run_training; from mmbalance.engine.run_spec import RunSpec; "
+              f"run_training(RunSpec.of({tree!r}, {str(run_dir)!r}, verbose=False, fault={fault!r}))")
     # Its own W&B service, as a separate command has: wandb hands its service address to child
     # processes, and a stream that a killed child left in this process's service keeps its id busy.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}

@@ -157,7 +157,8 @@ def _print_prepared(out: str, manifest) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from mmbalance.engine.loop import train_loop_per_worker
+    from mmbalance.engine.loop import run_training
+    from mmbalance.engine.run_spec import RunSpec
 
     overrides = list(args.set) + _tracking_overrides(args)
     if args.workers is not None:
@@ -171,11 +172,12 @@ def _train(args: argparse.Namespace) -> dict:
     output = Path(args.output or Path("runs") / recipe_file.stem)
     _prepare_output(output, resume=args.resume, overwrite=args.overwrite, reads=_local_paths(recipe.data.path))
     use_ray = args.workers is not None or recipe.scaling.workers > 1
+    spec = RunSpec(recipe, output, resume=args.resume, shards_checked=True)  # validated above
     started = time.perf_counter()
     if use_ray:
-        result = _train_on_ray(recipe, manifest, output, args)
+        result = _train_on_ray(spec, manifest, args)
     else:
-        result = train_loop_per_worker({"recipe": recipe.to_dict(), "output_dir": str(output), "resume": args.resume})
+        result = run_training(spec)
     _print_result(result, output, time.perf_counter() - started)
     return result
 
@@ -232,16 +234,17 @@ def _local_paths(*paths: str) -> list[str]:
     return [p for p in paths if not storage.is_uri(p)]
 
 
-def _train_on_ray(recipe, manifest, output: Path, args: argparse.Namespace) -> dict:
+def _train_on_ray(spec, manifest, args: argparse.Namespace) -> dict:
     from mmbalance.launch.cluster import Request, check_fits, connect
     from mmbalance.launch.train_driver import fit
 
-    request = Request(workers=recipe.scaling.workers, gpus_per_worker=recipe.scaling.gpus_per_worker)
+    scaling = spec.recipe.scaling
+    request = Request(workers=scaling.workers, gpus_per_worker=scaling.gpus_per_worker)
     started_here = connect(request, args.address)
     check_fits(request, autoscaling=not started_here)
-    fit(recipe, manifest, output, workers=request.workers, gpus_per_worker=request.gpus_per_worker,
-        resume=args.resume, max_failures=args.max_failures, storage_path=args.storage)
-    result_file = output / "result.json"
+    fit(spec, manifest, workers=request.workers, gpus_per_worker=request.gpus_per_worker,
+        max_failures=args.max_failures, storage_path=args.storage)
+    result_file = spec.output / "result.json"
     if not result_file.is_file():
         raise RuntimeError(f"training finished but {result_file} is missing (on a multi-node cluster --output must be "
                            "on storage every node shares)")

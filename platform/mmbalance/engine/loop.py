@@ -29,10 +29,11 @@ from mmbalance.engine.checkpoint import rng_state, save_state, set_rng_state
 from mmbalance.engine.console import EpochTable, progress_bar
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.metrics import SumCounter, imbalance_ratio
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.session import Session, make_session
 from mmbalance.engine.sources import BatchSource
 from mmbalance.engine.steps import StepClock, evaluate, train_batch
-from mmbalance.tracking.records import RunIdentity, RunRecord
+from mmbalance.tracking.records import RunRecord
 from mmbalance.tracking.wandb_tracker import WandbTracker
 
 StepHook = Callable[[int, int], None]  # (epoch, step within epoch) -> None
@@ -195,28 +196,34 @@ def _stat_pairs(counter: SumCounter, group: ProcessGroup) -> dict[str, tuple[tor
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """``config = {"recipe": dict, "output_dir": str, "resume": bool, "verbose": bool, "fault": dict|None,
-    "wandb": {"run_id", "run_name", "group"}}`` (only recipe and output_dir are required).
+    """What a ``TorchTrainer`` runs on each worker: ``config = {"spec": RunSpec}``."""
+    return run_training(config["spec"])
 
-    Runs unchanged in-process and on every Ray Train worker (``make_session`` tells which).
-    Rank 0 alone writes the run record and checkpoints; every rank reports each epoch.
+
+def run_training(spec: RunSpec) -> dict[str, Any]:
+    """One training run, in-process or as one rank of a ``TorchTrainer`` (``spec.where``).
+
+    Rank 0 alone writes the run record and checkpoints; every rank reports each epoch. Shards
+    are read against their checksums here unless the starter already did (``shards_checked``);
+    the schema is always checked, so a worker never trains on columns it cannot decode.
     """
-    recipe = Recipe.model_validate(config["recipe"])
-    session = make_session(config)
-    manifest = validate_shards(recipe.data.path, values=session.group.rank == 0)
-    check_against_data(recipe, manifest)
+    recipe = spec.recipe
+    session = make_session(spec)
     rank0 = session.group.rank == 0
-    record = RunRecord(config["output_dir"]) if rank0 else None
+    full_check = not spec.shards_checked
+    manifest = validate_shards(recipe.data.path, checksums=full_check, values=full_check and rank0)
+    check_against_data(recipe, manifest)
+    record = RunRecord(spec.output) if rank0 else None
     trainer = Trainer(recipe, manifest, session.group, session.source(recipe, manifest), session.device(recipe),
-                      on_step=session.step_hook(), verbose=rank0 and config.get("verbose", True))
+                      on_step=session.step_hook(), verbose=rank0 and spec.verbose)
     state = session.restored_state()
     if state is not None:
         trainer.restore(state)
         trainer.resumed_from_epoch = trainer.progress.epoch
     if rank0:
         _start_record(record, recipe, trainer.progress.epoch)
-    table = EpochTable(trainer.modalities, enabled=rank0 and config.get("verbose", True))
-    tracked = _tracker(config, recipe, record, continuing=state is not None or _under_ray(config))
+    table = EpochTable(trainer.modalities, enabled=rank0 and spec.verbose)
+    tracked = _tracker(spec, record, continuing=state is not None or spec.on_ray())
     tracking = record is not None and tracked.active
     try:
         with tracked as tracker:
@@ -252,28 +259,18 @@ def _train_epochs(session: Session, trainer: Trainer, recipe: Recipe, record: Ru
     return result
 
 
-def _tracker(config: dict[str, Any], recipe: Recipe, record: RunRecord | None, continuing: bool) -> WandbTracker:
-    """W&B on rank 0 only (``record`` is None elsewhere): one run per training run, grouped by
-    experiment, with the run directory's own id (``RunRecord.identity``), so a restart continues
-    its run and a new run never joins another whose directory has the same name."""
+def _tracker(spec: RunSpec, record: RunRecord | None, continuing: bool) -> WandbTracker:
+    """W&B on rank 0 only (``record`` is None elsewhere): one run per training run, with the run
+    directory's own id (``RunRecord.identity``), so a restart continues its run and a new run
+    never joins another whose directory has the same name. A search's trials are logged by the
+    driver instead (their recipes say ``disabled``)."""
+    recipe = spec.recipe
     if record is None or recipe.tracking.wandb == "disabled":
         return WandbTracker()  # no id is created for a run that is not tracked
-    run_dir = Path(config["output_dir"])
-    wandb = config.get("wandb", {})
-    if "run_id" in wandb:  # the caller owns the identity
-        identity = RunIdentity(wandb["run_id"], resumed=continuing)
-    else:
-        identity = record.identity(continuing)
-    return WandbTracker.start(recipe.tracking, run_dir=run_dir, run_id=identity.run_id,
-                              run_name=wandb.get("run_name", run_dir.name), group=wandb.get("group"),
+    identity = record.identity(continuing)
+    return WandbTracker.start(recipe.tracking, run_dir=spec.output, run_id=identity.run_id, run_name=spec.output.name,
+                              group=None,
                               config=recipe.to_dict(), resume=identity.resumed)
-
-
-def _under_ray(config: dict[str, Any]) -> bool:
-    """Ray may start this loop again in the same run directory before any checkpoint exists (a
-    worker-group restart, a trial retry): that is still the same run. A new Ray run never finds
-    a stored id: ``--overwrite`` removes it, and the CLI refuses a directory holding a run."""
-    return bool(config.get("ray") or config.get("tune"))
 
 
 def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:

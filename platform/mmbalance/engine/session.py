@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -18,6 +18,7 @@ from mmbalance.data.manifest import Manifest
 from mmbalance.engine.build import resolve_device
 from mmbalance.engine.checkpoint import STATE_FILE, load_state
 from mmbalance.engine.distributed import ProcessGroup
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.sources import BatchSource, InMemorySource
 from mmbalance.tracking.records import RunRecord
 
@@ -28,8 +29,8 @@ class Session:
     Tune trial that trains in-process, ``None`` in-process); ``train_worker`` selects Ray's
     device and dataset shard over the local ones."""
 
-    def __init__(self, config: dict[str, Any], group: ProcessGroup, api: Any = None, train_worker: bool = False):
-        self.config, self.group, self.api, self.train_worker = config, group, api, train_worker
+    def __init__(self, spec: RunSpec, group: ProcessGroup, api: Any = None, train_worker: bool = False):
+        self.spec, self.group, self.api, self.train_worker = spec, group, api, train_worker
         self.missed: list[dict[str, Any]] = []  # recorded epochs Tune may not have seen (``_tune_trial_state``)
 
     def device(self, recipe: Recipe) -> torch.device:
@@ -43,7 +44,7 @@ class Session:
         if self.train_worker:
             from mmbalance.engine.ray_data import RayShardSource
 
-            return RayShardSource(recipe, manifest, self.device(recipe), train_cached=self.config.get("train_cached", False))
+            return RayShardSource(recipe, manifest, self.device(recipe), train_cached=self.spec.train_cached)
         return InMemorySource(recipe, manifest, self.device(recipe))
 
     def restored_state(self) -> dict[str, Any] | None:
@@ -55,9 +56,9 @@ class Session:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 return load_state(directory)
-        if not self.config.get("resume"):
+        if not self.spec.resume:
             return None
-        return load_state(Path(self.config["output_dir"]) / "checkpoints" / "latest")
+        return load_state(self.spec.output / "checkpoints" / "latest")
 
     def _tune_trial_state(self) -> dict[str, Any] | None:
         """A Tune trial that trains in its own process owns its run directory, so the newest of
@@ -79,7 +80,7 @@ class Session:
             except FileNotFoundError:
                 pass
         tune_epoch = tune_state["progress"]["epoch"] if tune_state is not None else 0
-        output_dir = Path(self.config["output_dir"])
+        output_dir = self.spec.output
         latest = output_dir / "checkpoints" / "latest"
         if (latest / STATE_FILE).is_file():
             state = load_state(latest)
@@ -94,7 +95,7 @@ class Session:
         """Report the recorded epochs Tune has no checkpoint for, the last with the run
         directory's latest checkpoint, before training goes on. Tune counts them as new
         iterations, so W&B gets them at the steps they would have had."""
-        latest = Path(self.config["output_dir"]) / "checkpoints" / "latest"  # the state restored from
+        latest = self.spec.output / "checkpoints" / "latest"  # the state restored from
         for i, metrics in enumerate(self.missed):
             self.report(metrics, latest if i == len(self.missed) - 1 else None)
         self.missed = []
@@ -106,22 +107,22 @@ class Session:
         self.api.report(metrics, checkpoint=checkpoint)  # on Train workers a barrier: every rank, once per epoch
 
     def step_hook(self) -> Callable[[int, int], None] | None:
-        return fault_hook(self.config.get("fault"), self.group.rank)
+        return fault_hook(self.spec.fault, self.group.rank)
 
 
-def make_session(config: dict[str, Any]) -> Session:
-    if config.get("ray"):
+def make_session(spec: RunSpec) -> Session:
+    if spec.where == "train":
         import ray.train
 
-        return Session(config, ProcessGroup.from_torch(), api=ray.train, train_worker=True)
-    if config.get("tune"):
+        return Session(spec, ProcessGroup.from_torch(), api=ray.train, train_worker=True)
+    if spec.where == "tune":
         import ray.tune
 
-        return Session(config, ProcessGroup(), api=ray.tune)
-    return Session(config, ProcessGroup())
+        return Session(spec, ProcessGroup(), api=ray.tune)
+    return Session(spec, ProcessGroup())
 
 
-def fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, int], None] | None:
+def fault_hook(fault: Mapping[str, Any] | None, rank: int) -> Callable[[int, int], None] | None:
     """Test-only: kill this worker process once at (epoch, step) to exercise recovery.
     ``fault = {"rank": r, "epoch": e, "step": s, "once_file": path}``; the file makes it fire once,
     in one process only: the first to create it dies (a search hands the same fault to every

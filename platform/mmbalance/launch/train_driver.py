@@ -1,6 +1,6 @@
 """The Train driver: one recipe -> one ``TorchTrainer`` run over N data-parallel workers.
 
-Called by ``mmbalance train --workers N`` and (later) by every Tune trial, so the two never
+Called by ``mmbalance train --workers N`` and by every Tune trial with workers, so the two never
 drift. Workers run ``engine.loop.train_loop_per_worker`` unchanged; this module only wires
 datasets, scaling, failure handling (``tune/failure_policy.py``: only recoverable failures are
 retried) and checkpoint retention.
@@ -10,39 +10,38 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.engine.loop import train_loop_per_worker
+from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.ray_data import build_datasets, split_config, train_fits_in_cache
 
-# Fail a resource-starved start in minutes, not forever (ecosystem.md §2.8.3).
+# Fail a resource-starved start in minutes, not forever (docs/ray-notes.md §2.8.3).
 CONTROLLER_FAILURE_LIMIT = 3
 
 
-def fit(recipe: Recipe, manifest: Manifest, output_dir: Path, *, workers: int, gpus_per_worker: float = 0.0,
-        resume: bool = False, max_failures: int = 1, storage_path: str | None = None, name: str | None = None,
-        fault: dict[str, Any] | None = None, verbose: bool = True, callbacks: list | None = None,
-        wandb: dict[str, str] | None = None):
+def fit(spec: RunSpec, manifest: Manifest, *, workers: int, gpus_per_worker: float = 0.0, max_failures: int = 1,
+        storage_path: str | None = None, name: str | None = None, callbacks: list | None = None):
+    """Train ``spec`` on ``workers`` ranks. The caller has validated the shards against their
+    checksums (``spec.shards_checked``): every rank then checks only their schema."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mmbalance.tune import failure_policy
 
     failure_policy.install()  # max_failures counts worker deaths; a deterministic error is raised at once
-    output_dir = Path(output_dir).resolve()
+    recipe = spec.recipe
+    output_dir = spec.output.resolve()
     data_root = recipe.data.path if "://" in recipe.data.path else str(Path(recipe.data.path).resolve())
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data_root})})
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1, "GPU": gpus_per_worker} if use_gpu else {"CPU": 1}
     cache_train = train_fits_in_cache(recipe, manifest)
-    loop_config = {"recipe": recipe.to_dict(), "output_dir": str(output_dir), "resume": resume, "ray": True,
-                   "verbose": verbose, "fault": fault, "train_cached": cache_train, "wandb": wandb or {}}
+    spec = spec.but(recipe=recipe, output=output_dir, where="train", train_cached=cache_train)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(recipe, manifest, data_root, workers, cache_train=cache_train),

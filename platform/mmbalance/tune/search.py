@@ -28,6 +28,7 @@ from mmbalance.tracking.records import PART, RunRecord, experiment_group
 from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
 from mmbalance.config import TrackingConfig
 from mmbalance.data.manifest import read_manifest
+from mmbalance.data.storage import absolute as storage_absolute
 from mmbalance.tune.space import SearchSpace, trial_recipe
 
 TRIALS_DIR = "trials"
@@ -67,10 +68,11 @@ def tune_param_space(parts: list[Part]) -> dict[str, Any]:
 
 def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]], workers: int,
               gpus_per_worker: float, storage: str | None = None, fault: dict[str, Any] | None = None,
-              overrides: dict[str, Any] | None = None) -> None:
+              overrides: dict[str, Any] | None = None, checked_data: frozenset[str] = frozenset()) -> None:
     """One Tune trial == one training run, named after its (stable) trial id, in its part's
     directory (``parts[name] = {"base", "fixed", "output"}``). ``fault`` is the test-only hook of
-    ``engine/session.fault_hook`` (docs/faults.md).
+    ``engine/session.fault_hook`` (docs/faults.md). ``checked_data``: the shard directories the
+    driver read against their checksums, which the trial then checks only for their schema.
 
     Tune's ``FailureConfig`` retries any exception, Ray Train's only recoverable ones
     (``tune/failure_policy.py``). So the trial checks its recipe against its data before a
@@ -80,7 +82,8 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
 
     import ray.tune
 
-    from mmbalance.engine.loop import train_loop_per_worker
+    from mmbalance.engine.loop import run_training
+    from mmbalance.engine.run_spec import RunSpec
 
     # Per-checkpoint INFO lines from every trial would bury the search's own progress lines.
     for name in ("ray.tune", "ray.train"):
@@ -101,20 +104,20 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
         return
     raise_recorded_failure(run_dir)
     try:
+        recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
+        spec = RunSpec(recipe, run_dir, where="tune", verbose=False, fault=fault,
+                       shards_checked=recipe.data.path in checked_data)
         if workers == 0:
-            train_loop_per_worker({"recipe": tree, "output_dir": str(run_dir), "tune": True, "verbose": False,
-                                   "fault": fault})
+            run_training(spec)
             return
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from mmbalance.launch.train_driver import fit
 
-        recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
         manifest = read_manifest(recipe.data.path)
         check_against_data(recipe, manifest)
-        fit(recipe, manifest, run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
-            name=f"train-{trial_id}", storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train",
-            verbose=False, fault=fault, callbacks=[TuneReportCallback()])
+        fit(spec, manifest, workers=workers, gpus_per_worker=gpus_per_worker, name=f"train-{trial_id}",
+            storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", callbacks=[TuneReportCallback()])
     except Exception as err:
         record_failure(run_dir, err)
         raise
@@ -225,7 +228,8 @@ def _scheduler(space: SearchSpace, max_t: int):
 
 def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str | None, int],
                 storage: str | None = None, tracking: TrackingConfig | None = None,
-                fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
+                fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                checked_data: frozenset[str] = frozenset()):
     """One Tuner over every part's trials; ``output`` holds its state (``tune/``) and W&B runs."""
     import ray
     import ray.tune as tune
@@ -236,7 +240,7 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
     trainable = partial(run_trial, parts={p.name: {"base": p.base, "fixed": p.space.set, "output": str(p.output.resolve())}
                                           for p in parts},
                         workers=space.workers, gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault,
-                        overrides=overrides)
+                        overrides=overrides, checked_data=checked_data)
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
     # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
     # their own resources.
@@ -479,7 +483,8 @@ def run_searches(parts: list[Part], output: Path, *, resume: bool = False, stora
     tracking = fixed[parts[0].name].tracking
     total = sum(p.space.trial_count() for p in parts)
     with quiet_tune(enabled=not verbose), tune_interrupts() as presses:
-        grid = build_tuner(ready, output, resume, max_t, storage, tracking, fault, overrides).fit()
+        grid = build_tuner(ready, output, resume, max_t, storage, tracking, fault, overrides,
+                           checked_data=frozenset(storage_absolute(path) for path in checked)).fit()
     finished = grid.num_terminated + grid.num_errors
     # Tune returns normally after a graceful stop, with the state saved. Ended-trial counts cannot
     # tell: the trials Tune stopped read as terminated here (they resume as unfinished).
