@@ -119,7 +119,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
 
     from mmbalance.config import load_recipe_dict, validate_recipe
     from mmbalance.engine.loop import run_training
-from mmbalance.engine.run_spec import RunSpec
+    from mmbalance.engine.run_spec import RunSpec
 
     torch.set_num_threads(1)
     run = Path(job["run_dir"])

@@ -50,7 +50,7 @@ def test_shipped_cremad_recipe_trains_on_a_converted_fixture(tmp_path):
     from mmbalance.data.convert.pipeline import convert
     from mmbalance.engine.evaluation import evaluate_run
     from mmbalance.engine.loop import run_training
-from mmbalance.engine.run_spec import RunSpec
+    from mmbalance.engine.run_spec import RunSpec
 
     make_tree(tmp_path / "raw", actors=(1001, 1002))
     convert(build_converter("cremad", SMALL), tmp_path / "raw", tmp_path / "shards", engine="local",
