@@ -1,4 +1,4 @@
-"""ARL objective (algorithms.md §3): §3.9 numbers, same-batch gradient scaling, warm-up,
+"""ARL objective (docs/methods/arl.md §3): §3.9 numbers, same-batch gradient scaling, warm-up,
 rank-summed coefficients, variants, state and config validation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ARM objective (algorithms.md §2): §2.9 fusion scaling, §2.7.3 / §2.9 estimator numbers,
+"""ARM objective (docs/methods/arm.md §2): §2.9 fusion scaling, §2.7.3 / §2.9 estimator numbers,
 contribution wiring, clamping and NaN guards, EMA lag, label-free eval, rank-reduced
 statistics, three modalities, state and config validation."""
 

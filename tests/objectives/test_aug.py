@@ -1,4 +1,4 @@
-"""AUG objective (algorithms.md §4): hand-checked numbers of §4.9, ACA, optimizer and step order."""
+"""AUG objective (docs/methods/aug.md §4): hand-checked numbers of §4.9, ACA, optimizer and step order."""
 
 from __future__ import annotations
 

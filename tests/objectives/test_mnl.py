@@ -1,4 +1,4 @@
-"""MNL objective: the hand-checked numbers of algorithms.md §1.9 plus variants, M > 2, DDP and state."""
+"""MNL objective: the hand-checked numbers of docs/methods/mnl.md §1.9 plus variants, M > 2, DDP and state."""
 
 from __future__ import annotations
 

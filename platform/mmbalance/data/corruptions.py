@@ -1,4 +1,4 @@
-"""Input corruptions for robustness training and evaluation (algorithms.md §1.5, ecosystem.md §4.5).
+"""Input corruptions for robustness training and evaluation (docs/methods/mnl.md §1.5).
 
 Pure numpy, so the same code runs in-process and inside Ray Data ``map_batches`` tasks.
 Batches look like ``decode_batch``'s output: ``{modality: [B, *shape]}`` plus other keys.

@@ -3,7 +3,7 @@
 Gradients are averaged explicitly after each loss group's backward (one flat all-reduce)
 instead of through a DistributedDataParallel wrapper. DDP's reducer assumes one backward
 per forward over a fixed parameter set; AUG takes one backward and one optimizer step per
-modality from a single forward and adds heads mid-run (algorithms.md §4.8), and ARL/ARM
+modality from a single forward and adds heads mid-run (docs/methods/aug.md §4.8), and ARL/ARM
 need identical coefficients on every rank. With explicit averaging, a data-parallel step
 is by construction the single-process step on the global batch: every rank holds the same
 parameters, averages the same gradients, and decides with all-reduced statistics.

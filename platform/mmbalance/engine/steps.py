@@ -1,7 +1,7 @@
 """One training batch and one evaluation pass, for every objective.
 
 The objective decides losses, multipliers and statistics; this module owns backward,
-gradient hooks, clipping and optimizer steps, in the order algorithms.md §6.3 fixes:
+gradient hooks, clipping and optimizer steps, in the order docs/methods/protocol.md §6.3 fixes:
 for each loss group, zero grads (set to None, so untouched parameters are skipped by the
 step), backward, average gradients over ranks, clip, step. Grads are cleared on the whole
 model, not only on what the optimizer holds, so clipping and the rank average only ever see

@@ -2,7 +2,7 @@
 
 On a laptop, Ray is started in-process with logical CPUs for every worker plus headroom:
 Ray Data's read and decode tasks need CPUs of their own, and a 2-worker run on a 2-CPU
-Ray hangs waiting for them (ecosystem.md §2.5). On a cluster (``--address``, or else
+Ray hangs waiting for them (docs/architecture.md §R2). On a cluster (``--address``, or else
 ``RAY_ADDRESS``) nothing is started: the request is checked against what the cluster has.
 ``--address`` beats ``RAY_ADDRESS`` (``choose_address``), and one line says which was used.
 """

@@ -16,7 +16,7 @@ from mmbalance.engine.loop import train_loop_per_worker
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.ray_data import build_datasets, split_config, train_fits_in_cache
 
-# Fail a resource-starved start in minutes, not forever (docs/ray-notes.md §2.8.3).
+# Fail a resource-starved start in minutes, not forever (docs/architecture.md §R4).
 CONTROLLER_FAILURE_LIMIT = 3
 
 

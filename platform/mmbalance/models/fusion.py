@@ -53,7 +53,7 @@ class LateFusion(nn.Module):
         else:
             raise ValueError(f"unknown fusion {fusion!r}; allowed: mean, sum, concat, boost")
 
-    # -- capabilities (algorithms.md §6.1), read by objectives in ``bind`` -----------------
+    # -- capabilities (docs/methods/protocol.md §6.1), read by objectives in ``bind`` -----------------
     @property
     def info(self) -> dict:
         return {

@@ -1,4 +1,4 @@
-"""ARL: asymmetric representation learning (algorithms.md §3).
+"""ARL: asymmetric representation learning (docs/methods/arl.md §3).
 
 Loss ``CE(z_f, y) + gamma_e * sum_m CE(z_m, y)`` where ``z_m`` are the zero-out unimodal
 logits of a shared concat head, plus a gradient multiplier ``1 + k_m`` on each encoder's
@@ -31,7 +31,7 @@ ApplyCoeffs = Literal["intended", "official_uniform_1.5"]
 ScaleForm = Literal["1+k", "1+gamma*k"]
 KTotal = Literal["one", "half_per_modality"]
 
-# The official code freezes both coefficients at the warm-up value 0.5 (algorithms.md §3.7.2).
+# The official code freezes both coefficients at the warm-up value 0.5 (docs/methods/arl.md §3.7.2).
 OFFICIAL_K = 0.5
 # Floor for normalised quantities, so entropy_clamp=0 with a one-hot prediction stays finite.
 _FLOOR = 1e-6

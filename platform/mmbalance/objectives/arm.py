@@ -1,4 +1,4 @@
-"""ARM: Asymmetric Reinforcing against Multimodal representation bias (algorithms.md §2).
+"""ARM: Asymmetric Reinforcing against Multimodal representation bias (docs/methods/arm.md §2).
 
 The loss is the fused CE alone; what ARM adds is a per-modality feature scale ``s_m`` applied
 before the fusion head (``ctx.feature_scales``), set from each modality's estimated

@@ -1,4 +1,4 @@
-"""Histogram estimators of (conditional) mutual information for ARM (algorithms.md §2.2 step 4).
+"""Histogram estimators of (conditional) mutual information for ARM (docs/methods/arm.md §2.2 step 4).
 
 Everything runs in torch on the tensors' own device, with no ``.item()`` and no NumPy, so
 ARM can call it every step without a device->host sync. Each estimate is split in two halves
@@ -15,7 +15,7 @@ Two CMI readings:
 - ``ncmi_official_from_counts``: the official ``MI_tool.py`` arithmetic, kept for comparison:
   its "conditional entropy" divides the joint by ``p(z)`` broadcast along the *first* axis
   (``[n,n] / [n,1,1] -> [n,n,n]``) and never weights by ``p(z)``; independent inputs give
-  0.50 instead of 0 (algorithms.md §2.7.3).
+  0.50 instead of 0 (docs/methods/arm.md §2.7.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AUG: sustained boosting with adaptive classifier assignment (algorithms.md §4).
+"""AUG: sustained boosting with adaptive classifier assignment (docs/methods/aug.md §4).
 
 Each modality ``m`` has an ensemble of classifiers ``g_m^k = F(ReLU(A_m^k h_m))`` sharing one
 head ``F`` (``LateFusion(fusion="boost")``). Per batch, modality ``m`` is optimised on its own
@@ -82,7 +82,7 @@ def residual_weight(prev_heads: list[Tensor], labels: Tensor, lam: float, form: 
 
 
 def boosting_loss(heads: list[Tensor], labels: Tensor, lam: float, form: ResidualForm) -> Tensor:
-    """``L_m`` of algorithms.md §4.2 step 3 from modality m's per-head logits (each [B, C])."""
+    """``L_m`` of docs/methods/aug.md §4.2 step 3 from modality m's per-head logits (each [B, C])."""
     ensemble = torch.stack(heads).sum(0) if len(heads) > 1 else heads[0]  # [B, C]
     loss = cross_entropy_per_sample(ensemble, labels).mean()
     if len(heads) == 1:
@@ -98,7 +98,7 @@ def aca_decision(scores: dict[str, float], sigma: float, tau: float) -> str | No
 
     Two modalities: the official ratio rule ``ρ = s_1 / s_2`` vs ``σ ± τ``. Means instead of the
     official epoch sums leave ρ unchanged (both modalities see the same samples). More than two:
-    ``argmin s`` when ``max s - σ min s > τ`` (algorithms.md §4.8; the first modality wins ties).
+    ``argmin s`` when ``max s - σ min s > τ`` (docs/methods/aug.md §4.8; the first modality wins ties).
     """
     names = list(scores)
     if len(names) == 2:
@@ -146,7 +146,7 @@ class AUG:
     Ability Disproportion), NeurIPS'25, arXiv 2502.20120; official code njustkmg/NeurIPS25-AUG
     at commit ``841d079eff`` (``train_CREMAD.py``, ``model/AudioVideo.py``).
 
-    Paper/code differences exposed as switches (algorithms.md §4.7):
+    Paper/code differences exposed as switches (docs/methods/aug.md §4.7):
 
     - ``train_new_heads``: the official optimizer never sees added heads, so they stay at their
       Xavier init (``False``); the paper trains them (``True``, default). The engine reads

@@ -1,4 +1,4 @@
-"""The objective protocol shared by LF, MNL, ARM, ARL and AUG (algorithms.md §6).
+"""The objective protocol shared by LF, MNL, ARM, ARL and AUG (docs/methods/protocol.md §6).
 
 An objective turns one forward pass into loss groups and statistics. It never calls
 ``backward()``, steps an optimizer, moves tensors between devices or talks to
@@ -168,7 +168,7 @@ StructuralChange = AddHead
 
 
 class Objective(Protocol):
-    """What the engine calls. See algorithms.md §6 for the lifecycle."""
+    """What the engine calls. See docs/methods/protocol.md §6 for the lifecycle."""
 
     name: str
     requirements: ClassVar[Requirements]

@@ -1,4 +1,4 @@
-"""LF: the late-fusion baseline, ``CE(z_f, y) + omega * sum_m CE(z_m, y)`` (algorithms.md §0).
+"""LF: the late-fusion baseline, ``CE(z_f, y) + omega * sum_m CE(z_m, y)`` (docs/methods/lf.md §0).
 
 ``omega = 1`` is the MNL paper's LF baseline; ``omega = 0`` is the ARL/OGM "joint training"
 baseline (fused CE only). One loss group, no state.

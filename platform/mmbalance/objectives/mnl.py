@@ -1,4 +1,4 @@
-"""MNL: Multimodal Negative Learning on top of LF (algorithms.md §1).
+"""MNL: Multimodal Negative Learning on top of LF (docs/methods/mnl.md §1).
 
 Per sample, the modality that is both more confident (true-class probability ``pi``) and more
 robust (UCoM ``xi``: true-class logit minus the competitor's logit) guides the weaker one on

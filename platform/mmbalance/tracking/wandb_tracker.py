@@ -1,4 +1,4 @@
-"""W&B on rank 0: the one module that talks to ``wandb`` (style.md §2.10).
+"""W&B on rank 0: the one module that talks to ``wandb``.
 
 Why a wrapper: every trial of a sweep must keep training when W&B cannot be reached, must
 never copy a credential into a run directory, and must write its W&B run next to its own
@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from mmbalance.config import TrackingConfig, WandbMode as Mode
@@ -64,7 +64,7 @@ def sanitize(config: Any, secret: str | Sequence[str] | None = None) -> Any:
 def flatten_result(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"test": {"acc": .8, "acc_per_modality": {"audio": .6}}}`` ->
     ``{"test/acc": .8, "test/acc_audio": .6}``: the names the epoch metrics already use
-    (style.md §2.13), so summary and history line up in reports."""
+    so summary and history line up in reports."""
     flat: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, dict) and str(key).endswith("_per_modality"):

@@ -3,7 +3,7 @@
 Each trial trains one recipe (base recipe + the space's fixed keys + its draw + its seed)
 and reports every epoch with a checkpoint: in the trial process (``workers: 0``, cheap
 trials on a laptop) or as a ``TorchTrainer`` with N workers whose rank-0 reports reach Tune
-through ``TuneReportCallback`` (ecosystem.md §2.2). ASHA reads ``val/acc_fused`` against
+through ``TuneReportCallback`` (docs/architecture.md §R1). ASHA reads ``val/acc_fused`` against
 ``epochs_done``. After ``fit`` returns, every trial — finished or stopped early — is scored
 from its best-val checkpoint by Ray tasks (``engine/evaluation.py``), and one row per trial
 goes to ``results.parquet`` / ``results.csv``.
