@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from media_fixtures import write_video, write_wav  # noqa: E402
+from helpers.media import write_video, write_wav  # noqa: E402
 from mmbalance.data.convert import build_converter  # noqa: E402
 from mmbalance.data.convert.cremad import EMOTIONS  # noqa: E402
 from mmbalance.data.convert.pipeline import convert  # noqa: E402

@@ -10,9 +10,9 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA
 from mmbalance.tracking.records import experiment_id
-from test_wandb_tracker import read_offline_run
+from helpers.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
 

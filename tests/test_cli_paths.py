@@ -10,7 +10,7 @@ import yaml
 
 from mmbalance.cli import main
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_a_run_trained_with_a_relative_data_path_evaluates_from_another_directory(small_shards, tmp_path, monkeypatch):

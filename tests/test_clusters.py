@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from mmbalance.launch import submit as jobs
 from mmbalance.config import ConfigError
 

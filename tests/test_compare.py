@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import yaml
 from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, validate_recipe
 from mmbalance.data.manifest import read_manifest
 
-from conftest import REPO, recipe_dict
+from helpers import REPO, recipe_dict
 
 
 def _error(tree) -> str:

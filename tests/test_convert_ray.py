@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from test_convert_cremad import SMALL, make_tree  # noqa: E402
+from helpers.cremad_tree import SMALL, make_tree  # noqa: E402
 
-from convert_helpers import read_back, shard_digest  # noqa: E402
+from helpers.convert import read_back, shard_digest  # noqa: E402
 from mmbalance.cli import main  # noqa: E402
 from mmbalance.data.convert import build_converter  # noqa: E402
 from mmbalance.data.convert.pipeline import convert, work_dir_for  # noqa: E402

@@ -6,7 +6,7 @@ from mmbalance.data.shards import validate_shards
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 
-from conftest import REPO, recipe_dict
+from helpers import REPO, recipe_dict
 
 
 def test_documented_pyarrow_example_writes_trainable_shards(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from mmbalance.config import check_against_data, load_recipe
 from mmbalance.data.convert import CONVERTERS, build_converter
 from mmbalance.data.manifest import Manifest, ShardFile, SplitInfo
@@ -45,7 +45,7 @@ def test_recipe_matches_its_converter_and_builds(name):
 @pytest.mark.integration
 def test_shipped_cremad_recipe_trains_on_a_converted_fixture(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "data"))
-    from test_convert_cremad import SMALL, make_tree
+    from helpers.cremad_tree import SMALL, make_tree
 
     from mmbalance.data.convert.pipeline import convert
     from mmbalance.engine.evaluation import evaluate_run

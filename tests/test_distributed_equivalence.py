@@ -21,7 +21,7 @@ from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.loop import Trainer
 from mmbalance.objectives import OBJECTIVES
 
-from conftest import free_port, recipe_dict, small_spec
+from helpers import free_port, recipe_dict, small_spec
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from mmbalance.engine.sources import InMemorySource
 from mmbalance.objectives import OBJECTIVES
 from mmbalance.tracking.records import RunRecord
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 # Every objective at its defaults (model.fusion: auto), plus AUG's official frozen heads.
 VARIANTS = {**{name: {"name": name} for name in OBJECTIVES},

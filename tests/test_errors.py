@@ -12,7 +12,7 @@ import yaml
 
 from mmbalance.cli import build_parser, main
 
-from conftest import REPO
+from helpers import REPO
 
 RECIPE = str(REPO / "trainables" / "synthetic.yaml")
 

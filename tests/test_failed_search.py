@@ -11,7 +11,7 @@ import yaml
 from mmbalance.cli import main
 from mmbalance.tune.search import check_failures, SearchFailed
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 
 def _files(tmp_path, shards, space: dict, **recipe_sections):

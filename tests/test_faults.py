@@ -15,8 +15,8 @@ import yaml
 from mmbalance.tune.search import run_search
 from mmbalance.tune.space import SearchSpace
 
-from conftest import recipe_dict
-from test_tune import _settled_resources
+from helpers import recipe_dict
+from helpers.ray_resources import settled_resources
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def _check_search(out, trials, epochs, stopped_early=False):
 def _check_released(ray, baseline):
     from ray.util import placement_group_table
 
-    now = _settled_resources(ray, baseline)
+    now = settled_resources(ray, baseline)
     assert now.get("CPU") == baseline.get("CPU") and now.get("GPU", 0) == baseline.get("GPU", 0), (now, baseline)
     deadline = time.time() + 60
     while time.time() < deadline and any(pg["state"] != "REMOVED" for pg in placement_group_table().values()):
@@ -129,7 +129,7 @@ def slow_shards(tmp_path_factory):
     the driver can be killed while a trial is between epochs."""
     from mmbalance.data.synthetic import prepare_synthetic
 
-    from conftest import small_spec
+    from helpers import small_spec
 
     spec = small_spec()
     out = tmp_path_factory.mktemp("faults") / "slow"

@@ -13,7 +13,7 @@ from mmbalance.data.shards import feature_std
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 SWEEP = [{"modality": "visual", "name": "feature_noise", "levels": [0, 1]}]
 

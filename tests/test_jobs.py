@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, free_port, recipe_dict
+from helpers import REPO, free_port, recipe_dict
 
 pytestmark = pytest.mark.integration
 

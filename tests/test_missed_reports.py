@@ -14,7 +14,7 @@ from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.session import Session
 from mmbalance.tracking.records import RunRecord
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 
 class FakeCheckpoint:

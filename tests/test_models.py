@@ -126,7 +126,7 @@ def test_model_built_from_a_normalised_manifest_applies_it(tmp_path):
     from mmbalance.engine.build import build_model
     from mmbalance.models.normalize import NormalizedEncoder
 
-    from conftest import recipe_dict
+    from helpers import recipe_dict
 
     manifest = Manifest(dataset="t", classes=["a", "b"], splits={}, modalities={
         "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [3.0], "std": [2.0]}},

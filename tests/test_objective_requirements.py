@@ -17,7 +17,7 @@ from mmbalance.objectives import OBJECTIVES, DistInfo, StepInputs, objective_par
 from mmbalance.objectives.base import FUSIONS, Requirements
 from mmbalance.tune.space import SearchSpace, validate_against
 
-from conftest import REPO, recipe_dict
+from helpers import REPO, recipe_dict
 
 MISFITS = [(name, fusion) for name in OBJECTIVES for fusion in FUSIONS
            if fusion not in objective_requirements(name).fusions]

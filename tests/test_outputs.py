@@ -12,7 +12,7 @@ from mmbalance import outputs
 from mmbalance.cli import main
 from mmbalance.data.synthetic import prepare_synthetic
 
-from conftest import REPO, small_spec
+from helpers import REPO, small_spec
 
 RECIPE = str(REPO / "trainables" / "synthetic.yaml")
 

@@ -17,7 +17,7 @@ from mmbalance.config import ConfigError
 from mmbalance.launch import cluster
 from mmbalance.tune.space import SearchSpace, trial_recipe, validate_against
 
-from conftest import REPO, recipe_dict
+from helpers import REPO, recipe_dict
 
 QUICKSTART = str(REPO / "search_spaces" / "quickstart.yaml")  # set: objective.name mnl, schedule.epochs 9
 

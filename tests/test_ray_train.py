@@ -14,7 +14,7 @@ from mmbalance.launch.cluster import DoesNotFit, Request, check_fits
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.launch.train_driver import fit
 
-from conftest import REPO, recipe_dict
+from helpers import REPO, recipe_dict
 
 pytestmark = pytest.mark.integration
 

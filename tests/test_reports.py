@@ -26,7 +26,7 @@ from mmbalance.reports.render import build_report
 from mmbalance.tune.search import _flatten_scores, _label, write_results
 from mmbalance.tune.space import trial_recipe
 
-from conftest import recipe_dict, small_spec
+from helpers import recipe_dict, small_spec
 
 METHODS = [  # a bundle grid, as `method: {grid: [...]}` in a search space writes it
     {"objective.name": "lf", "model.fusion": "mean"},

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, recipe_dict
+from helpers import free_port, recipe_dict
 from mmbalance.config import ConfigError
 from mmbalance.launch.submit import refuse_secrets
 from mmbalance.tracking import search_wandb

@@ -10,7 +10,7 @@ from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.tracking.records import RunRecord
 
-from conftest import recipe_dict, small_spec
+from helpers import recipe_dict, small_spec
 
 
 def _write(out, permute_test: bool):

@@ -12,7 +12,7 @@ from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.shapley import coalitions, shapley_values
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 
 def _table(values: dict[str, float]):

@@ -6,7 +6,7 @@ import yaml
 from mmbalance.config import ConfigError
 from mmbalance.tune.space import SearchSpace, load_space, trial_recipe, validate_against
 
-from conftest import REPO, recipe_dict
+from helpers import REPO, recipe_dict
 
 
 def _space(**fields) -> SearchSpace:

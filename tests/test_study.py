@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 
 from mmbalance.config import ConfigError
-from mmbalance.reports.study_summary import best_alone, summarize, undertraining
+from mmbalance.reports.study_summary import summarize
 from mmbalance.reports.verdicts import format_verdicts, weak_modality
 from mmbalance.shipped import shipped
 from mmbalance.tune.compare import best_configuration
 from mmbalance.tune.study import Study, all_methods, final_space, search_space, validate_study
 
-from conftest import REPO, recipe_dict
+from helpers import recipe_dict
+from helpers.study_rows import run_rows
 
 
 def _study(**fields) -> Study:
@@ -76,34 +77,15 @@ def test_the_best_configuration_is_chosen_on_mean_val_never_on_test():
     assert best == {"optim.lr": 0.002} and isinstance(best["optim.lr"], float) and val == pytest.approx(0.59)
 
 
-def _runs(tmp_path, name, seeds, test, visual, val_visual, best_val, alone=None):
-    """Final-phase rows of one method, each with a metrics.jsonl of two epochs."""
-    rows = []
-    for i, seed in enumerate(seeds):
-        run_dir = tmp_path / name.replace(":", "_") / str(seed)
-        run_dir.mkdir(parents=True)
-        key = "val/acc_fused" if alone else "val/acc_visual"
-        run_dir.joinpath("metrics.jsonl").write_text(
-            "".join(json.dumps({"epoch": e, key: val_visual[i] - 0.1 * (1 - e)}) + "\n" for e in (0, 1)))
-        row = {"method": name, "phase": "final", "seed": seed, "best_val": best_val[i], "test_acc": test[i],
-               "run_dir": str(run_dir), "epochs_run": 2, "stop_reason": "completed"}
-        if alone is None:
-            row.update({"test_acc_audio": test[i] - 0.05, "test_acc_visual": visual[i]})
-        else:
-            row[f"test_acc_{alone}"] = test[i]
-        rows.append(row)
-    return rows
-
-
 def _summary(tmp_path, broken_test):
     seeds = [0, 1, 2, 3, 4]
     lf = [0.80, 0.82, 0.79, 0.81, 0.80]
-    rows = (_runs(tmp_path, "lf", seeds, lf, [0.40, 0.41, 0.39, 0.40, 0.42], [0.40] * 5, [0.8] * 5)
-            + _runs(tmp_path, "lf_again", seeds, lf, [0.40, 0.41, 0.39, 0.40, 0.42], [0.40] * 5, [0.8] * 5)
-            + _runs(tmp_path, "broken", seeds, broken_test, [0.10] * 5, [0.10] * 5, [0.1] * 5)
-            + _runs(tmp_path, "alone:visual", seeds, [0.60, 0.62, 0.61, 0.59, 0.63], None, [0.61] * 5, [0.6] * 5,
+    rows = (run_rows(tmp_path, "lf", seeds, lf, [0.40, 0.41, 0.39, 0.40, 0.42], [0.40] * 5, [0.8] * 5)
+            + run_rows(tmp_path, "lf_again", seeds, lf, [0.40, 0.41, 0.39, 0.40, 0.42], [0.40] * 5, [0.8] * 5)
+            + run_rows(tmp_path, "broken", seeds, broken_test, [0.10] * 5, [0.10] * 5, [0.1] * 5)
+            + run_rows(tmp_path, "alone:visual", seeds, [0.60, 0.62, 0.61, 0.59, 0.63], None, [0.61] * 5, [0.6] * 5,
                     alone="visual")
-            + _runs(tmp_path, "alone:audio", seeds, [0.70] * 5, None, [0.7] * 5, [0.55] * 5, alone="audio"))
+            + run_rows(tmp_path, "alone:audio", seeds, [0.70] * 5, None, [0.7] * 5, [0.55] * 5, alone="audio"))
     frame = pd.DataFrame(rows)
     study = Study.model_validate({"methods": {n: {"set": {"objective.name": "lf"}} for n in ("lf", "lf_again", "broken")},
                                   "seeds": seeds})
@@ -156,13 +138,13 @@ def test_the_study_wandb_report_has_one_runset_per_method_and_the_verdicts(tmp_p
 
 
 def test_mmbalance_report_wandb_on_a_study_writes_the_study_spec_offline(tmp_path, monkeypatch):
-    from test_study_report import _study_dir
+    from helpers.study_rows import study_dir
 
     from mmbalance.cli import main
     from mmbalance.tracking.records import experiment_id
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # never published from a test
-    study, _ = _study_dir(tmp_path)
+    study, _ = study_dir(tmp_path)
     experiment_id(study, fresh=True)
     assert main(["report", str(study), "--wandb", "--wandb-entity", "mm-ent", "--wandb-project", "mm-proj"]) == 0
     spec = json.loads((study / "report" / "wandb_report.json").read_text())

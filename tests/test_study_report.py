@@ -12,65 +12,12 @@ from scipy import stats
 
 from mmbalance.cli import main
 from mmbalance.reports.study_report import write_study_report
-from mmbalance.reports.study_summary import summarize, write_summary
-from mmbalance.tune.study import Method, Study
 
-from test_study import _runs
-
-SEEDS = [0, 1, 2, 3, 4]
-LF = [0.80, 0.82, 0.79, 0.81, 0.80]
-BROKEN = [0.10, 0.11, 0.09, 0.10, 0.12]
-FUSED = ("lf", "lf_again", "broken")
-LAMS = [0.1, 0.5, 2.0, 4.0]
-
-
-def _final_rows(tmp_path) -> list[dict]:
-    visual = [0.40, 0.41, 0.39, 0.40, 0.42]
-    rows = (_runs(tmp_path, "lf", SEEDS, LF, visual, [0.40] * 5, [0.80, 0.81, 0.79, 0.80, 0.80])
-            + _runs(tmp_path, "lf_again", SEEDS, LF, visual, [0.40] * 5, [0.79, 0.80, 0.80, 0.79, 0.80])
-            + _runs(tmp_path, "broken", SEEDS, BROKEN, [0.10] * 5, [0.10] * 5, [0.1] * 5)
-            + _runs(tmp_path, "alone:visual", SEEDS, [0.60, 0.62, 0.61, 0.59, 0.63], None, [0.61] * 5, [0.6] * 5,
-                    alone="visual")
-            + _runs(tmp_path, "alone:audio", SEEDS, [0.70] * 5, None, [0.7] * 5, [0.55] * 5, alone="audio"))
-    for i, row in enumerate(rows):
-        row["trial_id"] = f"final{i}"
-        row["robust_missing_audio"] = row["test_acc"] - 0.3
-        if not row["method"].startswith("alone:"):
-            row["test_shapley_audio"], row["test_shapley_visual"] = 0.5 * row["test_acc"], 0.2 * row["test_acc"]
-    return rows
-
-
-def _search_rows(trials: dict[str, int]) -> list[dict]:
-    """``trials[method]`` search trials on seed 0: lr varies for every method, λ for lf_again only."""
-    rows = []
-    for name, count in trials.items():
-        for i in range(count):
-            row = {"method": name, "phase": "search", "trial_id": f"{name}-{i}", "seed": 0, "optim.lr": 1e-3 * (i + 1),
-                   "epochs_run": 8 if i % 2 == 0 else 2, "stop_reason": "completed" if i % 2 == 0 else "stopped_early",
-                   "run_dir": "unused", "best_val": 0.5 + 0.01 * i, "test_acc": 0.5}
-            if name == "lf_again":
-                row["objective.lam"] = LAMS[i]
-            rows.append(row)
-    return rows
-
-
-def _study_dir(tmp_path, trials: dict[str, int] | None = None):
-    names = [*FUSED, "alone:visual", "alone:audio"]
-    frame = pd.DataFrame(_final_rows(tmp_path) + _search_rows(trials or {n: 4 for n in names}))
-    study = Study.model_validate({"methods": {n: {"set": {"objective.name": "lf"}} for n in FUSED}, "seeds": SEEDS})
-    methods = {**study.methods, **{f"alone:{m}": Method(set={"objective.name": "lf"}, modalities=[m])
-                                   for m in ("visual", "audio")}}
-    chosen = {n: {"configuration": {"optim.lr": 0.002}, "search_best_val": 0.51} for n in names}
-    out = tmp_path / "study"
-    out.mkdir()
-    frame.to_parquet(out / "results.parquet", index=False)
-    write_summary(summarize(frame, study, methods, chosen), out)
-    return out, frame
-
+from helpers.study_rows import study_dir
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    directory, frame = _study_dir(tmp_path_factory.mktemp("report"))
+    directory, frame = study_dir(tmp_path_factory.mktemp("report"))
     return directory, frame, write_study_report(directory).read_text()
 
 
@@ -141,13 +88,13 @@ def test_gaps_budget_and_sensitivity_sections(study):
 
 
 def test_unequal_budgets_are_stated_loudly(tmp_path):
-    directory, _ = _study_dir(tmp_path, {"lf": 4, "lf_again": 4, "broken": 2, "alone:visual": 4, "alone:audio": 4})
+    directory, _ = study_dir(tmp_path, {"lf": 4, "lf_again": 4, "broken": 2, "alone:visual": 4, "alone:audio": 4})
     budget = _section(write_study_report(directory).read_text(), "budget")
     assert "BUDGETS ARE NOT EQUAL" in budget and "broken 2" in budget and "color:#b00000" in budget
 
 
 def test_mmbalance_report_on_a_study_directory_writes_the_study_report(tmp_path, capsys):
-    directory, _ = _study_dir(tmp_path)
+    directory, _ = study_dir(tmp_path)
     assert main(["report", str(directory)]) == 0
     page = (directory / "report" / "report.html").read_text()
     assert "Study report: study" in page and 'id="verdict"' in page

@@ -18,7 +18,7 @@ from mmbalance.data.synthetic import GENERATOR_VERSION, SyntheticModality, Synth
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 
-from conftest import REPO
+from helpers import REPO
 
 V1_ARGS = ["--samples", "200", "--val-samples", "50", "--test-samples", "50", "--classes", "4", "--dim", "8"]
 # Written by the version-1 code (before the XOR code existed) with `prepare synthetic` + V1_ARGS.

@@ -16,7 +16,7 @@ from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.objectives import OBJECTIVES
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.tracking.records import RunRecord
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 
 CPU = torch.device("cpu")
 SNR = {"modality": "audio", "name": "audio_snr", "level": 5, "p": 0.5}

@@ -13,21 +13,11 @@ from mmbalance.tracking.records import experiment_id, trial_run_id
 from mmbalance.tune.search import run_search
 from mmbalance.tune.space import SearchSpace
 
-from conftest import recipe_dict
-from test_wandb_tracker import read_offline_run
+from helpers import recipe_dict
+from helpers.ray_resources import settled_resources
+from helpers.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
-
-
-def _settled_resources(ray, baseline, timeout=60.0):
-    """Resources are returned asynchronously after trials end: wait until they are back."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        now = ray.available_resources()
-        if all(abs(now.get(k, 0.0) - v) < 1e-6 for k, v in baseline.items() if k in ("CPU", "GPU")):
-            return now
-        time.sleep(1.0)
-    return ray.available_resources()
 
 
 def test_asha_over_torch_trainers_scores_every_trial_and_leaks_nothing(ray_cluster, small_shards, tmp_path):
@@ -54,7 +44,7 @@ def test_asha_over_torch_trainers_scores_every_trial_and_leaks_nothing(ray_clust
     assert list(saved["trial_id"]) == list(frame["trial_id"])
     assert (tmp_path / "search" / "results.csv").is_file()
 
-    now = _settled_resources(ray_cluster, baseline)
+    now = settled_resources(ray_cluster, baseline)
     assert now.get("CPU") == baseline.get("CPU") and now.get("GPU", 0) == baseline.get("GPU", 0)
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 

@@ -22,8 +22,8 @@ from mmbalance.tracking import records
 from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, new_id, trial_run_id
 from mmbalance.config import TrackingConfig
 
-from conftest import recipe_dict
-from test_wandb_tracker import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse
+from helpers import recipe_dict
+from helpers.wandb_offline import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse
 
 
 # -- the id helpers ---------------------------------------------------------------------------------

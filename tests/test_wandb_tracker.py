@@ -4,14 +4,12 @@ offline fallback; no-op trackers; no credential in any written file. No network,
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers.wandb_offline import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse
 from mmbalance.tracking import wandb_tracker
 from mmbalance.config import TrackingConfig
 from mmbalance.tracking.wandb_tracker import WandbTracker, flatten_result, sanitize
@@ -21,19 +19,6 @@ assert len(FAKE_KEY) >= 40
 RESULT = {"val": {"best_acc": 0.7, "best_epoch": 2},
           "test": {"acc": 0.65, "acc_per_modality": {"audio": 0.6, "visual": 0.4}, "imbalance_ratio": 1.5},
           "robustness": {"noise": {"0.5": 0.55}}, "objective": "mnl", "resumed_from_epoch": None}
-
-
-@pytest.fixture(autouse=True)
-def no_credentials(tmp_path, monkeypatch):
-    """No key, no netrc, no user settings: what a fresh cluster node without a W&B account has."""
-    home = tmp_path / "home"
-    home.mkdir()
-    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / ".netrc"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
-    return home
 
 
 def start(run_dir: Path, run_id: str = "trial_00001", group: str | None = "exp-a", mode: str = "offline",
@@ -46,21 +31,6 @@ def start(run_dir: Path, run_id: str = "trial_00001", group: str | None = "exp-a
 def epoch_metrics(epoch: int) -> dict:
     return {"epoch": epoch, "epochs_done": epoch + 1, "train/loss_total": 1.0 / (epoch + 1), "val/acc_fused": 0.5 + 0.1 * epoch,
             "val/acc_audio": 0.4, "improved": epoch != 1, "note": "not a number"}
-
-
-def read_offline_run(sync_dir: Path) -> dict:
-    """Parse a run's ``.wandb`` log with wandb's own reader; returns the run record, the
-    history rows by step and the merged summary."""
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(sync_dir)],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    run = next(r["run"] for r in records if r["type"] == "run")
-    history = {r["history"]["step"].get("num", 0): r["history"]["item"] for r in records if r["type"] == "history"}
-    summary: dict = {}
-    for r in records:
-        if r["type"] == "summary":
-            summary.update(r["summary"].get("update", {}))
-    return {"run": run, "history": history, "summary": summary}
 
 
 def files_containing(root: Path, needle: str) -> list[Path]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from convert_helpers import read_back, shard_digest, train_one_epoch
-from media_fixtures import corrupt, write_jpg
+from helpers.convert import read_back, shard_digest, train_one_epoch
+from helpers.media import corrupt, write_jpg
 from mmbalance.data.convert import build_converter
 from mmbalance.data.convert.pipeline import ConversionError, convert, work_dir_for
-from text_fixtures import vocab_size, words_of, write_tokenizer
+from helpers.text import vocab_size, words_of, write_tokenizer
 
 SMALL = {"image": {"resize": 36, "crop": 32}, "max_length": 16, "val_fraction": 0.2}
 CLASSES = ["apple_pie", "baby_back_ribs", "caesar_salad"]

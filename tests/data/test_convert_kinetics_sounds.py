@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert_helpers import read_back, shard_digest, train_one_epoch
-from media_fixtures import corrupt, write_video
+from helpers.convert import read_back, shard_digest, train_one_epoch
+from helpers.media import corrupt, write_video
 from mmbalance.data.convert import build_converter
 from mmbalance.data.convert.base import missing_files
 from mmbalance.data.convert.pipeline import ConversionError, convert

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert_helpers import read_back, shard_digest, train_one_epoch
-from media_fixtures import corrupt, write_jpg
+from helpers.convert import read_back, shard_digest, train_one_epoch
+from helpers.media import corrupt, write_jpg
 from mmbalance.data.convert import build_converter
 from mmbalance.data.convert.base import RawSample
 from mmbalance.data.convert.media import IMAGENET_MEAN, IMAGENET_STD
 from mmbalance.data.convert.mvsa import CLASSES, read_mvsa_text
 from mmbalance.data.convert.pipeline import ConversionError, convert, work_dir_for
 from mmbalance.data.convert import text as text_module
-from text_fixtures import vocab_size, words_of, write_tokenizer
+from helpers.text import vocab_size, words_of, write_tokenizer
 
 SMALL = {"image": {"resize": 36, "crop": 32}, "max_length": 16}
 WORDS = ["sunny", "rainy", "happy", "sad", "cat", "dog", "tree", "bus", "late", "lunch", "great", "awful", "park"]

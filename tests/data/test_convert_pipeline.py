@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from convert_helpers import shard_digest
+from helpers.convert import shard_digest
 from mmbalance.cli import main
 from mmbalance.data.convert.base import BadInput, Listing, ModalityOutput, RawSample, listing_text
 from mmbalance.data.convert.pipeline import ConversionError, convert, work_dir_for

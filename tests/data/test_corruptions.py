@@ -276,7 +276,7 @@ def test_missing_fills_the_value_the_models_normalisation_maps_to_zero():
 
 
 def test_train_and_eval_missing_use_the_manifest_fill(small_shards):
-    from conftest import recipe_dict
+    from helpers import recipe_dict
     from mmbalance.config import validate_recipe
     from mmbalance.data.manifest import Manifest
     from mmbalance.data.shards import SplitArrays
@@ -410,7 +410,7 @@ def test_feature_noise_refuses_non_float_data_and_a_missing_or_misfit_std(tmp_pa
 
 
 def test_feature_noise_on_a_non_float_modality_fails_before_any_work_with_the_key_named(tmp_path):
-    from conftest import recipe_dict
+    from helpers import recipe_dict
     from mmbalance.config import ConfigError, check_against_data, validate_recipe
     from mmbalance.engine.evaluation import corrupted, for_run
 

@@ -12,7 +12,7 @@ from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import ShardError, load_split, sha256_of, validate_shards
 from mmbalance.data.synthetic import SyntheticSpec, generate, prepare_synthetic
 
-from conftest import small_spec
+from helpers import small_spec
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import recipe_dict
+from helpers import recipe_dict
 from mmbalance.config import check_against_data, validate_recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.data.shards import load_split, validate_shards
