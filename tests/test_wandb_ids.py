@@ -18,6 +18,7 @@ import yaml
 
 from mmbalance import outputs
 from mmbalance.cli import main
+from mmbalance.layout import EXPERIMENT_ID_FILE, RunDir
 from mmbalance.tracking import records
 from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, new_id, trial_run_id
 from mmbalance.config import TrackingConfig
@@ -39,7 +40,7 @@ def test_a_run_directory_keeps_its_id_only_when_a_start_continues_it(tmp_path):
     record = RunRecord(tmp_path / "exp" / "a" / "lf")
     first = record.identity(continuing=False)
     assert not first.resumed and first.run_id != "lf"
-    assert json.loads((record.dir / records.RUN_ID_FILE).read_text()) == {"id": first.run_id}
+    assert json.loads((record.dir / RunDir.RUN_ID).read_text()) == {"id": first.run_id}
     again = record.identity(continuing=True)
     assert again == records.RunIdentity(first.run_id, resumed=True)
     fresh = record.identity(continuing=False)  # a new run in the same directory
@@ -57,7 +58,7 @@ def test_a_continued_run_without_a_readable_id_starts_a_new_wandb_run(tmp_path):
     record = RunRecord(tmp_path / "run")
     made = record.identity(continuing=True)  # e.g. a run that was not tracked before
     assert not made.resumed
-    (record.dir / records.RUN_ID_FILE).write_text("not json")
+    (record.dir / RunDir.RUN_ID).write_text("not json")
     remade = record.identity(continuing=True)
     assert not remade.resumed and remade.run_id != made.run_id
 
@@ -78,13 +79,13 @@ def test_experiment_id_created_by_concurrent_readers_is_one_id(tmp_path):
     for thread in threads:
         thread.join()
     assert len(set(seen)) == 1 and len(seen) == 16
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [records.EXPERIMENT_ID_FILE]  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [EXPERIMENT_ID_FILE]  # no temp files left
 
 
 def test_the_id_files_belong_to_their_layouts(tmp_path):
     run = outputs.claim(tmp_path / "run", outputs.RUN)
     RunRecord(run).identity(continuing=False)
-    (run / f"{records.RUN_ID_FILE}.1234abcd.tmp").write_text("{}")  # left by a killed process
+    (run / f"{RunDir.RUN_ID}.1234abcd.tmp").write_text("{}")  # left by a killed process
     outputs.clear(run, outputs.RUN)
     assert list(run.iterdir()) == []
     search = outputs.claim(tmp_path / "search", outputs.SEARCH)
@@ -115,7 +116,7 @@ def fragments(run_dir: Path) -> list[dict]:
 
 
 def stored_id(run_dir: Path) -> str:
-    return json.loads((run_dir / records.RUN_ID_FILE).read_text())["id"]
+    return json.loads((run_dir / RunDir.RUN_ID).read_text())["id"]
 
 
 def test_outputs_with_the_same_basename_are_two_wandb_runs(tmp_path, recipe_file):
@@ -167,12 +168,12 @@ def test_a_run_killed_with_its_wandb_run_open_logs_its_last_epoch_again_on_resum
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert killed.returncode == 17, killed.stderr[-2000:]  # the fault hook's os._exit: no cleanup ran
-    assert (run_dir / records.TRACKING_OPEN).is_file()
+    assert (run_dir / RunDir.TRACKING_OPEN).is_file()
     train(recipe, run_dir, "--resume")
     # The killed start's own file may be unreadable (here it usually holds not even the run record).
     resumed = read_offline_run(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])
     assert sorted(resumed["history"]) == [0, 1, 2]  # epoch 0 again, then the epochs it trained
-    assert not (run_dir / records.TRACKING_OPEN).exists()
+    assert not (run_dir / RunDir.TRACKING_OPEN).exists()
 
     train(recipe, run_dir, "--resume")  # a start that finished cleanly: nothing is logged again
     again = read_offline_run(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])
@@ -182,7 +183,7 @@ def test_a_run_killed_with_its_wandb_run_open_logs_its_last_epoch_again_on_resum
 def test_an_untracked_run_creates_no_id(tmp_path, recipe_file):
     run_dir = tmp_path / "quiet"
     train(recipe_file, run_dir, "--wandb", "disabled")
-    assert not (run_dir / records.RUN_ID_FILE).exists() and not (run_dir / "wandb").exists()
+    assert not (run_dir / RunDir.RUN_ID).exists() and not (run_dir / "wandb").exists()
 
 
 # -- a search: the driver's logger and the scoring phase ----------------------------------------------

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from mmbalance.layout import RunDir, SearchDir, StudyDir
+
 MARKER = ".mmbalance.json"
 SHOWN = 5  # foreign paths named in a refusal
 
@@ -38,15 +40,10 @@ class Layout:
         return name == MARKER or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.entries)
 
 
-# run_id.json / experiment_id.json: the W&B ids (tracking/records.py); "*" also owns their temp files.
-RUN = Layout("run", ("config.yaml", "metrics.jsonl", "result.json", "checkpoints", "wandb", "ray", "eval-*.json",
-                     "run_id.json*", "ended.json", "failed.json",
-                     "wandb_open.json", "wandb_logged.json*"))
-SEARCH = Layout("search", ("results.parquet", "results.csv", "results.json", "trials", "tune", "train", "report", "wandb",
-                           "experiment_id.json*"))
-# A comparison study: every method's search and final runs under methods/ (tune/compare.py).
-STUDY = Layout("study", ("results.parquet", "results.csv", "study.json", "methods", "stages", "report", "wandb",
-                         "experiment_id.json*"))
+# What each directory holds is layout.py's; here only which of its names --overwrite may remove.
+RUN = Layout("run", RunDir.ENTRIES)
+SEARCH = Layout("search", SearchDir.ENTRIES)
+STUDY = Layout("study", StudyDir.ENTRIES)
 REPORT = Layout("report", ("report.html", "report.md", "*.png", "wandb_report.json"))
 # A conversion's resumable work directory, <out>.partial (data/convert/pipeline.py).
 CONVERSION_WORK = Layout("conversion work", ("fingerprint.txt", "chunks"))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-STATE_FILE = "state.pt"
+from mmbalance.layout import STATE_FILE
 
 
 def rng_state() -> dict[str, Any]:

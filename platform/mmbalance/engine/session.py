@@ -16,10 +16,11 @@ import torch
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
 from mmbalance.engine.build import resolve_device
-from mmbalance.engine.checkpoint import STATE_FILE, load_state
+from mmbalance.engine.checkpoint import load_state
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.sources import BatchSource, InMemorySource
+from mmbalance.layout import RunDir
 from mmbalance.tracking.records import RunRecord
 
 
@@ -58,7 +59,7 @@ class Session:
                 return load_state(directory)
         if not self.spec.resume:
             return None
-        return load_state(self.spec.output / "checkpoints" / "latest")
+        return load_state(RunDir(self.spec.output).checkpoint("latest"))
 
     def _tune_trial_state(self) -> dict[str, Any] | None:
         """A Tune trial that trains in its own process owns its run directory, so the newest of
@@ -81,9 +82,9 @@ class Session:
                 pass
         tune_epoch = tune_state["progress"]["epoch"] if tune_state is not None else 0
         output_dir = self.spec.output
-        latest = output_dir / "checkpoints" / "latest"
-        if (latest / STATE_FILE).is_file():
-            state = load_state(latest)
+        run = RunDir(output_dir)
+        if run.has_checkpoint("latest"):
+            state = load_state(run.checkpoint("latest"))
             epoch = state["progress"]["epoch"]
             recorded = RunRecord(output_dir).read_metrics()
             if epoch - 1 in {m["epoch"] for m in recorded} and epoch > tune_epoch:
@@ -95,7 +96,7 @@ class Session:
         """Report the recorded epochs Tune has no checkpoint for, the last with the run
         directory's latest checkpoint, before training goes on. Tune counts them as new
         iterations, so W&B gets them at the steps they would have had."""
-        latest = self.spec.output / "checkpoints" / "latest"  # the state restored from
+        latest = RunDir(self.spec.output).checkpoint("latest")  # the state restored from
         for i, metrics in enumerate(self.missed):
             self.report(metrics, latest if i == len(self.missed) - 1 else None)
         self.missed = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmbalance.layout import REPORT_DIR
+
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
     report = subparsers.add_parser(
@@ -40,7 +42,7 @@ def report_dir(experiment_dir: str | Path, out: str | Path | None) -> Path:
     working directory, a home directory or a directory holding the experiment."""
     from mmbalance import outputs
 
-    target = Path(out) if out else Path(experiment_dir) / "report"
+    target = Path(out) if out else Path(experiment_dir) / REPORT_DIR
     outputs.check_replaceable(target, outputs.REPORT, reads=[experiment_dir])
     return outputs.claim(target, outputs.REPORT)
 

@@ -19,9 +19,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mmbalance.tune.search import TRIALS_DIR
+from mmbalance.layout import RESULTS_FILE, RunDir, SearchDir
 
-RESULTS_FILE = "results.parquet"
 OBJECTIVE = "objective.name"
 LAM = "objective.lam"
 WARMUP = "objective.warmup_epochs"
@@ -71,7 +70,7 @@ class Experiment:
         """Every trial's metrics.jsonl, one row per (trial_id, epoch); empty when none exist."""
         frames = []
         for trial_id, run_dir in zip(self.results["trial_id"], self.results["_trial_dir"]):
-            lines = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+            lines = _read_jsonl(RunDir(run_dir).metrics)
             if lines:
                 frames.append(pd.DataFrame(lines).assign(trial_id=trial_id))
         if not frames:
@@ -120,14 +119,14 @@ def parse_robust_column(column: str, modalities: list[str]) -> RobustColumn | No
 
 def _trial_dir(directory: Path, row: pd.Series) -> Path:
     """The trial's own folder under the experiment (``run_dir`` may be relative to another cwd)."""
-    local = directory / TRIALS_DIR / str(row["trial_id"])
+    local = SearchDir(directory).trial(row["trial_id"]).path
     if local.is_dir() or not isinstance(row.get("run_dir"), str):
         return local
     return Path(row["run_dir"])
 
 
 def _with_resolved_keys(frame: pd.DataFrame) -> pd.DataFrame:
-    resolved = pd.DataFrame([_resolved_keys(Path(d) / "config.yaml") for d in frame["_trial_dir"]], index=frame.index)
+    resolved = pd.DataFrame([_resolved_keys(RunDir(d).config) for d in frame["_trial_dir"]], index=frame.index)
     extra = [c for c in resolved.columns if c not in frame.columns]
     return pd.concat([frame, resolved[extra]], axis=1)
 

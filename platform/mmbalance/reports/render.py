@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmbalance.config import ConfigError
+from mmbalance.layout import SearchDir
 from mmbalance.reports import figures
 from mmbalance.reports.experiment import LAM, OBJECTIVE, WARMUP, Experiment, load_experiment, strategy_labels
 from mmbalance.reports.tables import (best_configuration, display_table, leaderboard, selected_rows,
@@ -55,7 +56,7 @@ def build_report(experiment_dir: str | Path, out_dir: str | Path | None = None,
     """Write report.html, report.md and the PNG figures to ``out_dir`` (default
     ``experiment_dir/report``); returns the path of report.html."""
     experiment = load_experiment(experiment_dir)
-    out = Path(out_dir) if out_dir is not None else Path(experiment_dir) / "report"
+    out = Path(out_dir) if out_dir is not None else SearchDir(experiment_dir).report
     out.mkdir(parents=True, exist_ok=True)
     sections = report_sections(experiment, group_by, figures_dir=out)
     title = f"Experiment report: {experiment.name}"

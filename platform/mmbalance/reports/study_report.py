@@ -21,7 +21,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmbalance.reports.experiment import FIXED_COLUMNS, FIXED_PREFIXES, RESULTS_FILE, parse_robust_column
+from mmbalance.layout import RESULTS_FILE, StudyDir
+from mmbalance.reports.experiment import FIXED_COLUMNS, FIXED_PREFIXES, parse_robust_column
 from mmbalance.reports.figures import DPI
 from mmbalance.reports.render import Section, Table, to_html, to_markdown
 from mmbalance.reports.significance import BETTER, NO_DIFFERENCE, TOO_FEW_SEEDS, WORSE
@@ -43,7 +44,7 @@ def write_study_report(study_dir: str | Path, out_dir: str | Path | None = None)
         raise FileNotFoundError(f"{study_dir / RESULTS_FILE} does not exist: pass a directory written by "
                                 "`mmbalance compare`")
     summary, frame = read_summary(study_dir), pd.read_parquet(study_dir / RESULTS_FILE)
-    out = Path(out_dir) if out_dir is not None else study_dir / "report"
+    out = Path(out_dir) if out_dir is not None else StudyDir(study_dir).report
     out.mkdir(parents=True, exist_ok=True)
     modalities = [c.removeprefix("test_acc_") for c in frame.columns if c.startswith("test_acc_")]
     final = frame[frame["phase"] == "final"]

@@ -23,10 +23,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmbalance.layout import RunDir, StudyDir
 from mmbalance.reports.significance import compare_to_reference, mean_interval
 from mmbalance.tune.study import ALONE_PREFIX, Method, Study
 
-SUMMARY_FILE = "study.json"
+SUMMARY_FILE = StudyDir.SUMMARY
 
 
 def summarize(frame, study: Study, methods: dict[str, Method], chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -177,7 +178,7 @@ def _curve(rows, key: str) -> list[float]:
     every seed has)."""
     curves = []
     for run_dir in rows["run_dir"]:
-        path = Path(run_dir) / "metrics.jsonl"
+        path = RunDir(run_dir).metrics
         if not path.is_file():
             continue
         values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line.strip()]

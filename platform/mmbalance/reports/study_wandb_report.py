@@ -17,7 +17,8 @@ from typing import Any
 from mmbalance.reports.study_summary import read_summary
 from mmbalance.reports.verdicts import verdict_rows, weak_modality
 from mmbalance.reports.wandb_report import DEFAULT_PROJECT, MEAN_STD, reports_api, run_filter
-from mmbalance.tracking.records import EXPERIMENT_ID_FILE, STUDY_METHODS_DIR, experiment_group
+from mmbalance.layout import EXPERIMENT_ID_FILE, StudyDir
+from mmbalance.tracking.records import experiment_group
 
 VERDICT_HEADER = ["method", "test fused", "test weak modality", "fused − baseline [95% CI]", "vs baseline",
                   "vs best alone"]
@@ -87,4 +88,4 @@ def method_groups(study_dir: Path, methods: list[str]) -> dict[str, str]:
     """Each method's W&B group, as its runs were logged (needs the study's stored id)."""
     if not (study_dir / EXPERIMENT_ID_FILE).is_file():
         return {}
-    return {name: experiment_group(study_dir / STUDY_METHODS_DIR / name / "final") for name in methods}
+    return {name: experiment_group(StudyDir(study_dir).method_stage(name, "final").path) for name in methods}

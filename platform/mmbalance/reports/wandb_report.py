@@ -104,7 +104,8 @@ def _epoch_plot(wr, metric: str):
 def wandb_group(experiment_dir: str | Path) -> str:
     """The W&B group of a search's runs (``records.experiment_group``: its directory name and its
     own id); a directory without a stored id (made before ids existed) used its name alone."""
-    from mmbalance.tracking.records import EXPERIMENT_ID_FILE, experiment_group
+    from mmbalance.layout import EXPERIMENT_ID_FILE
+    from mmbalance.tracking.records import experiment_group
 
     directory = Path(experiment_dir)
     return experiment_group(directory) if (directory / EXPERIMENT_ID_FILE).is_file() else directory.resolve().name

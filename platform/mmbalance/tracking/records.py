@@ -1,14 +1,9 @@
-"""Local run records: resolved config, one metrics line per epoch, the final result.
+"""Local run records: resolved config, one metrics line per epoch, the final result, and the
+W&B ids of runs and experiments.
 
-Layout of a run directory::
-
-    config.yaml        the resolved, validated recipe
-    metrics.jsonl      one JSON object per epoch (rewritten up to the resumed epoch on resume)
-    result.json        {"val": {"best_acc", "best_epoch"}, "test": {...}, "epochs": n}
-    checkpoints/latest/state.pt, checkpoints/best/state.pt
-    run_id.json        {"id": ...}: the run's W&B id, created by its first tracked start
-
-A search directory holds ``experiment_id.json`` the same way: the prefix of its trials' W&B ids.
+Where each file lives is ``layout.py``'s; this module reads and writes them. A run's
+``run_id.json`` holds ``{"id": ...}``, its W&B id, created by its first tracked start; a search
+directory holds ``experiment_id.json`` the same way: the prefix of its trials' W&B ids.
 """
 
 from __future__ import annotations
@@ -23,10 +18,8 @@ from typing import Any
 
 import yaml
 
-RUN_ID_FILE = "run_id.json"
-TRACKING_OPEN = "wandb_open.json"  # present while a start's W&B run is open; left behind by a kill
-DRIVER_LOGGED = "wandb_logged.json"  # a search trial: the last epoch the driver passed to W&B
-EXPERIMENT_ID_FILE = "experiment_id.json"
+from mmbalance.layout import EXPERIMENT_ID_FILE, RunDir, StudyDir
+
 ID_LENGTH = 16  # hex digits: 64 random bits, so ids never collide in practice
 
 
@@ -94,17 +87,14 @@ def experiment_id(directory: str | Path, *, fresh: bool = False) -> str:
 # belongs to. Here, not in tune/, because the W&B callback (tracking/) reads it too.
 PART = "_part"
 
-STUDY_METHODS_DIR = "methods"  # a study's per-method searches: <study>/methods/<method>/{search,final}
-
-
 def experiment_group(directory: str | Path) -> str:
     """A search's W&B group: its directory name (readable) + its own id's first 8 characters,
     so two experiments in directories of the same name (``a/search``, ``b/search``) never share
     a group. A phase of a comparison study (``tune/compare.py``) is grouped by its method
     instead, with the study's id: both phases of a method, and no other method, in one group."""
     directory = Path(directory).resolve()
-    study = directory.parent.parent.parent
-    study_id = read_id(study / EXPERIMENT_ID_FILE) if directory.parent.parent.name == STUDY_METHODS_DIR else None
+    study = StudyDir.of_stage(directory)
+    study_id = read_id(study.path / EXPERIMENT_ID_FILE) if study is not None else None
     if study_id:
         return f"{directory.parent.name}-{study_id[:8]}"
     return f"{directory.name}-{experiment_id(directory)[:8]}"
@@ -126,15 +116,16 @@ class RunIdentity:
 
 class RunRecord:
     def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
+        self.layout = RunDir(directory)
+        self.dir = self.layout.path
         self.dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def metrics_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
+        return self.layout.metrics
 
     def write_config(self, recipe: dict[str, Any]) -> None:
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        self.layout.config.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
     def append_metrics(self, metrics: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -153,45 +144,45 @@ class RunRecord:
         os.replace(tmp, self.metrics_path)
 
     def write_result(self, result: dict[str, Any]) -> None:
-        tmp = self.dir / "result.json.tmp"
+        tmp = self.layout.result.with_name(f"{RunDir.RESULT}.tmp")
         tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=_finite) + "\n")
-        os.replace(tmp, self.dir / "result.json")
+        os.replace(tmp, self.layout.result)
 
     def checkpoint_dir(self, which: str) -> Path:
-        return self.dir / "checkpoints" / which
+        return self.layout.checkpoint(which)
 
     def open_tracking(self) -> bool:
         """Mark this run's W&B run as open; return whether an earlier start left it open, i.e.
         was killed before its W&B run finished. Such a start may have written an epoch to
         ``metrics.jsonl`` that never reached W&B (the W&B service had not flushed it)."""
-        marker = self.dir / TRACKING_OPEN
+        marker = self.layout.file(RunDir.TRACKING_OPEN)
         left_open = marker.is_file()
         marker.write_text(json.dumps({"pid": os.getpid()}) + "\n")
         return left_open
 
     def close_tracking(self) -> None:
         """The W&B run finished (flushed): nothing logged is at risk any more."""
-        (self.dir / TRACKING_OPEN).unlink(missing_ok=True)
+        self.layout.file(RunDir.TRACKING_OPEN).unlink(missing_ok=True)
 
     def last_logged_epoch(self) -> int:
         """For a search trial, logged to W&B by the driver: the last epoch it logged (-1: none)."""
         try:
-            return int(json.loads((self.dir / DRIVER_LOGGED).read_text())["epoch"])
+            return int(json.loads(self.layout.file(RunDir.DRIVER_LOGGED).read_text())["epoch"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return -1
 
     def mark_logged(self, epoch: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"{DRIVER_LOGGED}.tmp"
+        tmp = self.layout.file(f"{RunDir.DRIVER_LOGGED}.tmp")
         tmp.write_text(json.dumps({"epoch": int(epoch)}) + "\n")
-        os.replace(tmp, self.dir / DRIVER_LOGGED)
+        os.replace(tmp, self.layout.file(RunDir.DRIVER_LOGGED))
 
     def identity(self, continuing: bool) -> RunIdentity:
         """This run's id: the stored one when this start is ``continuing`` an earlier one (``--resume``,
         a Ray worker-group restart, a Tune trial retry: the same run directory, carried on), a new
         one otherwise, stored for those later starts. A continued run that never stored an id (it
         was not tracked, or predates ids) starts a new W&B run rather than guess one."""
-        path = self.dir / RUN_ID_FILE
+        path = self.layout.file(RunDir.RUN_ID)
         stored = read_id(path) if continuing else None
         if stored is not None:
             return RunIdentity(stored, resumed=True)

@@ -20,11 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from mmbalance.tracking.records import STUDY_METHODS_DIR
+from mmbalance.layout import StudyDir
 from mmbalance.tune.study import Study, final_space, method_base, search_space, validate_study
-
-METHODS_DIR = STUDY_METHODS_DIR
-STAGES_DIR = "stages"  # the Tuner of each phase: <study>/stages/{search,final} (tune/ state, W&B runs)
 
 
 def best_configuration(frame, keys: list[str]) -> tuple[dict[str, Any], float]:
@@ -95,17 +92,20 @@ def _stage(phase: str, parts: dict[str, tuple[Any, dict[str, Any]]], output: Pat
 
     from mmbalance.tune.search import Part, run_searches
 
-    directories = {name: output / METHODS_DIR / name / phase for name in parts}
-    if all((d / "results.parquet").is_file() for d in directories.values()):
-        return {name: pd.read_parquet(d / "results.parquet") for name, d in directories.items()}
-    stage = output / STAGES_DIR / phase
-    in_progress = resume and (stage / "tune").exists()
-    stage_storage = f"{storage.rstrip('/')}/{STAGES_DIR}/{phase}" if storage else None
-    return run_searches([Part(name, space, base, directories[name]) for name, (space, base) in parts.items()], stage,
+    study = StudyDir(output)
+    directories = {name: study.method_stage(name, phase) for name in parts}
+    if all(d.results.is_file() for d in directories.values()):
+        return {name: pd.read_parquet(d.results) for name, d in directories.items()}
+    stage = study.stage_state(phase)
+    in_progress = resume and stage.tune_state.exists()
+    stage_storage = f"{storage.rstrip('/')}/{StudyDir.STAGES}/{phase}" if storage else None
+    return run_searches([Part(name, space, base, directories[name].path) for name, (space, base) in parts.items()],
+                        stage.path,
                         resume=in_progress, storage=stage_storage, address=address, verbose=verbose,
                         overrides=overrides)
 
 
 def _write_frame(frame, output: Path) -> None:
-    frame.to_parquet(output / "results.parquet", index=False)
-    frame.to_csv(output / "results.csv", index=False)
+    results = StudyDir(output).results
+    frame.to_parquet(results, index=False)
+    frame.to_csv(results.with_suffix(".csv"), index=False)

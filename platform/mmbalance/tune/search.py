@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from mmbalance.config import check_against_data, set_dotted, validate_recipe
+from mmbalance.layout import RunDir, SearchDir
 from mmbalance.tracking.records import PART, RunRecord, experiment_group
 from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
 from mmbalance.config import TrackingConfig
@@ -31,10 +32,8 @@ from mmbalance.data.manifest import read_manifest
 from mmbalance.data.storage import absolute as storage_absolute
 from mmbalance.tune.space import SearchSpace, trial_recipe
 
-TRIALS_DIR = "trials"
-EXPERIMENT_STATE = "tune"
-ENDED = "ended.json"  # in a trial's run directory, written by the driver when Tune ends the trial
-FAILED = "failed.json"  # in a trial's run directory: its deterministic error, re-raised by a retry
+ENDED = RunDir.ENDED  # in a trial's run directory, written by the driver when Tune ends the trial
+FAILED = RunDir.FAILED  # in a trial's run directory: its deterministic error, re-raised by a retry
 
 
 
@@ -95,7 +94,7 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
     seed = params.pop("seed")
     tree = trial_recipe(base, fixed, params, seed, overrides=overrides)
     tree.setdefault("tracking", {})["wandb"] = "disabled"  # the driver logs this trial (tracking/search_wandb.py)
-    run_dir = Path(output) / TRIALS_DIR / trial_id
+    run_dir = SearchDir(output).trial(trial_id).path
     last = ended_result(run_dir)
     if last is not None:
         # Restored after the driver died: Tune's saved state (written every few seconds) may still
@@ -158,7 +157,7 @@ def ended_result(run_dir: Path) -> dict[str, Any] | None:
     A trial has ended when its loop wrote ``result.json`` (every epoch trained) or when the
     driver recorded ``ended.json`` (Tune ended it, e.g. ASHA stopped it early); both are on disk
     before Tune's next periodic state snapshot, which a killed driver never writes."""
-    if (run_dir / "result.json").is_file():
+    if RunDir(run_dir).result.is_file():
         epochs = None
     elif (run_dir / ENDED).is_file():
         epochs = json.loads((run_dir / ENDED).read_text())["epochs_done"]
@@ -208,7 +207,7 @@ def trial_progress_callback(total: int, max_t: dict[str | None, int], trials_dir
 
 def _callbacks(parts: list[Part], max_t: dict[str | None, int], tracking: TrackingConfig | None,
                output: Path) -> list:
-    trials = {part.name: part.output.resolve() / TRIALS_DIR for part in parts}
+    trials = {part.name: SearchDir(part.output.resolve()).trials for part in parts}
     callbacks = [trial_progress_callback(sum(p.space.trial_count() for p in parts), max_t, trials)]
     # A plain search's group comes from the id search_callback makes fresh, so only named parts
     # (a study's methods, grouped with the study's id) are given here.
@@ -256,9 +255,9 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
         # The saved Tuner holds its run config, callbacks included (the W&B logger resumes too).
         if tracking is not None:
             prepare_driver(tracking, output)
-        for recorded in (output / TRIALS_DIR).glob(f"*/{FAILED}"):
+        for recorded in SearchDir(output).trials.glob(f"*/{FAILED}"):
             recorded.unlink()  # --resume retries errored trials: the user may have fixed the cause
-        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{EXPERIMENT_STATE}", trainable,
+        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{SearchDir.TUNE_STATE}", trainable,
                                   resume_unfinished=True, resume_errored=True)
     if len(parts) == 1:
         scheduler = _scheduler(space, max_t[parts[0].name])
@@ -276,7 +275,7 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1,
                                     reuse_actors=space.workers == 0,
                                     scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
-        run_config=tune.RunConfig(name=EXPERIMENT_STATE, storage_path=storage_path,
+        run_config=tune.RunConfig(name=SearchDir.TUNE_STATE, storage_path=storage_path,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
                                   callbacks=_callbacks(parts, max_t, tracking, output)),
@@ -300,7 +299,7 @@ def trial_rows(grid, space: SearchSpace, output: Path, max_t: int, part: str | N
             reason = "stopped_early"
         params = {k: _label(v) for k, v in result.config["params"].items() if k != PART}
         row = {"trial_id": trial_id, **params,
-               "epochs_run": epochs_run, "stop_reason": reason, "run_dir": str(output / TRIALS_DIR / trial_id)}
+               "epochs_run": epochs_run, "stop_reason": reason, "run_dir": str(SearchDir(output).trial(trial_id).path)}
         rows.append(row)
     return rows
 
@@ -332,8 +331,9 @@ def score_trials(rows: list[dict[str, Any]], space: SearchSpace, tracking: Track
     groups = groups or [experiment_group(output)] * len(rows)
     pending = {}
     for row, group in zip(rows, groups):
-        if (Path(row["run_dir"]) / "checkpoints" / "best" / "state.pt").is_file():
-            tree = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())  # the trial's own recipe
+        run = RunDir(row["run_dir"])
+        if run.has_checkpoint("best"):
+            tree = yaml.safe_load(run.config.read_text())  # the trial's own recipe
             pending[row["trial_id"]] = remote.remote(row["run_dir"], tree, tracking.model_dump(), str(output.resolve()),
                                                      group)
     scored = dict(zip(pending, ray.get(list(pending.values()))))
@@ -356,10 +356,11 @@ def write_results(rows: list[dict[str, Any]], output: Path) -> Path:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    frame.to_parquet(output / "results.parquet", index=False)
-    frame.to_csv(output / "results.csv", index=False)
-    (output / "results.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    return output / "results.parquet"
+    results = SearchDir(output).results
+    frame.to_parquet(results, index=False)
+    frame.to_csv(results.with_suffix(".csv"), index=False)
+    results.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    return results
 
 
 # Tune times every callback and result; on a busy machine (or while a W&B logging actor starts)
