@@ -124,11 +124,11 @@ def test_eval_prints_and_writes_accuracy_per_corruption_level_and_missing_modali
     done = _cli("eval", run, "--corrupt", "visual=gaussian:0,50", "--missing", "audio,visual")
     assert done.returncode == 0, done.stderr
     table = json.loads((run / "eval-test.json").read_text())["accuracy"]
-    assert list(table) == ["clean", "gaussian:0 on visual", "gaussian:50 on visual", "missing audio", "missing visual"]
-    assert table["gaussian:0 on visual"] == table["clean"]  # level 0 is the identity
-    assert table["missing visual"]["acc_visual"] != table["clean"]["acc_visual"]
-    assert "gaussian:50 on visual" in done.stdout
+    assert list(table) == ["clean", "gaussian_visual_0", "gaussian_visual_50", "missing_audio", "missing_visual"]
+    assert table["gaussian_visual_0"] == table["clean"]  # level 0 is the identity
+    assert table["missing_visual"]["acc_visual"] != table["clean"]["acc_visual"]
+    assert "gaussian_visual_50" in done.stdout
     implicit = _cli("eval", run, "--corrupt", "gaussian:5", "--out", tmp_path / "implicit.json")
-    assert implicit.returncode == 0 and "gaussian:5 on visual" in implicit.stdout  # the one image-like modality
+    assert implicit.returncode == 0 and "gaussian_visual_5" in implicit.stdout  # the one image-like modality
     wrong = _cli("eval", run, "--corrupt", "audio_snr:5")
     assert wrong.returncode == 2 and "say which modality" in wrong.stderr

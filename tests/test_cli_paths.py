@@ -24,7 +24,7 @@ def test_a_run_trained_with_a_relative_data_path_evaluates_from_another_director
     assert recorded == str(work / "shards")  # absolute, not "shards"
     monkeypatch.chdir(elsewhere)
     assert main(["eval", str(work / "run"), "--missing", "audio", "--out", "eval.json"]) == 0
-    assert "missing audio" in json.loads((elsewhere / "eval.json").read_text())["accuracy"]
+    assert "missing_audio" in json.loads((elsewhere / "eval.json").read_text())["accuracy"]
 
 
 def test_prepare_refuses_a_missing_root_before_starting_ray(tmp_path, capsys):

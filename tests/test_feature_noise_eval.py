@@ -51,13 +51,13 @@ def test_mmbalance_eval_corrupt_feature_noise(trained, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", str(run), "--corrupt", "visual=feature_noise:0,1", "--p", "1", "--out", str(out)]) == 0
     table = json.loads(out.read_text())["accuracy"]
-    assert list(table) == ["clean", "feature_noise:0 on visual", "feature_noise:1 on visual"]
-    assert table["feature_noise:0 on visual"] == table["clean"]
-    assert table["feature_noise:1 on visual"]["acc_visual"] < table["clean"]["acc_visual"]
-    assert table["feature_noise:1 on visual"]["acc_audio"] == table["clean"]["acc_audio"]  # only visual is noised
-    assert "feature_noise:1 on visual" in capsys.readouterr().out
+    assert list(table) == ["clean", "feature_noise_visual_0", "feature_noise_visual_1"]
+    assert table["feature_noise_visual_0"] == table["clean"]
+    assert table["feature_noise_visual_1"]["acc_visual"] < table["clean"]["acc_visual"]
+    assert table["feature_noise_visual_1"]["acc_audio"] == table["clean"]["acc_audio"]  # only visual is noised
+    assert "feature_noise_visual_1" in capsys.readouterr().out
 
     assert main(["eval", str(run), "--corrupt", "visual=feature_noise:1,-1"]) == 2
     assert "'feature_noise:1,-1': level: Input should be greater than or equal to 0" in capsys.readouterr().err
     assert main(["eval", str(run), "--corrupt", "depth=feature_noise:1"]) == 2
-    assert "feature_noise:1 on depth: 'depth' is not a modality of this run" in capsys.readouterr().err
+    assert "feature_noise_depth_1: 'depth' is not a modality of this run" in capsys.readouterr().err

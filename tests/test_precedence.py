@@ -111,13 +111,13 @@ def test_ray_address_beats_a_local_ray(monkeypatch):
 def test_prepare_uses_the_same_address_rule_and_says_so(monkeypatch, capsys, flag, expected, line):
     import ray
 
-    from mmbalance.cli import _start_ray_for_prepare
+    from mmbalance.commands.prepare import _start_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
-    assert _start_ray_for_prepare(argparse.Namespace(address=flag, num_cpus=None)) is True
+    assert _start_ray(flag, None) is True
     assert calls[0]["address"] == expected and line in capsys.readouterr().out
 
 

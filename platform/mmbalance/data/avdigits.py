@@ -229,3 +229,25 @@ def _assign_splits(rows: list[dict], labels: np.ndarray, val_fraction: float, se
         if not (split_of == split).any():
             raise ValueError(f"split {split!r} would be empty (val_fraction={val_fraction}, {len(rows)} pairs)")
     return split_of
+
+
+class AvdigitsSettings(BaseModel):
+    """What ``mmbalance prepare avdigits`` takes besides the tree: one flag per field."""
+
+    model_config = ConfigDict(extra="forbid")
+    val_fraction: float = Field(0.1, description="share of train carved out as val, per digit")
+    seed: int = Field(0, description="seed of the val carve-out (default 0)")
+
+
+class AvdigitsWriter:
+    """AV-digits as an entry of the dataset table (``data/convert``): reads the fsdd_mnist tree and
+    builds every split in memory."""
+
+    Params = AvdigitsSettings
+
+    def __init__(self, params: AvdigitsSettings) -> None:
+        self.params = params
+
+    def write(self, root: Path | None, out: str | Path, *, overwrite: bool = False) -> Manifest:
+        return prepare_avdigits(root, out, val_fraction=self.params.val_fraction, seed=self.params.seed,
+                                overwrite=overwrite)

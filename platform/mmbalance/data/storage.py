@@ -13,6 +13,11 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def local_paths(*paths: str) -> list[str]:
+    """The local file system paths among ``paths`` (object-store URIs cannot hold an output)."""
+    return [p for p in paths if not is_uri(p)]
+
+
 def absolute(location: str | Path) -> str:
     """A local path made absolute (other processes and later commands run in other working
     directories); a URI unchanged."""

@@ -153,3 +153,65 @@ def prepare_synthetic(out: str | Path, spec: SyntheticSpec | None = None, *, ove
         preprocessing=spec.model_dump(mode="json", exclude={"version"}, exclude_none=True),
         overwrite=overwrite,
     )
+
+
+class SyntheticSettings(BaseModel):
+    """What ``mmbalance prepare synthetic`` takes, flat so each setting is one flag: split sizes,
+    the modality names, a signal and a noise per modality, and one feature dimension for all.
+    ``spec()`` turns them into the nested ``SyntheticSpec`` the generator reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(4000, description="train samples (default 4000)")
+    val_samples: int = Field(1000, description="val samples (default 1000)")
+    test_samples: int = Field(1000, description="test samples (default 1000)")
+    classes: int = Field(10, description="number of classes (default 10)")
+    modalities: str | None = Field(None, description="comma-separated names (default audio,visual; audio dominant)")
+    signal: str | None = Field(None, description="comma-separated class-signal strength per modality")
+    noise: str | None = Field(None, description="comma-separated noise std per modality")
+    dim: int | None = Field(None, description="feature dimension of every modality (default 32; an XOR code keeps "
+                            "at most dim/2 pairs)")
+    generator: Literal["v1", "v2"] = Field("v2", description="v2: visual class signal an XOR code (learned slowly); "
+                                           "v1: the version-1 dataset, byte for byte")
+    seed: int = Field(0, description="generator seed (default 0)")
+
+    def spec(self) -> SyntheticSpec:
+        """The nested spec; a modality without a given signal/noise/dim keeps the version's default
+        (names past the defaults repeat the last default modality). Raises ValueError."""
+        version = int(self.generator.removeprefix("v"))
+        names = self.modalities.split(",") if self.modalities else list(default_modalities(version))
+        signals = _per_modality(self.signal, len(names), "signal")
+        noises = _per_modality(self.noise, len(names), "noise")
+        defaults = list(default_modalities(version).values())
+        modalities = {}
+        for i, name in enumerate(names):
+            default = defaults[min(i, len(defaults) - 1)]
+            base = (default.resized(self.dim) if self.dim else default).model_dump()
+            base.update({"signal": signals[i]} if signals else {})
+            base.update({"noise": noises[i]} if noises else {})
+            modalities[name] = base
+        samples = {"train": self.samples, "val": self.val_samples, "test": self.test_samples}
+        return SyntheticSpec.model_validate({"version": version, "samples": samples, "classes": self.classes,
+                                             "modalities": modalities, "seed": self.seed})
+
+
+def _per_modality(text: str | None, count: int, name: str) -> list[float] | None:
+    if not text:
+        return None
+    values = [float(v) for v in text.split(",")]
+    if len(values) != count:
+        raise ValueError(f"--{name} needs {count} comma-separated values (one per modality), got {len(values)}")
+    return values
+
+
+class SyntheticWriter:
+    """The synthetic dataset as an entry of the dataset table (``data/convert``): it reads no raw
+    tree and builds every split in memory."""
+
+    Params = SyntheticSettings
+
+    def __init__(self, params: SyntheticSettings) -> None:
+        self.params = params
+        self.spec = params.spec()  # a spec the generator refuses fails here, before anything is written
+
+    def write(self, root: Path | None, out: str | Path, *, overwrite: bool = False) -> Manifest:
+        return prepare_synthetic(out, self.spec, overwrite=overwrite)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from mmbalance.config import Recipe
+from mmbalance.config import EvalCorruption, Recipe
 from mmbalance.data.manifest import Manifest, read_manifest
 from mmbalance.data.shards import SplitArrays, load_split
 from mmbalance.engine.batches import InMemorySplit
@@ -25,6 +25,7 @@ from mmbalance.engine.checkpoint import load_state
 from mmbalance.engine.metrics import imbalance_ratio
 from mmbalance.engine.shapley import MAX_PLAYERS, coalitions, shapley_values
 from mmbalance.engine.steps import evaluate
+from mmbalance.layout import RunDir
 
 ArrayTransform = Callable[[SplitArrays], SplitArrays]
 
@@ -64,20 +65,42 @@ def corrupted(modality: str, name: str, level: float, p: float, seed: int, **par
     return Corrupted(CorruptionPlan(corruptions=[make_spec(name, **params, modality=modality, level=level, p=p)], seed=seed))
 
 
+def condition_label(name: str, modality: str, level: float) -> str:
+    """How a corruption condition is named in ``result.json``'s robustness scores, in the search's
+    ``robust_*`` columns and in ``mmbalance eval``'s table: ``gaussian_visual_5``."""
+    return f"{name}_{modality}_{level:g}"
+
+
+def missing_transforms(modalities, manifest: Manifest) -> dict[str, ArrayTransform]:
+    """``missing_<m>``: modality m absent from every sample, filled with its neutral value."""
+    from mmbalance.data.corruptions import neutral_fill
+
+    return {f"missing_{m}": missing(m, neutral_fill(manifest.modalities[m])) for m in modalities}
+
+
+def sweep_transforms(sweeps: list[EvalCorruption], seed: int, manifest: Manifest) -> dict[str, ArrayTransform]:
+    """Every level of every sweep, labelled by ``condition_label``; not yet adapted to a run's
+    data (``Corrupted.for_data``: ``sweep`` does it, or ``robustness_transforms``)."""
+    from mmbalance.data.corruptions import neutral_fill
+
+    transforms: dict[str, ArrayTransform] = {}
+    for item in sweeps:
+        params = item.params
+        if item.name == "missing" and item.modality in manifest.modalities:
+            params = {**neutral_fill(manifest.modalities[item.modality]), **item.params}
+        for level in item.levels:
+            transforms[condition_label(item.name, item.modality, level)] = corrupted(
+                item.modality, item.name, level, item.p, seed, **params)
+    return transforms
+
+
 def robustness_transforms(recipe: Recipe, manifest: Manifest) -> dict[str, ArrayTransform]:
     """Each modality missing, then every configured corruption level (``eval.corruptions``),
     adapted to the recipe's data (``feature_noise``: the std of its ``data.train_split``)."""
-    from mmbalance.data.corruptions import neutral_fill
-
-    fills = {m: neutral_fill(manifest.modalities[m]) for m in recipe.modalities}
-    transforms = {f"missing_{m}": missing(m, fills[m]) for m in recipe.modalities}
+    transforms = missing_transforms(recipe.modalities, manifest)
     cache: dict[str, Any] = {}  # modality -> train std, computed once for all levels
-    for sweep in recipe.eval.corruptions:
-        params = {**fills[sweep.modality], **sweep.params} if sweep.name == "missing" else sweep.params
-        for level in sweep.levels:
-            transforms[f"{sweep.name}_{sweep.modality}_{level:g}"] = corrupted(
-                sweep.modality, sweep.name, level, sweep.p, recipe.eval.corruption_seed, **params
-            ).for_data(recipe.data.path, manifest, recipe.data.train_split, cache)
+    for label, transform in sweep_transforms(recipe.eval.corruptions, recipe.eval.corruption_seed, manifest).items():
+        transforms[label] = transform.for_data(recipe.data.path, manifest, recipe.data.train_split, cache)
     return transforms
 
 
@@ -105,7 +128,7 @@ def for_run(transforms: dict[str, ArrayTransform], recipe: Recipe, manifest: Man
 def load_best_model(run_dir: str | Path, recipe: Recipe, device: torch.device):
     """The best-val model of a run, rebuilt with its own head count, and its objective state."""
     manifest = read_manifest(recipe.data.path)
-    state = load_state(Path(run_dir) / "checkpoints" / "best")
+    state = load_state(RunDir(run_dir).checkpoint("best"))
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, manifest).to(device)
     objective = build_bound_objective(recipe, model)

@@ -1,9 +1,18 @@
-"""Dataset converters: ``mmbalance prepare DATASET --root RAW --out SHARDS``.
+"""The dataset table behind ``mmbalance prepare DATASET [--root RAW] --out SHARDS``.
 
-Each converter module holds one dataset's raw layout (documented in its docstring and in
-docs/datasets.md), a pydantic ``Params`` model with every preprocessing setting, and a class
-implementing ``base.Converter``. Modules are imported on demand, so listing the datasets costs
-nothing and a converter's heavy imports (PyAV, transformers) load only when it runs.
+Every dataset ``prepare`` knows is one entry here. Two kinds:
+
+- a *pipeline* converter (cremad, ave, ...): a class implementing ``base.Converter`` that the
+  Ray Data pipeline (``pipeline.convert``) runs over chunks of samples; its nested settings come
+  from ``--set KEY=VALUE``;
+- an *in-memory* writer (synthetic, avdigits): small enough to build every split in one
+  process; a class with a flat ``Params`` model (one ``--flag`` per field) and
+  ``write(root, out, *, overwrite) -> Manifest``.
+
+Each module holds one dataset's raw layout (documented in its docstring and in
+docs/datasets.md) and a pydantic ``Params`` model with every setting. Modules are imported on
+demand, so listing the datasets costs nothing and a converter's heavy imports (PyAV,
+transformers) load only when it runs.
 """
 
 from __future__ import annotations
@@ -13,14 +22,23 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
+RAW_TREE = "the dataset folder, in the layout it is distributed in"
+
+
 class Entry(NamedTuple):
     target: str  # "module:Class"
     help: str  # one line for `mmbalance prepare --help`
     text: bool = False  # tokenises text: takes a local tokenizer (`--tokenizer`)
+    in_memory: bool = False  # writes every split itself in one process (no Ray Data pipeline)
+    root: str | None = RAW_TREE  # help of --root; None: generated, reads no raw tree
 
 
-# avdigits and synthetic have their own in-memory writers (data/avdigits.py, data/synthetic.py).
 CONVERTERS = {
+    "synthetic": Entry("mmbalance.data.synthetic:SyntheticWriter", "the embedded seeded synthetic dataset",
+                       in_memory=True, root=None),
+    "avdigits": Entry("mmbalance.data.avdigits:AvdigitsWriter",
+                      "spoken digits (FSDD) + MNIST digits, paired by pairs.csv", in_memory=True,
+                      root="the fsdd_mnist folder (pairs.csv, audio/, image/)"),
     "cremad": Entry("mmbalance.data.convert.cremad:CremadConverter",
                     "CREMA-D audio-visual emotion (AudioWAV/*.wav + VideoFlash/*.flv), 6 classes"),
     "ave": Entry("mmbalance.data.convert.ave:AveConverter",
@@ -36,6 +54,11 @@ CONVERTERS = {
 }
 
 
+def pipeline_converters() -> list[str]:
+    """The datasets converted by the Ray Data pipeline (each has a ``base.Converter`` class)."""
+    return [name for name, entry in CONVERTERS.items() if not entry.in_memory]
+
+
 def converter_class(name: str):
     if name not in CONVERTERS:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(CONVERTERS)}")
@@ -44,7 +67,8 @@ def converter_class(name: str):
 
 
 def build_converter(name: str, settings: dict[str, Any] | None = None):
-    """A converter with validated params; a bad setting raises ValueError naming the key."""
+    """A converter (or in-memory writer) with validated params; a bad setting raises ValueError
+    naming the key."""
     cls = converter_class(name)
     try:
         params = cls.Params.model_validate(settings or {})
