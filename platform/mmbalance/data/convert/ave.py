@@ -27,12 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, check_nonempty_splits,
+from mmbalance.data.convert.base import (Listing, RawSample, check_nonempty_splits,
                                          require_dir, require_file, sha256_file)
-from mmbalance.data.convert.clips import TenSecondClipAudio, audio_visual_outputs, clip_features
+from mmbalance.data.convert.clips import TenSecondClipAudio, VideoClipConverter
 from mmbalance.data.convert.media import ImageParams
 
 ANNOTATIONS = "Annotations.txt"
@@ -47,12 +46,10 @@ class AveParams(BaseModel):
     audio: TenSecondClipAudio = TenSecondClipAudio()
 
 
-class AveConverter:
+class AveConverter(VideoClipConverter):
     name = "ave"
     Params = AveParams
 
-    def __init__(self, params: AveParams):
-        self.params = params
 
     def list_samples(self, root: Path) -> Listing:
         require_dir(root, "the unzipped AVE_Dataset folder holding AVE/ and Annotations.txt")
@@ -94,12 +91,6 @@ class AveConverter:
         for name, count in repeats.items():
             listing.dropped[f"repeated rows of {name}"] = count
         return listing
-
-    def outputs(self) -> dict[str, ModalityOutput]:
-        return audio_visual_outputs(self.params.audio, self.params.image, self.params.frames)
-
-    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        return clip_features(sample.files["video"], self.params.audio, self.params.image, self.params.frames)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "

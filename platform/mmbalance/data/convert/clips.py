@@ -40,3 +40,18 @@ def clip_features(path: str | Path, audio: AudioParams, image: ImageParams, fram
     """Audio track and sampled frames of one video file with sound (.mp4, .flv, ...)."""
     return {"audio": log_spectrogram(container_audio(path, audio), audio),
             "visual": video_frames(path, frames, image)}
+
+
+class VideoClipConverter:
+    """What the converters of video clips with a sound track share (AVE, Kinetics-Sounds): params
+    with ``audio``, ``image`` and ``frames``; each sample's ``files["video"]`` is one clip, and
+    its two outputs come from that one file. Subclasses list their own samples."""
+
+    def __init__(self, params) -> None:
+        self.params = params
+
+    def outputs(self) -> dict[str, ModalityOutput]:
+        return audio_visual_outputs(self.params.audio, self.params.image, self.params.frames)
+
+    def extract(self, sample) -> dict[str, np.ndarray]:
+        return clip_features(sample.files["video"], self.params.audio, self.params.image, self.params.frames)

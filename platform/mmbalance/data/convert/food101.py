@@ -30,13 +30,11 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 from pydantic import Field
 
-from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split, check_nonempty_splits,
+from mmbalance.data.convert.base import (Listing, RawSample, carve_split, check_nonempty_splits,
                                          require_dir, require_file)
-from mmbalance.data.convert.text import (ImageTextParams, TextEncoding, image_text_features, image_text_outputs,
-                                         image_text_preprocessing)
+from mmbalance.data.convert.text import ImageTextConverter, ImageTextParams, image_text_preprocessing
 
 CSV_FILES = {"train": "train_titles.csv", "test": "test_titles.csv"}
 DUPLICATE = "duplicate csv row"
@@ -47,13 +45,9 @@ class Food101Params(ImageTextParams):
     seed: int = 0
 
 
-class Food101Converter:
+class Food101Converter(ImageTextConverter):
     name = "food101"
     Params = Food101Params
-
-    def __init__(self, params: Food101Params):
-        self.params = params
-        self.text = TextEncoding(params)
 
     def list_samples(self, root: Path) -> Listing:
         self.text.prepare()  # a bad tokenizer fails here, before any decoding
@@ -78,12 +72,6 @@ class Food101Converter:
                                         "val": f"{p.val_fraction} of each class's train_titles.csv rows, seed {p.seed}",
                                         "test": "texts/test_titles.csv"})
         return listing
-
-    def outputs(self) -> dict[str, ModalityOutput]:
-        return image_text_outputs(self.params)
-
-    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        return image_text_features(sample.files["image"], sample.text, self.params, self.text)
 
     def preprocessing(self) -> dict[str, Any]:
         return {**image_text_preprocessing(self.text),

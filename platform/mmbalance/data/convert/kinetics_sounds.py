@@ -33,12 +33,11 @@ import difflib
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split,
+from mmbalance.data.convert.base import (Listing, RawSample, carve_split,
                                          check_nonempty_splits, require_dir, sha256_file)
-from mmbalance.data.convert.clips import TenSecondClipAudio, audio_visual_outputs, clip_features
+from mmbalance.data.convert.clips import TenSecondClipAudio, VideoClipConverter
 from mmbalance.data.convert.media import ImageParams
 
 COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -54,12 +53,10 @@ class KineticsSoundsParams(BaseModel):
     seed: int = 0
 
 
-class KineticsSoundsConverter:
+class KineticsSoundsConverter(VideoClipConverter):
     name = "kinetics_sounds"
     Params = KineticsSoundsParams
 
-    def __init__(self, params: KineticsSoundsParams):
-        self.params = params
 
     def list_samples(self, root: Path) -> Listing:
         require_dir(root, "the Kinetics folder holding annotations/, train/ and val/")
@@ -115,12 +112,6 @@ class KineticsSoundsConverter:
             "sha256": {f"annotations/{p.name}": sha256_file(p) for p in (train_csv, val_csv)},
         }
         return listing
-
-    def outputs(self) -> dict[str, ModalityOutput]:
-        return audio_visual_outputs(self.params.audio, self.params.image, self.params.frames)
-
-    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        return clip_features(sample.files["video"], self.params.audio, self.params.image, self.params.frames)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "

@@ -39,13 +39,11 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
-from mmbalance.data.convert.base import (BadInput, Listing, ModalityOutput, RawSample, carve_split,
+from mmbalance.data.convert.base import (BadInput, Listing, RawSample, carve_split,
                                          check_nonempty_splits, require_dir, require_file)
-from mmbalance.data.convert.text import (ImageTextParams, TextEncoding, image_text_features, image_text_outputs,
-                                         image_text_preprocessing)
+from mmbalance.data.convert.text import ImageTextConverter, ImageTextParams, image_text_preprocessing
 
 CLASSES = ["negative", "neutral", "positive"]
 SPLIT_FILES = {"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"}
@@ -88,13 +86,9 @@ def read_mvsa_text(path: str | Path) -> str:
     return " ".join(text.split())
 
 
-class MvsaSingleConverter:
+class MvsaSingleConverter(ImageTextConverter):
     name = "mvsa_single"
     Params = MvsaParams
-
-    def __init__(self, params: MvsaParams):
-        self.params = params
-        self.text = TextEncoding(params)
 
     def list_samples(self, root: Path) -> Listing:
         self.text.prepare()  # a bad tokenizer fails here, before any decoding
@@ -137,12 +131,8 @@ class MvsaSingleConverter:
             require_dir(root / "data", "MVSA-Single's data/ folder of <id>.jpg and <id>.txt")
         return layout
 
-    def outputs(self) -> dict[str, ModalityOutput]:
-        return image_text_outputs(self.params)
-
-    def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
-        text = sample.text if sample.text is not None else read_mvsa_text(sample.files["text"])
-        return image_text_features(sample.files["image"], text, self.params, self.text)
+    def sample_text(self, sample: RawSample) -> str:
+        return sample.text if sample.text is not None else read_mvsa_text(sample.files["text"])
 
     def preprocessing(self) -> dict[str, Any]:
         return {**image_text_preprocessing(self.text),

@@ -184,3 +184,22 @@ def image_text_preprocessing(encoding: TextEncoding) -> dict[str, Any]:
             "text": "tokenizer(text, truncation=True, padding='max_length') -> [CLS] ids [SEP] [PAD]...; "
                     "right-truncated, right-padded",
             "tokenizer": encoding.info()}
+
+
+class ImageTextConverter:
+    """What the image+text converters share (MVSA-Single, Food-101): a tokenizer prepared before
+    any listing (a bad one fails first), and the ``image``/``text`` outputs. Subclasses list their
+    samples and say where a sample's text comes from (``sample_text``)."""
+
+    def __init__(self, params: ImageTextParams) -> None:
+        self.params = params
+        self.text = TextEncoding(params)
+
+    def outputs(self) -> dict[str, ModalityOutput]:
+        return image_text_outputs(self.params)
+
+    def sample_text(self, sample) -> str:
+        return sample.text
+
+    def extract(self, sample) -> dict[str, np.ndarray]:
+        return image_text_features(sample.files["image"], self.sample_text(sample), self.params, self.text)
