@@ -1,5 +1,5 @@
 """Which failures are retried: worker deaths and possibly transient errors, never a
-deterministic error of the training function (tune/failure_policy.py, tune/search.run_trial)."""
+deterministic error of the training function (launch/failure_policy.py, tune/search.run_trial)."""
 
 import json
 
@@ -10,8 +10,8 @@ from ray.train.v2._internal.execution.failure_handling import FailureDecision
 from ray.train.v2.api import data_parallel_trainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from mmbalance.tune import failure_policy
-from mmbalance.tune.failure_policy import is_deterministic
+from mmbalance.launch import failure_policy
+from mmbalance.launch.failure_policy import is_deterministic
 from mmbalance.tune.search import FAILED, RepeatedTrialError, error_summary, raise_recorded_failure, record_failure
 
 

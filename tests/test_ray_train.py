@@ -51,7 +51,7 @@ def test_killed_worker_recovers_from_latest_checkpoint_without_duplicate_epochs(
 
 def test_deterministic_error_in_a_worker_is_raised_without_retry(ray_cluster, small_shards, tmp_path):
     """max_failures=2 would give three attempts; a ValueError raised by the training function
-    is a deterministic error (tune/failure_policy.py) and must cost exactly one."""
+    is a deterministic error (launch/failure_policy.py) and must cost exactly one."""
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     attempts = tmp_path / "attempts"

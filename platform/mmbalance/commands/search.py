@@ -75,6 +75,7 @@ def compare(study: str, recipe: str, options: SearchOptions, *, trials: int | No
     """Every method's search, then every method's best on the study's seeds; prints the verdicts
     and returns the summary (``study.json``)."""
     from mmbalance.config import load_recipe_dict
+    from mmbalance.reports.study_summary import summarize, write_summary
     from mmbalance.reports.verdicts import format_verdicts
     from mmbalance.tune.compare import run_study
     from mmbalance.tune.search import SearchFailed
@@ -100,12 +101,14 @@ def compare(study: str, recipe: str, options: SearchOptions, *, trials: int | No
           f"({loaded.budget.scheduler.name}), then its best on val trained on {len(loaded.seeds)} seeds -> {output.path}",
           flush=True)
     try:
-        _, summary = run_study(loaded, base, output.path, resume=options.resume, storage=options.storage,
-                               address=options.address, overrides=overrides, say=lambda line: print(line, flush=True),
-                               verbose=options.verbose)
+        frame, chosen = run_study(loaded, base, output.path, resume=options.resume, storage=options.storage,
+                                  address=options.address, overrides=overrides,
+                                  say=lambda line: print(line, flush=True), verbose=options.verbose)
     except SearchFailed as err:
         print(f"mmbalance {options.command}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    summary = summarize(frame, loaded, methods, chosen)
+    write_summary(summary, output.path)
     print()
     print(format_verdicts(summary))
     print(f"\nstudy: {output.summary}; results: {output.results}; "

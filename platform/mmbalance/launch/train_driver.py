@@ -2,7 +2,7 @@
 
 Called by ``mmbalance train --workers N`` and by every Tune trial with workers, so the two never
 drift. Workers run ``engine.loop.train_loop_per_worker`` unchanged; this module only wires
-datasets, scaling, failure handling (``tune/failure_policy.py``: only recoverable failures are
+datasets, scaling, failure handling (``launch/failure_policy.py``: only recoverable failures are
 retried) and checkpoint retention.
 """
 
@@ -27,7 +27,7 @@ def fit(spec: RunSpec, manifest: Manifest, *, workers: int, gpus_per_worker: flo
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mmbalance.tune import failure_policy
+    from mmbalance.launch import failure_policy
 
     failure_policy.install()  # max_failures counts worker deaths; a deterministic error is raised at once
     recipe = spec.recipe

@@ -46,11 +46,12 @@ def _plain(value: Any) -> Any:
 def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool = False, storage: str | None = None,
               address: str | None = None, verbose: bool = False, overrides: dict[str, Any] | None = None,
               say: Callable[[str], None] = print):
-    """Run every method's search, then every method's final runs; write ``results.parquet``
-    and ``study.json``. Returns ``(frame, summary)``."""
+    """Run every method's search, then every method's final runs; write ``results.parquet``.
+    Returns ``(frame, chosen)``: every trial's row (``method``, ``phase``), and per method the
+    configuration the search chose on val and its mean best val. The statistics over the final
+    runs (``study.json``) are the reports' job (``reports/study_summary.py``)."""
     import pandas as pd
 
-    from mmbalance.reports.study_summary import summarize, write_summary
     from mmbalance.tracking.records import experiment_id
 
     methods = validate_study(study, base, overrides)
@@ -77,9 +78,7 @@ def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool 
               for frame in (searched[name].assign(method=name, phase="search"), final[name].assign(method=name, phase="final"))]
     frame = pd.concat(frames, ignore_index=True)
     _write_frame(frame, output)
-    summary = summarize(frame, study, methods, chosen)
-    write_summary(summary, output)
-    return frame, summary
+    return frame, chosen
 
 
 def _stage(phase: str, parts: dict[str, tuple[Any, dict[str, Any]]], output: Path, *, resume: bool, storage,

@@ -74,7 +74,7 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
     driver read against their checksums, which the trial then checks only for their schema.
 
     Tune's ``FailureConfig`` retries any exception, Ray Train's only recoverable ones
-    (``tune/failure_policy.py``). So the trial checks its recipe against its data before a
+    (``launch/failure_policy.py``). So the trial checks its recipe against its data before a
     ``TorchTrainer`` starts, and a deterministic error is recorded in the run directory
     (``failed.json``): Tune's retry then re-raises it at once instead of training again."""
     import logging
@@ -133,7 +133,7 @@ class RepeatedTrialError(RuntimeError):
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
     """Write ``failed.json`` when ``error`` would recur on a retry (nothing otherwise)."""
-    from mmbalance.tune.failure_policy import is_deterministic
+    from mmbalance.launch.failure_policy import is_deterministic
 
     if not is_deterministic(error):
         return
