@@ -21,7 +21,10 @@ objective.estimator=fixed_hist"``); ``--objectives`` limits the method rows.
 
     python bench/effects.py [--datasets synthetic avdigits-noisy avdigits-test-noise]
         [--seeds 0 1 2] [--image-noise 5] [--jobs 2] [--out /tmp/mmbalance-effects]
-        [--objectives lf mnl arm arl aug] [--extra "LABEL=key=value;key=value" ...]
+        [--objectives NAME ...] [--extra "LABEL=key=value;key=value" ...]
+
+``--objectives`` defaults to every registered objective (``mmbalance.objectives.OBJECTIVES``); one
+without an entry in ``VARIANTS`` below gets its default row only.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ VARIANTS = {
     "mnl": {"paper": ["objective.warmup_epochs=2", "objective.include_target_ce=false"]},
     "arm": {"official": ["objective.estimator=official_hist", "objective.r_clamp=[0.1,10.0]"]},
     "arl": {"official": ["objective.apply_coeffs=official_uniform_1.5", "objective.start=6", "optim.grad_clip=40"]},
-    "aug": {"official": ["objective.train_new_heads=false", "objective.merge_alpha=0.4", "objective.check_every_epochs=1"]},
+    "aug": {
+        "official": ["objective.train_new_heads=false", "objective.merge_alpha=0.4", "objective.check_every_epochs=1"]
+    },
 }
 
 
@@ -100,14 +105,20 @@ def prepare(names: list[str], out: Path, noise: float) -> dict[str, Dataset]:
         write_corrupted_copy(data / "avdigits", noisy, [spec], overwrite=True)
     datasets = {
         "synthetic": Dataset("synthetic", "synthetic", data / "synthetic", "synthetic"),
-        "avdigits-noisy": Dataset(f"avdigits, image noise {noise:g} on train+val+test", "avdigits", noisy,
-                                  f"avdigits-noise-{noise:g}"),
+        "avdigits-noisy": Dataset(
+            f"avdigits, image noise {noise:g} on train+val+test", "avdigits", noisy, f"avdigits-noise-{noise:g}"
+        ),
         "avdigits-test-noise": Dataset("avdigits, clean test", "avdigits", data / "avdigits", "avdigits-clean"),
     }
     chosen = {n: datasets[n] for n in names}
     if "avdigits-test-noise" in names:
-        chosen["avdigits-test-noise+"] = Dataset(f"avdigits, trained clean, image noise {noise:g} on test only",
-                                                  "avdigits", data / "avdigits", "avdigits-clean", test_noise=noise)
+        chosen["avdigits-test-noise+"] = Dataset(
+            f"avdigits, trained clean, image noise {noise:g} on test only",
+            "avdigits",
+            data / "avdigits",
+            "avdigits-clean",
+            test_noise=noise,
+        )
     for dataset in chosen.values():
         dataset.modalities = list(read_manifest(dataset.shards).modalities)
     return chosen
@@ -123,9 +134,16 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     run = Path(job["run_dir"])
-    tree = load_recipe_dict(REPO / "trainables" / f"{job['recipe']}.yaml",
-                            [f"data.path={job['shards']}", f"seed={job['seed']}", "tracking.wandb=disabled",
-                             "eval.corruptions=[]", *job["overrides"]])
+    tree = load_recipe_dict(
+        REPO / "trainables" / f"{job['recipe']}.yaml",
+        [
+            f"data.path={job['shards']}",
+            f"seed={job['seed']}",
+            "tracking.wandb=disabled",
+            "eval.corruptions=[]",
+            *job["overrides"],
+        ],
+    )
     if job["alone"] is not None:
         tree["modalities"] = {job["alone"]: tree["modalities"][job["alone"]]}
     recipe = validate_recipe(tree).to_dict()
@@ -162,9 +180,17 @@ def jobs_for(datasets: dict[str, Dataset], configs: dict[str, list[str]], seeds:
                     continue
                 seen.add(key)
                 slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
-                jobs.append({"key": key, "recipe": dataset.recipe, "shards": str(dataset.shards), "seed": seed,
-                             "overrides": overrides, "alone": alone,
-                             "run_dir": str(out / "runs" / dataset.trained_as / f"{slug}-seed{seed}")})
+                jobs.append(
+                    {
+                        "key": key,
+                        "recipe": dataset.recipe,
+                        "shards": str(dataset.shards),
+                        "seed": seed,
+                        "overrides": overrides,
+                        "alone": alone,
+                        "run_dir": str(out / "runs" / dataset.trained_as / f"{slug}-seed{seed}"),
+                    }
+                )
     return jobs
 
 
@@ -204,11 +230,15 @@ def diagnostics(runs: list[dict[str, Any]], modalities: list[str]) -> str:
     head counts."""
     parts = []
     if "objective/arm_scale_" + modalities[0] in runs[0]["epochs"][0]:
-        means = {m: math.exp(statistics.mean(math.log(e["objective/arm_scale_" + m]) for r in runs for e in r["epochs"]))
-                 for m in modalities}
+        means = {
+            m: math.exp(statistics.mean(math.log(e["objective/arm_scale_" + m]) for r in runs for e in r["epochs"]))
+            for m in modalities
+        }
         parts.append("scale (geo. mean) " + " ".join(f"{m} {v:.2f}" for m, v in means.items()))
     if "objective/arl_mult_" + modalities[0] in runs[0]["epochs"][0]:
-        means = {m: statistics.mean(e["objective/arl_mult_" + m] for r in runs for e in r["epochs"]) for m in modalities}
+        means = {
+            m: statistics.mean(e["objective/arl_mult_" + m] for r in runs for e in r["epochs"]) for m in modalities
+        }
         parts.append("mult " + " ".join(f"{m} {v:.2f}" for m, v in means.items()))
     if "objective/aug_heads_" + modalities[0] in runs[0]["epochs"][-1]:
         heads = {m: statistics.mean(r["epochs"][-1]["objective/aug_heads_" + m] for r in runs) for m in modalities}
@@ -226,15 +256,26 @@ def report(dataset: Dataset, configs: dict[str, list[str]], results: dict[tuple,
     rows = {label: accuracies(dataset, runs(label)) for label in configs}
     joint, lf = rows["joint (lf, omega 0, concat)"], rows["LF (omega 1)"]
     print(f"\n### {dataset.name}: seeds {seeds}, test accuracy")
-    print(f"alone: " + ", ".join(f"{m} {cell(v)}" for m, v in alone.items()) + f"  -> weak = {weak}, strong = {strong}")
-    print(f"| variant | fused | {strong} (strong) | {weak} (weak) | weak − joint | weak − LF | strong − joint "
-          f"| strong − LF | fused − joint | fused − LF | diagnostics |")
+    print("alone: " + ", ".join(f"{m} {cell(v)}" for m, v in alone.items()) + f"  -> weak = {weak}, strong = {strong}")
+    print(
+        f"| variant | fused | {strong} (strong) | {weak} (weak) | weak − joint | weak − LF | strong − joint "
+        f"| strong − LF | fused − joint | fused − LF | diagnostics |"
+    )
     print("|---|" + "---|" * 10)
     for label, acc in rows.items():
-        diffs = [diff_cell(acc[weak], joint[weak]), diff_cell(acc[weak], lf[weak]), diff_cell(acc[strong], joint[strong]),
-                 diff_cell(acc[strong], lf[strong]), diff_cell(acc["fused"], joint["fused"]), diff_cell(acc["fused"], lf["fused"])]
-        print(f"| {label} | {cell(acc['fused'])} | {cell(acc[strong])} | {cell(acc[weak])} | " + " | ".join(diffs)
-              + f" | {diagnostics(runs(label), dataset.modalities)} |")
+        diffs = [
+            diff_cell(acc[weak], joint[weak]),
+            diff_cell(acc[weak], lf[weak]),
+            diff_cell(acc[strong], joint[strong]),
+            diff_cell(acc[strong], lf[strong]),
+            diff_cell(acc["fused"], joint["fused"]),
+            diff_cell(acc["fused"], lf["fused"]),
+        ]
+        print(
+            f"| {label} | {cell(acc['fused'])} | {cell(acc[strong])} | {cell(acc[weak])} | "
+            + " | ".join(diffs)
+            + f" | {diagnostics(runs(label), dataset.modalities)} |"
+        )
     print(f"| {weak} trained alone (ceiling) | {cell(alone[weak])} | | | | | | | | | |")
 
 
@@ -242,8 +283,12 @@ def main() -> None:
     from mmbalance.objectives import OBJECTIVES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["synthetic", "avdigits-noisy", "avdigits-test-noise"],
-                        choices=["synthetic", "avdigits-noisy", "avdigits-test-noise"])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["synthetic", "avdigits-noisy", "avdigits-test-noise"],
+        choices=["synthetic", "avdigits-noisy", "avdigits-test-noise"],
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--image-noise", type=float, default=5.0, help="Gaussian level on AV-digits images")
@@ -262,8 +307,10 @@ def main() -> None:
     with context.Pool(args.jobs) as pool:
         for done, (job, outcome) in enumerate(zip(jobs, pool.imap(train_one, jobs)), start=1):
             results[job["key"]] = {**outcome, "run_dir": job["run_dir"]}
-            print(f"[{done}/{len(jobs)}] {' / '.join(map(str, job['key']))}: test {outcome['result']['test']['acc']:.4f}",
-                  flush=True)
+            print(
+                f"[{done}/{len(jobs)}] {' / '.join(map(str, job['key']))}: test {outcome['result']['test']['acc']:.4f}",
+                flush=True,
+            )
     for dataset in datasets.values():
         report(dataset, configs, results, args.seeds)
 

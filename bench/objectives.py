@@ -45,7 +45,18 @@ def time_steps(model_kind: str, fusion: str, objective: str, batch: dict, labels
     timings = []
     for step in range(steps + 5):
         started = time.perf_counter()
-        train_batch(model, obj, optimizer, batch, labels, StepClock(step, 10, 100), DistInfo(), ProcessGroup(), None, SumCounter())
+        train_batch(
+            model,
+            obj,
+            optimizer,
+            batch,
+            labels,
+            StepClock(step, 10, 100),
+            DistInfo(),
+            ProcessGroup(),
+            None,
+            SumCounter(),
+        )
         if step >= 5:  # warm-up steps excluded
             timings.append(time.perf_counter() - started)
     return statistics.median(timings)
@@ -60,7 +71,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     batch = {m: torch.randn(args.batch, *shape, generator=generator) for m, shape in SHAPES[args.model].items()}
     labels = torch.randint(0, 10, (args.batch,), generator=generator)
-    print(f"model={args.model} batch={args.batch} steps={args.steps} threads={torch.get_num_threads()} (median step time)")
+    print(
+        f"model={args.model} batch={args.batch} steps={args.steps} threads={torch.get_num_threads()} (median step time)"
+    )
     print(f"{'objective':>10} {'fusion':>8} {'LF ms':>8} {'obj ms':>8} {'ratio':>7} {'target':>7}")
     time_steps(args.model, "mean", "lf", batch, labels, args.steps)  # warm up kernels and allocator
     for objective, fusion in FUSION.items():

@@ -3,11 +3,18 @@ import json
 import pytest
 import torch
 
+from helpers import recipe_dict
 from mmbalance.config import validate_recipe
-from mmbalance.data.synthetic import prepare_synthetic
-from mmbalance.engine.build import build_optimizer, build_scheduler, add_param_group
 from mmbalance.data.manifest import read_manifest
-from mmbalance.engine.build import build_bound_objective, build_model, load_model_state
+from mmbalance.data.synthetic import prepare_synthetic
+from mmbalance.engine.build import (
+    add_param_group,
+    build_bound_objective,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    load_model_state,
+)
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.loop import Trainer, run_training
 from mmbalance.engine.run_spec import RunSpec
@@ -15,11 +22,11 @@ from mmbalance.engine.sources import InMemorySource
 from mmbalance.objectives import OBJECTIVES
 from mmbalance.tracking.records import RunRecord
 
-from helpers import recipe_dict
-
 # Every objective at its defaults (model.fusion: auto), plus AUG's official frozen heads.
-VARIANTS = {**{name: {"name": name} for name in OBJECTIVES},
-            "aug-frozen-heads": {"name": "aug", "train_new_heads": False}}
+VARIANTS = {
+    **{name: {"name": name} for name in OBJECTIVES},
+    "aug-frozen-heads": {"name": "aug", "train_new_heads": False},
+}
 
 
 def _run(tmp_path, name, tree, **extra):
@@ -34,20 +41,35 @@ def test_run_writes_config_metrics_result_and_checkpoints(tmp_path, small_shards
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
-    for key in ("train/loss_total", "train/loss_fused", "val/acc_fused", "val/acc_audio", "val/acc_visual",
-                "val/tcp_audio", "val/ucom_visual", "val/imbalance_ratio", "train/samples_per_s", "lr"):
+    for key in (
+        "train/loss_total",
+        "train/loss_fused",
+        "val/acc_fused",
+        "val/acc_audio",
+        "val/acc_visual",
+        "val/tcp_audio",
+        "val/ucom_visual",
+        "val/imbalance_ratio",
+        "train/samples_per_s",
+        "lr",
+    ):
         assert key in metrics[0], key
     saved = json.loads((run / "result.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert set(saved["test"]["acc_per_modality"]) == {"audio", "visual"}
     assert saved["val"]["best_acc"] == max(m["val/acc_fused"] for m in metrics)
-    assert (run / "checkpoints" / "best" / "state.pt").is_file() and (run / "checkpoints" / "latest" / "state.pt").is_file()
+    assert (run / "checkpoints" / "best" / "state.pt").is_file() and (
+        run / "checkpoints" / "latest" / "state.pt"
+    ).is_file()
 
 
 def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, small_shards):
     _, first = _run(tmp_path, "a", recipe_dict(small_shards))
     _, second = _run(tmp_path, "b", recipe_dict(small_shards))
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train/samples_per_s"} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "train/samples_per_s"} for r in rows]
+
     assert strip(first) == strip(second)
     tree = recipe_dict(small_shards)
     tree["seed"] = 1
@@ -64,7 +86,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_shards, variant):
     short = dict(tree, schedule={"epochs": 2, "batch_size": 32})
     _run(tmp_path, "part", short)
     resumed, resumed_metrics = _run(tmp_path, "part", tree, resume=True)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train/samples_per_s"} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "train/samples_per_s"} for r in rows]
+
     assert strip(resumed_metrics) == strip(full_metrics)
     assert resumed["test"] == full["test"]
 
@@ -78,17 +103,20 @@ def test_test_split_is_scored_with_the_best_val_checkpoint(tmp_path, small_shard
     assert result["val"]["best_epoch"] == best
 
 
-def test_every_objective_trains_with_three_modalities(tmp_path, tri_shards):
-    for objective in OBJECTIVES:
-        tree = recipe_dict(tri_shards, modalities=("audio", "visual", "text"), objective={"name": objective})
-        result, metrics = _run(tmp_path, objective, tree)
-        assert set(result["test"]["acc_per_modality"]) == {"audio", "visual", "text"}
-        assert metrics[-1]["train/loss_total"] < metrics[0]["train/loss_total"], objective
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_trains_with_three_modalities(tmp_path, tri_shards, objective):
+    tree = recipe_dict(tri_shards, modalities=("audio", "visual", "text"), objective={"name": objective})
+    result, metrics = _run(tmp_path, objective, tree)
+    assert set(result["test"]["acc_per_modality"]) == {"audio", "visual", "text"}
+    assert metrics[-1]["train/loss_total"] < metrics[0]["train/loss_total"], objective
 
 
 def test_aug_heads_are_added_and_survive_best_checkpoint_reload(tmp_path, small_shards):
-    tree = recipe_dict(small_shards, objective={"name": "aug", "check_every_epochs": 1, "sigma": 1.0, "tau": 0.0},
-                       model={"fusion": "boost", "boost_hidden": 8})
+    tree = recipe_dict(
+        small_shards,
+        objective={"name": "aug", "check_every_epochs": 1, "sigma": 1.0, "tau": 0.0},
+        model={"fusion": "boost", "boost_hidden": 8},
+    )
     tree["schedule"]["epochs"] = 3
     _, metrics = _run(tmp_path, "aug", tree)
     heads = [m["objective/aug_heads_visual"] + m["objective/aug_heads_audio"] for m in metrics]
@@ -122,9 +150,14 @@ def test_check_epoch_validates_the_model_before_its_new_head(small_shards):
 
 def test_added_param_group_follows_the_lr_schedule():
     layer, extra = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    tree_optim = validate_recipe({"data": {"path": "x"}, "modalities": {"a": {"encoder": "mlp"}, "b": {"encoder": "mlp"}},
-                                  "schedule": {"epochs": 4, "batch_size": 2},
-                                  "optim": {"name": "sgd", "lr": 1.0, "scheduler": "step", "step_size": 1, "step_gamma": 0.5}}).optim
+    tree_optim = validate_recipe(
+        {
+            "data": {"path": "x"},
+            "modalities": {"a": {"encoder": "mlp"}, "b": {"encoder": "mlp"}},
+            "schedule": {"epochs": 4, "batch_size": 2},
+            "optim": {"name": "sgd", "lr": 1.0, "scheduler": "step", "step_size": 1, "step_gamma": 0.5},
+        }
+    ).optim
     optimizer = build_optimizer(tree_optim, layer.parameters())
     scheduler = build_scheduler(tree_optim, optimizer, 4)
     optimizer.step()
@@ -141,7 +174,9 @@ def test_synthetic_default_shows_the_imbalance_under_lf(tmp_path):
     shards = tmp_path / "default"
     prepare_synthetic(shards)
     tree = recipe_dict(shards)
-    tree["modalities"] = {m: {"encoder": "mlp", "params": {"hidden": [128], "out_dim": 64}} for m in ("audio", "visual")}
+    tree["modalities"] = {
+        m: {"encoder": "mlp", "params": {"hidden": [128], "out_dim": 64}} for m in ("audio", "visual")
+    }
     tree["schedule"] = {"epochs": 8, "batch_size": 64}
     result, _ = _run(tmp_path, "lf", tree)
     accs = result["test"]["acc_per_modality"]

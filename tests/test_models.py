@@ -102,7 +102,9 @@ def test_normalized_encoder_standardises_per_channel_before_the_encoder():
     enc = NormalizedEncoder(probe, (2, 3, 4, 4), mean=[10.0, 20.0, 30.0], std=[2.0, 4.0, 5.0], axis=1)
     x = torch.randint(0, 255, (5, 2, 3, 4, 4), dtype=torch.uint8)
     enc(x)
-    expected = (x.float() - torch.tensor([10.0, 20.0, 30.0]).view(1, 1, 3, 1, 1)) / torch.tensor([2.0, 4.0, 5.0]).view(1, 1, 3, 1, 1)
+    expected = (x.float() - torch.tensor([10.0, 20.0, 30.0]).view(1, 1, 3, 1, 1)) / torch.tensor([2.0, 4.0, 5.0]).view(
+        1, 1, 3, 1, 1
+    )
     torch.testing.assert_close(probe.seen, expected)
     assert enc.out_dim == 1
 
@@ -121,16 +123,21 @@ def test_manifest_normalisation_must_fit_the_shape():
 
 
 def test_model_built_from_a_normalised_manifest_applies_it(tmp_path):
+    from helpers import recipe_dict
     from mmbalance.config import validate_recipe
     from mmbalance.data.manifest import Manifest
     from mmbalance.engine.build import build_model
     from mmbalance.models.normalize import NormalizedEncoder
 
-    from helpers import recipe_dict
-
-    manifest = Manifest(dataset="t", classes=["a", "b"], splits={}, modalities={
-        "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [3.0], "std": [2.0]}},
-        "visual": {"dtype": "float32", "shape": [8]}})
+    manifest = Manifest(
+        dataset="t",
+        classes=["a", "b"],
+        splits={},
+        modalities={
+            "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [3.0], "std": [2.0]}},
+            "visual": {"dtype": "float32", "shape": [8]},
+        },
+    )
     model = build_model(validate_recipe(recipe_dict(tmp_path)), manifest)
     assert isinstance(model.encoders["audio"], NormalizedEncoder)
     assert not isinstance(model.encoders["visual"], NormalizedEncoder)

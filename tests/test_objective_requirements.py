@@ -1,35 +1,63 @@
-"""Objectives declare what they need (fusions, warm-up key, modality count); the recipe validator,
-the engine and the search-space validator read those declarations and nothing else."""
+"""Objectives declare what they need (fusions, warm-up key, modality count, whether added heads
+train); the recipe validator, the engine and the search-space validator read those declarations
+and nothing else."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from helpers import REPO, recipe_dict
 from mmbalance.config import ConfigError, load_recipe, validate_recipe
+from mmbalance.data.manifest import read_manifest
 from mmbalance.engine.build import build_bound_objective, build_model, build_optimizer
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.loop import Trainer, run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.sources import InMemorySource
-from mmbalance.data.manifest import read_manifest
-from mmbalance.objectives import OBJECTIVES, DistInfo, StepInputs, objective_params_model, objective_requirements
+from mmbalance.objectives import (
+    OBJECTIVES,
+    DistInfo,
+    StepInputs,
+    build_objective,
+    objective_params_model,
+    objective_requirements,
+)
 from mmbalance.objectives.base import FUSIONS, Requirements
 from mmbalance.tune.space import SearchSpace, validate_against
 
-from helpers import REPO, recipe_dict
-
-MISFITS = [(name, fusion) for name in OBJECTIVES for fusion in FUSIONS
-           if fusion not in objective_requirements(name).fusions]
+MISFITS = [
+    (name, fusion) for name in OBJECTIVES for fusion in FUSIONS if fusion not in objective_requirements(name).fusions
+]
 
 
 def test_every_objective_declares_its_fusions_and_warmup_key():
-    for name, (cls, params) in OBJECTIVES.items():
-        needs = cls.requirements
+    for name, entry in OBJECTIVES.items():
+        needs, params = entry.cls.requirements, entry.params
         assert isinstance(needs, Requirements) and set(needs.fusions) <= set(FUSIONS), name
         if needs.warmup_key is not None:
             assert needs.warmup_key in params.model_fields, f"{name}: warm-up key is not a parameter"
+        assert needs.params_problems(params) == [], name
     assert MISFITS, "some objective must refuse some fusion, or the misfit tests below test nothing"
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_trains_new_heads_is_the_declared_value_or_parameter(name):
+    """The engine reads ``objective.trains_new_heads``; it is what ``requirements`` declares, and
+    where that names a parameter, flipping the parameter flips it."""
+    needs = objective_requirements(name)
+    assert build_objective(name, {}).trains_new_heads == needs.new_heads_trained(objective_params_model(name)())
+    if isinstance(needs.trains_new_heads, str):
+        for value in (True, False):
+            assert build_objective(name, {needs.trains_new_heads: value}).trains_new_heads is value
+
+
+def test_requirements_refuse_a_bad_trains_new_heads_and_report_unknown_parameter_names():
+    with pytest.raises(ValueError, match="trains_new_heads"):
+        Requirements(fusions=("mean",), trains_new_heads="")
+    needs = Requirements(fusions=("mean",), warmup_key="warm", trains_new_heads="grow")
+    problems = needs.params_problems(objective_params_model("lf"))
+    assert len(problems) == 2 and "'warm'" in problems[0] and "'grow'" in problems[1]
 
 
 def test_requirements_refuse_an_empty_or_unknown_fusion_list():
@@ -67,9 +95,16 @@ def test_the_engine_refuses_a_misfit_built_without_the_validator(small_shards, n
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_shipped_synthetic_recipe_trains_every_objective_with_only_its_name_set(small_shards, tmp_path, name):
-    recipe = load_recipe(REPO / "trainables" / "synthetic.yaml",
-                         [f"data.path={small_shards}", f"objective.name={name}", "schedule.epochs=1",
-                          "tracking.wandb=disabled", "eval.corruptions=[]"])
+    recipe = load_recipe(
+        REPO / "trainables" / "synthetic.yaml",
+        [
+            f"data.path={small_shards}",
+            f"objective.name={name}",
+            "schedule.epochs=1",
+            "tracking.wandb=disabled",
+            "eval.corruptions=[]",
+        ],
+    )
     result = run_training(RunSpec(recipe, tmp_path / name, verbose=False))
     assert result["objective"] == name and 0.0 <= result["test"]["acc"] <= 1.0
 
@@ -83,6 +118,14 @@ def test_a_single_modality_trains_with_lf_and_is_refused_by_the_others(small_sha
         if objective_requirements(name).min_modalities > 1:
             with pytest.raises(ConfigError, match=f"objective.name={name} needs at least 2 modalities"):
                 validate_recipe(recipe_dict(small_shards, modalities=("visual",), objective={"name": name}))
+
+
+@pytest.mark.parametrize("name", [n for n in OBJECTIVES if objective_requirements(n).min_modalities > 1])
+def test_the_engine_refuses_too_few_modalities_built_without_the_validator(small_shards, name):
+    recipe = validate_recipe(recipe_dict(small_shards, objective={"name": name}))
+    recipe.modalities = {"visual": recipe.modalities["visual"]}  # bypasses validation, as programmatic use could
+    with pytest.raises(ValueError, match=f"objective.name={name} needs at least"):
+        build_bound_objective(recipe, build_model(recipe, read_manifest(small_shards)))
 
 
 def _space(**fields) -> SearchSpace:
@@ -111,8 +154,9 @@ def test_search_space_reads_the_warmup_key_of_the_objective_it_sets(small_shards
 
 def test_frozen_new_heads_never_hold_a_gradient(small_shards):
     """AUG's official variant: a head the optimizer does not step must not keep gradients."""
-    tree = recipe_dict(small_shards, objective={"name": "aug", "train_new_heads": False, "check_every_epochs": 1,
-                                                "tau": 0.0})
+    tree = recipe_dict(
+        small_shards, objective={"name": "aug", "train_new_heads": False, "check_every_epochs": 1, "tau": 0.0}
+    )
     tree["optim"] = {"name": "sgd", "lr": 0.05, "grad_clip": 1.0}
     recipe = validate_recipe(tree)
     manifest = read_manifest(small_shards)
@@ -140,8 +184,9 @@ def test_official_aug_with_clipping_equals_a_loop_that_clears_every_grad(small_s
     """Frozen heads (``train_new_heads: false``) under ``grad_clip``: the engine must step exactly
     like a plain loop that clears every ``.grad`` before each backward and clips what the
     optimizer holds. Stale gradients left on a frozen head would shrink the clip factor."""
-    tree = recipe_dict(small_shards, objective={"name": "aug", "train_new_heads": False, "check_every_epochs": 1,
-                                                "tau": 0.0})
+    tree = recipe_dict(
+        small_shards, objective={"name": "aug", "train_new_heads": False, "check_every_epochs": 1, "tau": 0.0}
+    )
     tree["optim"] = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "grad_clip": 0.5}
     recipe = validate_recipe(tree)
     manifest = read_manifest(small_shards)
@@ -161,8 +206,18 @@ def test_official_aug_with_clipping_equals_a_loop_that_clears_every_grad(small_s
         for step, (batch, labels) in enumerate(batches):
             ctx = objective.forward_context("train", epoch)
             features, outputs = model(batch, ctx)
-            result = objective.step(StepInputs(features, outputs, labels, epoch * steps + step, epoch, steps, "train",
-                                               recompute_heads=lambda: model.heads_forward(features, ctx)))
+            result = objective.step(
+                StepInputs(
+                    features,
+                    outputs,
+                    labels,
+                    epoch * steps + step,
+                    epoch,
+                    steps,
+                    "train",
+                    recompute_heads=lambda: model.heads_forward(features, ctx),
+                )
+            )
             for group in result.losses:
                 for param in model.parameters():
                     param.grad = None

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from helpers import recipe_dict
 from mmbalance.config import ConfigError, validate_recipe
 from mmbalance.data.manifest import ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
@@ -16,15 +17,16 @@ from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.objectives import OBJECTIVES
 
-from helpers import recipe_dict
-
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     """80 training samples, 4 classes; ``visual`` has a single feature."""
     out = tmp_path_factory.mktemp("tiny") / "shards"
-    spec = SyntheticSpec(samples={"train": 80, "val": 20, "test": 20}, classes=4,
-                         modalities={"audio": SyntheticModality(dim=6, signal=1.2), "visual": SyntheticModality(dim=1, signal=0.6)})
+    spec = SyntheticSpec(
+        samples={"train": 80, "val": 20, "test": 20},
+        classes=4,
+        modalities={"audio": SyntheticModality(dim=6, signal=1.2), "visual": SyntheticModality(dim=1, signal=0.6)},
+    )
     prepare_synthetic(out, spec)
     return out
 
@@ -49,15 +51,29 @@ def test_a_class_missing_from_val_and_test_is_scored_normally(tmp_path):
 
     def split(n, classes, prefix):
         labels = np.resize(np.array(classes), n).astype(np.int64)
-        arrays = {"audio": (labels[:, None] + rng.standard_normal((n, 3))).astype(np.float32),
-                  "visual": rng.standard_normal((n, 2)).astype(np.float32)}
+        arrays = {
+            "audio": (labels[:, None] + rng.standard_normal((n, 3))).astype(np.float32),
+            "visual": rng.standard_normal((n, 2)).astype(np.float32),
+        }
         return SplitArrays([f"{prefix}-{i}" for i in range(n)], labels, arrays)
 
     shards = tmp_path / "shards"
-    write_shards(shards, dataset="gappy", classes=["a", "b", "c", "d"],
-                 modalities={"audio": ModalitySpec(dtype="float32", shape=[3]), "visual": ModalitySpec(dtype="float32", shape=[2])},
-                 splits={"train": split(64, [0, 1, 2, 3], "tr"), "val": split(24, [0, 1, 2], "va"), "test": split(24, [1, 2], "te")},
-                 generator={"name": "test"}, preprocessing={})
+    write_shards(
+        shards,
+        dataset="gappy",
+        classes=["a", "b", "c", "d"],
+        modalities={
+            "audio": ModalitySpec(dtype="float32", shape=[3]),
+            "visual": ModalitySpec(dtype="float32", shape=[2]),
+        },
+        splits={
+            "train": split(64, [0, 1, 2, 3], "tr"),
+            "val": split(24, [0, 1, 2], "va"),
+            "test": split(24, [1, 2], "te"),
+        },
+        generator={"name": "test"},
+        preprocessing={},
+    )
     tree = recipe_dict(shards)
     tree["schedule"] = {"epochs": 2, "batch_size": 16}
     result = _run(tmp_path, "gappy", tree)

@@ -19,8 +19,6 @@ from mmbalance.models.encoders import ENCODERS
 from mmbalance.objectives import OBJECTIVES, objective_requirements
 from mmbalance.objectives.base import FUSIONS
 
-
-
 # Where a training run executes: in this process, as a Tune trial in its own process, or on
 # Ray Train workers (``engine/run_spec.RunSpec.where``).
 Where = Literal["local", "tune", "train"]
@@ -35,6 +33,7 @@ class TrackingConfig(BaseModel):
     wandb: WandbMode = "offline"
     project: str = "mmbalance"
     entity: str | None = None
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message lists every offending key path."""
@@ -54,28 +53,47 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-class TrainCorruption(_Strict):
-    """One corruption of training batches: ``name`` at ``level`` on ``modality``, each sample hit
-    with probability ``p``. Fresh noise every epoch, identical on a rerun or resume
-    (``engine/augment.py``); val and test are never corrupted, so selection stays clean."""
+class _CorruptionItem(_Strict):
+    """What a recipe's corruption items share: a ``name`` on a ``modality``, each sample hit
+    with probability ``p``, the corruption's own ``params``. Every level's spec is built at
+    validation, so a bad name, level or setting fails with the recipe, not in a worker."""
 
     modality: str
     name: str
-    level: float
-    p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted")
-    params: dict[str, Any] = Field(default_factory=dict, description="the corruption's own settings, e.g. "
-                                   "word_replace keep_ids / replacement_id, gaussian pixel_range")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted (MNL protocol: 0.5)")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the corruption's own settings, e.g. word_replace keep_ids / replacement_id, gaussian pixel_range",
+    )
+
+    def _levels(self) -> list[float]:
+        raise NotImplementedError
 
     @model_validator(mode="after")
-    def _valid_spec(self) -> "TrainCorruption":
+    def _valid_specs(self):
         _check_params(self.params)
-        # Built once here so a bad name or level fails at recipe validation, not in a worker.
-        self.spec()
+        for level in self._levels():
+            self.spec(level)
         return self
 
-    def spec(self):
-        """The validated ``CorruptionSpec`` (``data/corruptions.py``); raises ValueError with a short message."""
-        return _corruption_spec(self.name, self.params, modality=self.modality, level=self.level, p=self.p)
+    def spec(self, level: float):
+        """The validated ``CorruptionSpec`` (``data/corruptions.py``) at ``level``; raises ValueError
+        with a short message."""
+        return _corruption_spec(self.name, self.params, modality=self.modality, level=level, p=self.p)
+
+
+class TrainCorruption(_CorruptionItem):
+    """One corruption of training batches at one ``level``. Fresh noise every epoch, identical on
+    a rerun or resume (``engine/augment.py``); val and test are never corrupted, so selection
+    stays clean."""
+
+    level: float
+
+    def _levels(self) -> list[float]:
+        return [self.level]
+
+    def spec(self, level: float | None = None):
+        return super().spec(self.level if level is None else level)
 
 
 def _corruption_spec(name: str, params: dict[str, Any], **fields: Any):
@@ -90,20 +108,29 @@ def _corruption_spec(name: str, params: dict[str, Any], **fields: Any):
 
 
 class DataConfig(_Strict):
-    path: str = Field(description="shard directory (manifest.json + Parquet files); relative paths are from the working directory")
+    path: str = Field(
+        description="shard directory (manifest.json + Parquet files); relative paths are from the working directory"
+    )
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
     train_corruptions: list[TrainCorruption] = Field(
-        default_factory=list, description="corruptions applied, in order, to training batches only (augmentation)")
-    modalities: list[str] | None = Field(None, min_length=1, description="train on only these of the recipe's "
-                                         "modalities (e.g. [audio] for a unimodal run); null: all of them")
+        default_factory=list, description="corruptions applied, in order, to training batches only (augmentation)"
+    )
+    modalities: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="train on only these of the recipe's "
+        "modalities (e.g. [audio] for a unimodal run); null: all of them",
+    )
 
     @model_validator(mode="after")
     def _val_is_not_test(self) -> "DataConfig":
         # Model selection on the test split is the most common leak in this field.
         if self.val_split == self.test_split:
-            raise ValueError(f"val_split and test_split are both {self.val_split!r}: model selection must never see the test split")
+            raise ValueError(
+                f"val_split and test_split are both {self.val_split!r}: model selection must never see the test split"
+            )
         if self.train_split in (self.val_split, self.test_split):
             raise ValueError(f"train_split {self.train_split!r} must differ from val_split and test_split")
         return self
@@ -117,20 +144,25 @@ class ModalityConfig(_Strict):
     def _known_encoder(self) -> "ModalityConfig":
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; allowed: {sorted(ENCODERS)}")
-        _validate_nested(ENCODERS[self.encoder][0], self.params, "params")
+        _validate_nested(ENCODERS[self.encoder].params, self.params, "params")
         return self
 
 
 class ModelConfig(_Strict):
     fusion: Literal[("auto", *FUSIONS)] = Field(  # type: ignore[valid-type]
-        "auto", description="auto: the objective's own fusion (its declared requirements); or one it allows")
+        "auto", description="auto: the objective's own fusion (its declared requirements); or one it allows"
+    )
     boost_hidden: int = Field(256, ge=1, description="width of AUG's configurable classifiers (fusion=boost only)")
-    concat_hidden: int | None = Field(None, ge=1, description="fusion=concat only: width of a linear layer G before "
-                                      "the classifier, F(G[h]) (ARM's official head); null: one linear layer")
+    concat_hidden: int | None = Field(
+        None,
+        ge=1,
+        description="fusion=concat only: width of a linear layer G before "
+        "the classifier, F(G[h]) (ARM's official head); null: one linear layer",
+    )
 
 
 class ObjectiveConfig(BaseModel):
-    """``name`` picks the objective; every other key is one constructor argument of it."""
+    """``name`` picks the objective; every other key is one field of the objective's ``Params`` model."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "lf"
@@ -139,7 +171,7 @@ class ObjectiveConfig(BaseModel):
     def _known_objective(self) -> "ObjectiveConfig":
         if self.name not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.name!r}; allowed: {sorted(OBJECTIVES)}")
-        _validate_nested(OBJECTIVES[self.name][1], self.params, None)
+        _validate_nested(OBJECTIVES[self.name].params, self.params, None)
         return self
 
     @property
@@ -163,25 +195,13 @@ class ScheduleConfig(_Strict):
     batch_size: int = Field(ge=1, description="global batch size; each worker gets batch_size // workers")
 
 
-class EvalCorruption(_Strict):
-    """One robustness sweep of the final evaluation: ``name`` at each level on ``modality``."""
+class EvalCorruption(_CorruptionItem):
+    """One robustness sweep of the final evaluation: ``name`` at each of ``levels``."""
 
-    modality: str
-    name: str
     levels: list[float] = Field(min_length=1)
-    p: float = Field(0.5, ge=0.0, le=1.0, description="probability a sample is corrupted (MNL protocol: 0.5)")
-    params: dict[str, Any] = Field(default_factory=dict, description="the corruption's own settings, e.g. "
-                                   "word_replace keep_ids / replacement_id, gaussian pixel_range")
 
-    @model_validator(mode="after")
-    def _known(self) -> "EvalCorruption":
-        _check_params(self.params)
-        for level in self.levels:  # every level's spec, so a bad level or setting fails here
-            self.spec(level)
-        return self
-
-    def spec(self, level: float):
-        return _corruption_spec(self.name, self.params, modality=self.modality, level=level, p=self.p)
+    def _levels(self) -> list[float]:
+        return self.levels
 
 
 class EvalConfig(_Strict):
@@ -241,8 +261,10 @@ class Recipe(_Strict):
         if problem is not None:
             raise ValueError(problem)
         if len(self.modalities) < needs.min_modalities:
-            raise ValueError(f"objective.name={name} needs at least {needs.min_modalities} modalities, "
-                             f"the recipe has {sorted(self.modalities)}")
+            raise ValueError(
+                f"objective.name={name} needs at least {needs.min_modalities} modalities, "
+                f"the recipe has {sorted(self.modalities)}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -320,14 +342,19 @@ def check_against_data(recipe: Recipe, manifest: Any) -> None:
     problems = []
     for m in recipe.modalities:
         if m not in manifest.modalities:
-            problems.append(f"modalities.{m}: not in the data at {recipe.data.path}; allowed: {sorted(manifest.modalities)}")
+            problems.append(
+                f"modalities.{m}: not in the data at {recipe.data.path}; allowed: {sorted(manifest.modalities)}"
+            )
     for i, sweep in enumerate(recipe.eval.corruptions):
         if sweep.modality not in recipe.modalities:
-            problems.append(f"eval.corruptions.{i}.modality: {sweep.modality!r} is not a recipe modality; "
-                            f"allowed: {sorted(recipe.modalities)}")
+            problems.append(
+                f"eval.corruptions.{i}.modality: {sweep.modality!r} is not a recipe modality; "
+                f"allowed: {sorted(recipe.modalities)}"
+            )
         elif sweep.modality in manifest.modalities:
-            problems += _dtype_problems(f"eval.corruptions.{i}", sweep.spec(sweep.levels[0]),
-                                        manifest.modalities[sweep.modality].dtype)
+            problems += _dtype_problems(
+                f"eval.corruptions.{i}", sweep.spec(sweep.levels[0]), manifest.modalities[sweep.modality].dtype
+            )
     problems += _train_corruption_problems(recipe, manifest)
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(recipe.data, key)
@@ -347,8 +374,10 @@ def _split_size_problems(recipe: Recipe, manifest: Any) -> list[str]:
     batch = recipe.schedule.batch_size
     if split is None or split.rows == 0 or split.rows >= batch:
         return []
-    return [f"data.train_split: split {recipe.data.train_split!r} has {split.rows} rows, fewer than "
-            f"schedule.batch_size={batch}, so no training step would run; set schedule.batch_size to at most {split.rows}"]
+    return [
+        f"data.train_split: split {recipe.data.train_split!r} has {split.rows} rows, fewer than "
+        f"schedule.batch_size={batch}, so no training step would run; set schedule.batch_size to at most {split.rows}"
+    ]
 
 
 def _train_corruption_problems(recipe: Recipe, manifest: Any) -> list[str]:
@@ -359,13 +388,17 @@ def _train_corruption_problems(recipe: Recipe, manifest: Any) -> list[str]:
     for i, item in enumerate(recipe.data.train_corruptions):
         key = f"data.train_corruptions.{i}"
         if item.modality not in recipe.modalities:
-            problems.append(f"{key}.modality: {item.modality!r} is not a recipe modality; allowed: {sorted(recipe.modalities)}")
+            problems.append(
+                f"{key}.modality: {item.modality!r} is not a recipe modality; allowed: {sorted(recipe.modalities)}"
+            )
             continue
         dtype = manifest.modalities[item.modality].dtype if item.modality in manifest.modalities else None
         spec = item.spec()
         if dtype is not None and not accepts_dtype(spec, dtype):
-            problems.append(f"{key}.name: {item.name} cannot corrupt {item.modality!r} of dtype {dtype}; "
-                            f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
+            problems.append(
+                f"{key}.name: {item.name} cannot corrupt {item.modality!r} of dtype {dtype}; "
+                f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)"
+            )
     return problems
 
 
@@ -376,5 +409,7 @@ def _dtype_problems(key: str, spec: Any, dtype: str) -> list[str]:
 
     if accepts_dtype(spec, dtype):
         return []
-    return [f"{key}.name: {spec.name} cannot corrupt {spec.modality!r} of dtype {dtype}; "
-            f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)"]
+    return [
+        f"{key}.name: {spec.name} cannot corrupt {spec.modality!r} of dtype {dtype}; "
+        f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)"
+    ]

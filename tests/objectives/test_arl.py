@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from mmbalance.models.fusion import LateFusion
+from mmbalance.objectives import build_objective
 from mmbalance.objectives.arl import ARL, ARLParams, arl_coefficients, batch_statistics
 from mmbalance.objectives.base import DistInfo, HeadOutputs, StepInputs, cross_entropy_per_sample
 
@@ -24,15 +25,19 @@ class LinearEncoder(nn.Linear):
 
 
 def make_objective(modalities=("a", "v"), **kwargs) -> ARL:
-    obj = ARL(**kwargs)
+    obj = ARL(ARLParams(**kwargs))
     obj.bind(list(modalities), 3, CONCAT_INFO)
     return obj
 
 
-def logits_inputs(z: dict[str, torch.Tensor], labels: torch.Tensor, epoch: int, world: DistInfo | None = None) -> StepInputs:
+def logits_inputs(
+    z: dict[str, torch.Tensor], labels: torch.Tensor, epoch: int, world: DistInfo | None = None
+) -> StepInputs:
     outputs = HeadOutputs(unimodal_logits=z, fused_logits=sum(z.values()), head_logits={m: [v] for m, v in z.items()})
     features = {m: torch.zeros(v.shape[0], 4) for m, v in z.items()}
-    return StepInputs(features, outputs, labels, step=0, epoch=epoch, steps_per_epoch=1, phase="train", world=world or DistInfo())
+    return StepInputs(
+        features, outputs, labels, step=0, epoch=epoch, steps_per_epoch=1, phase="train", world=world or DistInfo()
+    )
 
 
 def paper_example_inputs(epoch: int = 10) -> StepInputs:
@@ -48,7 +53,13 @@ def multipliers(result, modalities=("a", "v")) -> list[float]:
 
 def test_arl_analysis_reproduces_spec_example_at_T8():
     out = arl_coefficients(batch_statistics(torch.stack([Z_A, Z_V])), 2, T=8.0, entropy_clamp=0.3)
-    expected = {"d": [0.8, 0.2], "H": [0.5995, 1.0953], "H_hat": [0.3537, 0.6463], "q": [0.6463, 0.3537], "k": [0.2262, 0.7738]}
+    expected = {
+        "d": [0.8, 0.2],
+        "H": [0.5995, 1.0953],
+        "H_hat": [0.3537, 0.6463],
+        "q": [0.6463, 0.3537],
+        "k": [0.2262, 0.7738],
+    }
     for name, values in expected.items():
         assert out[name].tolist() == pytest.approx(values, abs=1e-4), name
 
@@ -158,14 +169,18 @@ def three_modality_inputs(epoch: int = 10) -> StepInputs:
     return logits_inputs({"a": Z_A, "v": Z_V, "t": Z_T}, torch.tensor([0, 1]), epoch)
 
 
-@pytest.mark.parametrize("variant", [{}, {"coeff_lag": 1}, {"scale_form": "1+gamma*k", "gamma": 2.0},
-                                     {"apply_coeffs": "official_uniform_1.5"}])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"coeff_lag": 1}, {"scale_form": "1+gamma*k", "gamma": 2.0}, {"apply_coeffs": "official_uniform_1.5"}],
+)
 def test_arl_k_total_is_the_identity_for_two_modalities(variant):
     one, half = make_objective(T=8.0, **variant), make_objective(T=8.0, k_total="half_per_modality", **variant)
     for inputs in (paper_example_inputs(), logits_inputs({"a": Z_V, "v": Z_A}, torch.tensor([0, 1]), epoch=10)):
         r1, r2 = one.step(inputs), half.step(inputs)
         assert multipliers(r2) == pytest.approx(multipliers(r1), abs=1e-7)
-        assert {k: float(v[0]) for k, v in r2.stats.items()} == pytest.approx({k: float(v[0]) for k, v in r1.stats.items()})
+        assert {k: float(v[0]) for k, v in r2.stats.items()} == pytest.approx(
+            {k: float(v[0]) for k, v in r1.stats.items()}
+        )
 
 
 @pytest.mark.parametrize(("k_total", "mean_k"), [("one", 1 / 3), ("half_per_modality", 0.5)])
@@ -177,9 +192,13 @@ def test_arl_three_modality_mean_multiplier_depends_on_k_total(k_total, mean_k):
     assert sum(float(result.stats[f"arl_k_{m}"][0]) for m in mods) == pytest.approx(1.0, abs=1e-6)  # logged k: softmax
     lagged = make_objective(mods, T=8.0, k_total=k_total, coeff_lag=1).step(three_modality_inputs())
     assert multipliers(lagged, mods) == pytest.approx([1 + mean_k] * 3, abs=1e-6)  # the uniform initial lag value
-    gamma = make_objective(mods, T=8.0, k_total=k_total, scale_form="1+gamma*k", gamma=4.0).step(three_modality_inputs())
+    gamma = make_objective(mods, T=8.0, k_total=k_total, scale_form="1+gamma*k", gamma=4.0).step(
+        three_modality_inputs()
+    )
     assert sum(multipliers(gamma, mods)) / 3 == pytest.approx(1 + 4.0 * mean_k, abs=1e-5)
-    official = make_objective(mods, T=8.0, k_total=k_total, apply_coeffs="official_uniform_1.5").step(three_modality_inputs())
+    official = make_objective(mods, T=8.0, k_total=k_total, apply_coeffs="official_uniform_1.5").step(
+        three_modality_inputs()
+    )
     assert multipliers(official, mods) == pytest.approx([1.5, 1.5, 1.5])  # the frozen 0.5 is per modality either way
 
 
@@ -252,7 +271,7 @@ def test_arl_trains_a_three_modality_concat_model():
     model = concat_model(dims)
     batch = {m: torch.randn(32, d) for m, d in dims.items()}
     labels = (batch["a"][:, 0] + batch["v"][:, 0] > 0).long() + (batch["t"][:, 0] > 1).long()  # [32] in {0,1,2}
-    obj = ARL(start=2, T=4.0)
+    obj = ARL(ARLParams(start=2, T=4.0))
     obj.bind(list(dims), 3, model.info)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
@@ -302,12 +321,22 @@ def test_arl_defaults_are_the_paper_values():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"gamma": -1.0}, {"T": 0.0}, {"start": -1}, {"entropy_clamp": 1.0}, {"entropy_clamp": -0.1},
-     {"apply_coeffs": "uniform"}, {"coeff_lag": 2}, {"scale_form": "k"}, {"k_total": "two"}, {"temperature": 4.0}],
+    [
+        {"gamma": -1.0},
+        {"T": 0.0},
+        {"start": -1},
+        {"entropy_clamp": 1.0},
+        {"entropy_clamp": -0.1},
+        {"apply_coeffs": "uniform"},
+        {"coeff_lag": 2},
+        {"scale_form": "k"},
+        {"k_total": "two"},
+        {"temperature": 4.0},
+    ],
 )
 def test_arl_invalid_params_are_rejected(bad):
     with pytest.raises(ValidationError):
         ARLParams(**bad)
     if "temperature" not in bad:
         with pytest.raises(ValidationError):
-            ARL(**bad)
+            build_objective("arl", bad)  # a dict is validated like a recipe section

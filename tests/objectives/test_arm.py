@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from mmbalance.models.fusion import LateFusion
+from mmbalance.objectives import build_objective
 from mmbalance.objectives.arm import ARM, ARMParams, raw_logits, scales_from_contributions
 from mmbalance.objectives.arm_estimators import ncmi, nmi
 from mmbalance.objectives.base import DistInfo, ForwardContext, StepInputs
@@ -35,7 +36,7 @@ def make_model(modalities=("v", "a"), in_dim=5, dim=4, classes=3, seed=0) -> Lat
 
 
 def make_objective(modalities=("v", "a"), **kwargs) -> ARM:
-    obj = ARM(**kwargs)
+    obj = ARM(ARMParams(**kwargs))
     obj.bind(list(modalities), 3, CONCAT_INFO)
     return obj
 
@@ -47,7 +48,9 @@ def make_batch(modalities=("v", "a"), n=64, in_dim=5, classes=3, seed=1):
 
 
 def train_inputs(features, outputs, labels, world: DistInfo | None = None, phase="train") -> StepInputs:
-    return StepInputs(features, outputs, labels, step=0, epoch=0, steps_per_epoch=1, phase=phase, world=world or DistInfo())
+    return StepInputs(
+        features, outputs, labels, step=0, epoch=0, steps_per_epoch=1, phase=phase, world=world or DistInfo()
+    )
 
 
 def scales_of(obj: ARM, phase="train") -> list[float]:
@@ -316,10 +319,15 @@ def test_two_half_batches_on_two_ranks_give_the_full_batch_scales(estimator):
 
     def run(rank: int):
         rows = slice(32 * rank, 32 * (rank + 1))
-        half = type(out)({m: z[rows] for m, z in out.unimodal_logits.items()}, out.fused_logits[rows],
-                         {m: [z[rows] for z in zs] for m, zs in out.head_logits.items()})
+        half = type(out)(
+            {m: z[rows] for m, z in out.unimodal_logits.items()},
+            out.fused_logits[rows],
+            {m: [z[rows] for z in zs] for m, zs in out.head_logits.items()},
+        )
         try:
-            results[rank] = objs[rank].step(train_inputs({m: f[rows] for m, f in feats.items()}, half, y[rows], world.dist(rank)))
+            results[rank] = objs[rank].step(
+                train_inputs({m: f[rows] for m, f in feats.items()}, half, y[rows], world.dist(rank))
+            )
         except Exception as exc:  # surfaced below: a thread's exception is otherwise lost
             errors.append(exc)
             world.barrier.abort()
@@ -331,7 +339,9 @@ def test_two_half_batches_on_two_ranks_give_the_full_batch_scales(estimator):
     assert scales_of(objs[0]) == scales_of(objs[1])  # bit-identical on both ranks
     assert scales_of(objs[0]) == pytest.approx(scales_of(full_obj), rel=1e-5)
     for m in full_obj.modalities:
-        assert float(results[0].stats[f"arm_contrib_{m}"][0]) == pytest.approx(float(full.stats[f"arm_contrib_{m}"][0]), abs=1e-6)
+        assert float(results[0].stats[f"arm_contrib_{m}"][0]) == pytest.approx(
+            float(full.stats[f"arm_contrib_{m}"][0]), abs=1e-6
+        )
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -379,23 +389,34 @@ def test_arm_state_dict_round_trips_exactly():
         make_objective(("v", "a", "t")).load_state_dict(obj.state_dict())
 
 
-@pytest.mark.parametrize("bad", [
-    {"bins_mi": 1}, {"bins_cmi": 1}, {"r_clamp": [0.0, 10.0]}, {"r_clamp": [5.0, 2.0]}, {"r_clamp": [1.0]},
-    {"ema": 1.0}, {"ema": -0.1}, {"estimator": "kde"}, {"eval_scales": "batch_with_labels"},
-    {"scale_rule": "max"}, {"lr": 0.1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"bins_mi": 1},
+        {"bins_cmi": 1},
+        {"r_clamp": [0.0, 10.0]},
+        {"r_clamp": [5.0, 2.0]},
+        {"r_clamp": [1.0]},
+        {"ema": 1.0},
+        {"ema": -0.1},
+        {"estimator": "kde"},
+        {"eval_scales": "batch_with_labels"},
+        {"scale_rule": "max"},
+        {"lr": 0.1},
+    ],
+)
 def test_arm_params_reject_invalid_values(bad):
     with pytest.raises(ValidationError):
         ARMParams.model_validate(bad)
 
 
 def test_arm_params_defaults_build_the_objective():
-    params = ARMParams.model_validate({"r_clamp": [0.2, 5.0]}).model_dump()
-    obj = ARM(**params)
-    assert (obj.estimator, obj.bins_mi, obj.bins_cmi, obj.r_clamp, obj.ema) == ("zero_out_surrogate", 30, 2, (0.2, 5.0), 0.9)
-    assert (obj.anchor, obj.warmup_epochs) == ("geometric_mean", 0)
+    obj = build_objective("arm", {"r_clamp": [0.2, 5.0]})
+    p = obj.params
+    assert (p.estimator, p.bins_mi, p.bins_cmi, p.r_clamp, p.ema) == ("zero_out_surrogate", 30, 2, (0.2, 5.0), 0.9)
+    assert (p.anchor, p.warmup_epochs) == ("geometric_mean", 0)
     defaults = ARMParams().model_dump()  # the constructor's defaults are the recipe's defaults
-    assert {k: getattr(ARM(), k) for k in defaults} == {**defaults, "r_clamp": tuple(defaults["r_clamp"])}
+    assert {k: getattr(ARM().params, k) for k in defaults} == {**defaults, "r_clamp": tuple(defaults["r_clamp"])}
 
 
 def test_arm_declares_that_it_needs_concat_fusion():
@@ -406,8 +427,16 @@ def test_arm_declares_that_it_needs_concat_fusion():
 # -- ranking on inputs of known strength --------------------------------------------------------
 
 LOGIT_CASES = [  # (strong signal, weak signal, classes, seed): 10 configurations, batch 64
-    (2.0, 0.5, 10, 0), (3.0, 0.5, 10, 1), (4.0, 1.0, 10, 2), (6.0, 1.0, 10, 3), (8.0, 2.0, 10, 4),
-    (3.0, 0.2, 10, 5), (5.0, 1.0, 3, 6), (4.0, 0.5, 31, 7), (6.0, 2.0, 6, 8), (10.0, 2.0, 20, 9),
+    (2.0, 0.5, 10, 0),
+    (3.0, 0.5, 10, 1),
+    (4.0, 1.0, 10, 2),
+    (6.0, 1.0, 10, 3),
+    (8.0, 2.0, 10, 4),
+    (3.0, 0.2, 10, 5),
+    (5.0, 1.0, 3, 6),
+    (4.0, 0.5, 31, 7),
+    (6.0, 2.0, 6, 8),
+    (10.0, 2.0, 20, 9),
 ]
 HEAD_CASES = LOGIT_CASES[2:8]  # 6 of them through a concat head trained 150 steps on the fused loss
 
@@ -417,12 +446,14 @@ def known_strength_inputs(strong: float, weak: float, classes: int, seed: int, n
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (n,), generator=gen)
     onehot = nn.functional.one_hot(labels, classes).float()
-    return {"s": strong * onehot + torch.randn(n, classes, generator=gen),
-            "w": weak * onehot + torch.randn(n, classes, generator=gen)}, labels
+    return {
+        "s": strong * onehot + torch.randn(n, classes, generator=gen),
+        "w": weak * onehot + torch.randn(n, classes, generator=gen),
+    }, labels
 
 
 def contributions(estimator: str, outputs, labels) -> torch.Tensor:
-    obj = ARM(estimator=estimator)
+    obj = ARM(ARMParams(estimator=estimator))
     obj.bind(["s", "w"], int(outputs.fused_logits.shape[1]), CONCAT_INFO)
     contrib, _ = obj._contributions(outputs, labels, DistInfo())
     return contrib
@@ -504,9 +535,9 @@ def test_warmup_epochs_keep_every_scale_at_one_then_the_ema_starts_from_one():
         feats, out = model(batch, obj.forward_context("train", epoch))
         result = obj.step(StepInputs(feats, out, y, 0, epoch, 1, "train", DistInfo()))
         assert scales_of(obj) == [1.0, 1.0]
-        assert f"arm_contrib_v" in result.stats  # contributions are still measured and logged
+        assert "arm_contrib_v" in result.stats  # contributions are still measured and logged
     feats, out = model(batch, obj.forward_context("train", 2))
     result = obj.step(StepInputs(feats, out, y, 0, 2, 1, "train", DistInfo()))
     batch_scales = [float(result.metrics[f"arm_batch_scale_{m}"]) for m in obj.modalities]
-    assert scales_of(obj) == pytest.approx([s ** (1 - obj.ema) for s in batch_scales], rel=1e-6)
+    assert scales_of(obj) == pytest.approx([s ** (1 - obj.params.ema) for s in batch_scales], rel=1e-6)
     assert scales_of(obj) != [1.0, 1.0]

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from mmbalance.models.fusion import LateFusion
+from mmbalance.objectives import build_objective
 from mmbalance.objectives.aug import AUG, AUGParams, aca_decision, boosting_loss, residual_weight, share_decision
 from mmbalance.objectives.base import AddHead, DistInfo, HeadOutputs, StepInputs, cross_entropy_per_sample
 
@@ -46,7 +47,7 @@ def make_batch(modalities=("a", "v"), batch=12, in_dim=5, num_classes=3, seed=1)
 
 
 def bound(model, **kwargs) -> AUG:
-    objective = AUG(**kwargs)
+    objective = AUG(AUGParams(**kwargs))
     objective.bind(model.modalities, model.num_classes, model.info)
     return objective
 
@@ -79,7 +80,9 @@ def stats(**scores: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def test_aug_hand_checked_terms_match_spec():
     p_prev_y = S_PREV.softmax(-1).gather(1, Y[:, None]).squeeze(1)
     torch.testing.assert_close(p_prev_y, torch.tensor([0.5761, 0.3156]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(cross_entropy_per_sample(S_PREV + NEWEST, Y), torch.tensor([0.3883, 1.0395]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        cross_entropy_per_sample(S_PREV + NEWEST, Y), torch.tensor([0.3883, 1.0395]), atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(cross_entropy_per_sample(S_PREV, Y), torch.tensor([0.5514, 1.1533]), atol=1e-4, rtol=0)
     torch.testing.assert_close(cross_entropy_per_sample(NEWEST, Y), torch.tensor([0.8284, 0.9729]), atol=1e-4, rtol=0)
 
@@ -95,7 +98,9 @@ def test_aug_official_loss_is_2_2709_and_matches_literal_code_formula():
     # train_CREMAD.py: CE(S,Y) + CE(S^-,Y) + CE(n,Y) - 0.5 * CE(n, Y * sg(softmax(S^-))).
     onehot = nn.functional.one_hot(Y, 3).float()
     literal = (
-        soft_ce(S_PREV + NEWEST, onehot) + soft_ce(S_PREV, onehot) + soft_ce(NEWEST, onehot)
+        soft_ce(S_PREV + NEWEST, onehot)
+        + soft_ce(S_PREV, onehot)
+        + soft_ce(NEWEST, onehot)
         - 0.5 * soft_ce(NEWEST, onehot * S_PREV.softmax(-1))
     )
     torch.testing.assert_close(loss, literal)
@@ -205,7 +210,9 @@ def test_aug_aca_decision_comes_from_rank_zero_broadcast():
     changes = objective.on_epoch_end(0, stats(a=40.2, v=35.0), DistInfo(rank=1, world_size=2, broadcast=broadcast))
     assert calls == [None] and changes == [AddHead("a")] and objective.heads == {"a": 2, "v": 1}
     sent = []
-    bound(make_model()).on_epoch_end(0, stats(a=40.2, v=35.0), DistInfo(world_size=2, broadcast=lambda o: sent.append(o) or o))
+    bound(make_model()).on_epoch_end(
+        0, stats(a=40.2, v=35.0), DistInfo(world_size=2, broadcast=lambda o: sent.append(o) or o)
+    )
     assert sent == [["v"]]
 
 
@@ -247,9 +254,11 @@ def test_aug_share_rule_matches_the_official_arithmetic_on_random_scores(thresho
         count = 50.0
         sums = (torch.rand(3, generator=gen) ** 2 * count).tolist()  # epoch sums of true-class probabilities
         expected = official_share_reference(*sums, threshold)
-        objective = AUG(aca_rule="share", share_threshold=threshold, max_heads=1000)
+        objective = AUG(AUGParams(aca_rule="share", share_threshold=threshold, max_heads=1000))
         objective.bind(names, 3, BOOST_INFO)
-        epoch_stats = {f"aug_score_{m}": (torch.tensor(s, dtype=torch.float64), torch.tensor(count)) for m, s in zip(names, sums)}
+        epoch_stats = {
+            f"aug_score_{m}": (torch.tensor(s, dtype=torch.float64), torch.tensor(count)) for m, s in zip(names, sums)
+        }
         changes = objective.on_epoch_end(0, epoch_stats, DistInfo())
         assert [c.modality for c in changes] == expected, sums
         seen.add(len(expected))
@@ -271,7 +280,9 @@ def test_aug_share_rule_multi_head_decision_is_broadcast_from_rank_zero():
     mods = ("a", "v", "t")
     sent = []
     rank0 = bound(make_model(mods), aca_rule="share")
-    changes0 = rank0.on_epoch_end(0, stats(a=90.0, v=20.0, t=20.0), DistInfo(world_size=2, broadcast=lambda o: sent.append(o) or o))
+    changes0 = rank0.on_epoch_end(
+        0, stats(a=90.0, v=20.0, t=20.0), DistInfo(world_size=2, broadcast=lambda o: sent.append(o) or o)
+    )
     assert sent == [["v", "t"]]
     # Rank 1 sees different local numbers but applies rank 0's whole list.
     received = []
@@ -290,7 +301,7 @@ def test_aug_requires_boost_fusion_and_bind_refuses_merge_alpha_beyond_two_modal
     assert AUG.requirements.fusion_problem("aug", "boost") is None
     assert "boost" in AUG.requirements.fusion_problem("aug", "sum")
     with pytest.raises(ValueError, match="merge_alpha"):
-        AUG(merge_alpha=0.4).bind(["a", "v", "t"], 3, BOOST_INFO)
+        AUG(AUGParams(merge_alpha=0.4)).bind(["a", "v", "t"], 3, BOOST_INFO)
 
 
 def test_aug_merge_alpha_weights_fused_logits():
@@ -408,7 +419,12 @@ def official_reference_scores(model, optimizer, batches, mods) -> dict[str, floa
             else:
                 o_fea, add_fea = torch.stack(outs[:-1]).sum(0), outs[-1]  # [B, C] each
                 kl = onehot * o_fea.detach().softmax(1)  # [B, C]
-                loss = soft_ce(out, onehot) + soft_ce(o_fea, onehot) + soft_ce(add_fea, onehot) - 0.5 * soft_ce(add_fea, kl)
+                loss = (
+                    soft_ce(out, onehot)
+                    + soft_ce(o_fea, onehot)
+                    + soft_ce(add_fea, onehot)
+                    - 0.5 * soft_ce(add_fea, kl)
+                )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -487,7 +503,7 @@ def test_aug_state_dict_round_trips():
     objective = bound(make_model(), check_every_epochs=1, max_heads=2)
     objective.on_epoch_end(0, stats(a=40.2, v=35.0), DistInfo())
     state = objective.state_dict()
-    restored = AUG(check_every_epochs=1, max_heads=2)
+    restored = AUG(AUGParams(check_every_epochs=1, max_heads=2))
     restored.load_state_dict(state)
     restored.bind(["a", "v"], 3, BOOST_INFO)  # bind after load keeps the restored counts
     assert restored.state_dict() == state and restored.epoch_metrics() == objective.epoch_metrics()
@@ -517,6 +533,7 @@ def test_aug_params_reject_invalid_values(bad):
 
 
 def test_aug_params_defaults_build_the_objective():
-    objective = AUG(**AUGParams().model_dump())
-    assert objective.residual_lambda == 0.5 and objective.trains_new_heads and objective.merge_alpha is None
-    assert (objective.score_order, objective.aca_rule, objective.share_threshold) == ("official", "ratio", 0.4)
+    objective = build_objective("aug", AUGParams().model_dump())
+    p = objective.params
+    assert p.residual_lambda == 0.5 and objective.trains_new_heads and p.merge_alpha is None
+    assert (p.score_order, p.aca_rule, p.share_threshold) == ("official", "ratio", 0.4)

@@ -8,8 +8,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from mmbalance.models.fusion import LateFusion
+from mmbalance.objectives import build_objective
 from mmbalance.objectives.base import DistInfo, HeadOutputs, StepInputs
-from mmbalance.objectives.lf import LF
+from mmbalance.objectives.lf import LF, LFParams
 from mmbalance.objectives.mnl import MNL, MNLParams, competitor_classes, criteria, guidance_masks, pair_losses
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -25,7 +26,7 @@ Y2 = torch.tensor([0, 2])
 
 
 def bound(modalities=("t", "v"), fusion="mean", **params) -> MNL:
-    objective = MNL(**params)
+    objective = MNL(MNLParams(**params))
     objective.bind(list(modalities), 3, {"fusion": fusion})
     return objective
 
@@ -33,7 +34,9 @@ def bound(modalities=("t", "v"), fusion="mean", **params) -> MNL:
 def step_inputs(logits: dict[str, torch.Tensor], labels: torch.Tensor, epoch: int = 0, world: DistInfo | None = None):
     fused = torch.stack(list(logits.values())).mean(0)  # [B, C], MNL's mean fusion
     outputs = HeadOutputs(unimodal_logits=logits, fused_logits=fused, head_logits={m: [z] for m, z in logits.items()})
-    return StepInputs({}, outputs, labels, step=0, epoch=epoch, steps_per_epoch=1, phase="train", world=world or DistInfo())
+    return StepInputs(
+        {}, outputs, labels, step=0, epoch=epoch, steps_per_epoch=1, phase="train", world=world or DistInfo()
+    )
 
 
 def run_step(objective: MNL, z_t=Z_T, z_v=Z_V, labels=Y, **kwargs):
@@ -133,7 +136,7 @@ def test_mnl_guidance_gradient_through_step_reaches_only_weak_logits():
 
 
 def lf_loss(z_t=Z_T, z_v=Z_V, labels=Y) -> torch.Tensor:
-    lf = LF(omega=1.0)
+    lf = LF(LFParams(omega=1.0))
     lf.bind(["t", "v"], 3, {"fusion": "mean"})
     return lf.step(step_inputs({"t": z_t, "v": z_v}, labels)).losses[0].value()
 
@@ -252,8 +255,16 @@ def test_mnl_state_dict_round_trips():
 @pytest.mark.parametrize(
     "bad",
     [
-        {"lam": -0.1}, {"warmup_epochs": -1}, {"guidance": "ucom"}, {"guidance": "prior:"}, {"guidance": "prior:a b"},
-        {"scope": "target"}, {"normalize": "C"}, {"competitor": "max"}, {"include_target_ce": "maybe"}, {"weight1": 0.7},
+        {"lam": -0.1},
+        {"warmup_epochs": -1},
+        {"guidance": "ucom"},
+        {"guidance": "prior:"},
+        {"guidance": "prior:a b"},
+        {"scope": "target"},
+        {"normalize": "C"},
+        {"competitor": "max"},
+        {"include_target_ce": "maybe"},
+        {"weight1": 0.7},
     ],
 )
 def test_mnl_invalid_params_are_refused(bad):
@@ -261,7 +272,7 @@ def test_mnl_invalid_params_are_refused(bad):
         MNLParams(**bad)
     if "weight1" not in bad:
         with pytest.raises(ValidationError):
-            MNL(**bad)
+            build_objective("mnl", bad)  # a dict is validated like a recipe section
 
 
 def test_mnl_declares_fusions_with_per_modality_heads():
@@ -283,7 +294,7 @@ def test_mnl_trains_three_modality_model_and_loss_decreases():
     torch.manual_seed(0)
     dims = {"a": 6, "b": 5, "c": 4}
     model = LateFusion({m: LinearEncoder(d) for m, d in dims.items()}, num_classes=3, fusion="sum")
-    objective = MNL(lam=1.0, normalize="B")
+    objective = MNL(MNLParams(lam=1.0, normalize="B"))
     objective.bind(model.modalities, 3, model.info)
     labels = torch.randint(0, 3, (32,))
     batch = {m: torch.randn(32, d) + labels[:, None].float() for m, d in dims.items()}

@@ -18,8 +18,13 @@ from mmbalance.objectives import Objective, build_objective
 
 def build_model(recipe: Recipe, manifest: Manifest) -> LateFusion:
     encoders = {m: _encoder(m, cfg, manifest) for m, cfg in recipe.modalities.items()}
-    return LateFusion(encoders, manifest.num_classes, fusion=recipe.model.fusion, boost_hidden=recipe.model.boost_hidden,
-                      concat_hidden=recipe.model.concat_hidden)
+    return LateFusion(
+        encoders,
+        manifest.num_classes,
+        fusion=recipe.model.fusion,
+        boost_hidden=recipe.model.boost_hidden,
+        concat_hidden=recipe.model.concat_hidden,
+    )
 
 
 def _encoder(modality: str, cfg, manifest: Manifest) -> nn.Module:
@@ -33,10 +38,17 @@ def _encoder(modality: str, cfg, manifest: Manifest) -> nn.Module:
 
 def build_bound_objective(recipe: Recipe, model: LateFusion) -> Objective:
     objective = build_objective(recipe.objective.name, recipe.objective.params)
-    # A validated recipe never gets here with a misfit; this guards direct (programmatic) use.
-    problem = objective.requirements.fusion_problem(recipe.objective.name, model.fusion)
+    # A validated recipe never gets here with a misfit; this guards direct (programmatic) use,
+    # from the same declaration the recipe validator reads.
+    needs = objective.requirements
+    problem = needs.fusion_problem(recipe.objective.name, model.fusion)
     if problem is not None:
         raise ValueError(problem)
+    if len(model.modalities) < needs.min_modalities:
+        raise ValueError(
+            f"objective.name={recipe.objective.name} needs at least {needs.min_modalities} modalities, "
+            f"the model has {list(model.modalities)}"
+        )
     objective.bind(list(model.modalities), model.num_classes, model.info)
     return objective
 

@@ -6,7 +6,9 @@ per forward over a fixed parameter set; AUG takes one backward and one optimizer
 modality from a single forward and adds heads mid-run (docs/methods/aug.md §4.8), and ARL/ARM
 need identical coefficients on every rank. With explicit averaging, a data-parallel step
 is by construction the single-process step on the global batch: every rank holds the same
-parameters, averages the same gradients, and decides with all-reduced statistics.
+parameters, averages the same gradients, and decides with all-reduced statistics. An
+objective's gradient hook (``perturb_gradients``) runs on the averaged gradients, with a
+generator seeded alike on every rank, so gradient modulation and noise keep that property.
 The price is no overlap of communication with backward compute.
 
 With ``world_size == 1`` every operation is the identity, so the in-process path pays nothing.
@@ -42,8 +44,12 @@ class ProcessGroup:
 
     def info(self) -> DistInfo:
         """What objectives may use: SUM all-reduce and broadcast of rank 0's decision."""
-        return DistInfo(rank=self.rank, world_size=self.world_size, all_reduce_sum=self.all_reduce_sum,
-                        broadcast=self.broadcast_object)
+        return DistInfo(
+            rank=self.rank,
+            world_size=self.world_size,
+            all_reduce_sum=self.all_reduce_sum,
+            broadcast=self.broadcast_object,
+        )
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         if not self.is_distributed:
@@ -68,7 +74,8 @@ class ProcessGroup:
 
         A parameter whose grad is None on every rank stays None (so the optimizer still
         skips it, as set_to_none intends); one that has a grad on any rank gets the mean,
-        counting a missing grad as zeros."""
+        counting a missing grad as zeros. ``engine/steps.py`` calls the objective's
+        ``perturb_gradients`` right after this, on the averaged gradients."""
         if not self.is_distributed:
             return
         params = [p for p in params if p.requires_grad]
@@ -77,11 +84,11 @@ class ProcessGroup:
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         packed = self.all_reduce_sum(torch.cat([flat.to(torch.float32), has_grad]))
-        flat, has_grad = packed[:-len(params)] / self.world_size, packed[-len(params):]
+        flat, has_grad = packed[: -len(params)] / self.world_size, packed[-len(params) :]
         offset = 0
         for p, flag in zip(params, has_grad.tolist()):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if flag > 0 else None
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if flag > 0 else None
             offset += n
 
     def broadcast_module(self, module: nn.Module) -> None:

@@ -22,8 +22,14 @@ import torch
 
 from mmbalance.config import Recipe, check_against_data
 from mmbalance.data.shards import validate_shards
-from mmbalance.engine.build import (add_param_group, build_bound_objective, build_model, build_optimizer,
-                                    build_scheduler, load_model_state)
+from mmbalance.engine.build import (
+    add_param_group,
+    build_bound_objective,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    load_model_state,
+)
 from mmbalance.engine.checkpoint import rng_state, save_state, set_rng_state
 from mmbalance.engine.console import EpochTable, progress_bar
 from mmbalance.engine.distributed import ProcessGroup
@@ -49,14 +55,24 @@ class Progress:
 class Trainer:
     """Holds the run's pieces so each phase below stays a short function."""
 
-    def __init__(self, recipe: Recipe, manifest, group: ProcessGroup, source: BatchSource, device: torch.device,
-                 on_step: StepHook | None = None, verbose: bool = False):
+    def __init__(
+        self,
+        recipe: Recipe,
+        manifest,
+        group: ProcessGroup,
+        source: BatchSource,
+        device: torch.device,
+        on_step: StepHook | None = None,
+        verbose: bool = False,
+    ):
         self.recipe, self.manifest, self.group, self.source, self.device = recipe, manifest, group, source, device
         self.on_step, self.verbose = on_step, verbose
         self.world = group.info()
         self.modalities = list(recipe.modalities)
         if recipe.schedule.batch_size % group.world_size:
-            raise ValueError(f"schedule.batch_size={recipe.schedule.batch_size} is not divisible by {group.world_size} workers")
+            raise ValueError(
+                f"schedule.batch_size={recipe.schedule.batch_size} is not divisible by {group.world_size} workers"
+            )
         self.batch_size = recipe.schedule.batch_size // group.world_size  # per rank
         self._rebuild()
         self.progress = Progress()
@@ -74,12 +90,21 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
     def model_state(self) -> dict[str, Any]:
-        return {"model": copy.deepcopy(self.model.state_dict()), "objective": copy.deepcopy(self.objective.state_dict()),
-                "head_counts": self.model.head_counts()}
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "objective": copy.deepcopy(self.objective.state_dict()),
+            "head_counts": self.model.head_counts(),
+        }
 
     def state(self) -> dict[str, Any]:
-        return {**self.model_state(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "progress": asdict(self.progress), "rng": rng_state(), "best": self.best}
+        return {
+            **self.model_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": rng_state(),
+            "best": self.best,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.load_model_state(state)
@@ -115,9 +140,19 @@ class Trainer:
         for batch, labels in progress_bar(batches, total=steps, desc=f"epoch {epoch}", enabled=self.verbose):
             if self.on_step is not None:
                 self.on_step(epoch, done)
-            clock = StepClock(self.progress.step, epoch, steps)
-            train_batch(self.model, self.objective, self.optimizer, batch, labels, clock, self.world, self.group,
-                        self.recipe.optim.grad_clip, counter)
+            clock = StepClock(self.progress.step, epoch, steps, self.recipe.seed)
+            train_batch(
+                self.model,
+                self.objective,
+                self.optimizer,
+                batch,
+                labels,
+                clock,
+                self.world,
+                self.group,
+                self.recipe.optim.grad_clip,
+                counter,
+            )
             self.progress.step += 1
             done += 1
         elapsed = time.perf_counter() - started
@@ -157,8 +192,12 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         # ``epochs_done`` is the schedulers' clock (ASHA's time_attr): 1 after the first epoch.
-        metrics = {"epoch": epoch, "epochs_done": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                   **self.train_epoch(epoch)}
+        metrics = {
+            "epoch": epoch,
+            "epochs_done": epoch + 1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **self.train_epoch(epoch),
+        }
         metrics.update(self.score("val", epoch))
         metrics["improved"] = metrics["val/acc_fused"] > self.progress.best_val
         if metrics["improved"]:  # the same decision on every rank: val metrics are all-reduced
@@ -176,11 +215,14 @@ class Trainer:
         test = self.score("test", self.progress.best_epoch)
         return {
             "val": {"best_acc": self.progress.best_val, "best_epoch": self.progress.best_epoch},
-            "test": {"acc": test["test/acc_fused"],
-                     "acc_per_modality": {m: test[f"test/acc_{m}"] for m in self.modalities},
-                     "tcp_per_modality": {m: test[f"test/tcp_{m}"] for m in self.modalities},
-                     "ucom_per_modality": {m: test[f"test/ucom_{m}"] for m in self.modalities},
-                     "imbalance_ratio": test["test/imbalance_ratio"], "samples": test["test/samples"]},
+            "test": {
+                "acc": test["test/acc_fused"],
+                "acc_per_modality": {m: test[f"test/acc_{m}"] for m in self.modalities},
+                "tcp_per_modality": {m: test[f"test/tcp_{m}"] for m in self.modalities},
+                "ucom_per_modality": {m: test[f"test/ucom_{m}"] for m in self.modalities},
+                "imbalance_ratio": test["test/imbalance_ratio"],
+                "samples": test["test/samples"],
+            },
             "epochs": self.recipe.schedule.epochs,
             "objective": self.recipe.objective.name,
             "seed": self.recipe.seed,
@@ -191,7 +233,7 @@ class Trainer:
 
 def _stat_pairs(counter: SumCounter, group: ProcessGroup) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Objective statistics, summed over the epoch and over ranks."""
-    return {k[len("stat:"):]: v for k, v in counter.pairs(group.all_reduce_sum).items() if k.startswith("stat:")}
+    return {k[len("stat:") :]: v for k, v in counter.pairs(group.all_reduce_sum).items() if k.startswith("stat:")}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -213,8 +255,15 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
     manifest = validate_shards(recipe.data.path, checksums=full_check, values=full_check and rank0)
     check_against_data(recipe, manifest)
     record = RunRecord(spec.output) if rank0 else None
-    trainer = Trainer(recipe, manifest, session.group, session.source(recipe, manifest), session.device(recipe),
-                      on_step=session.step_hook(), verbose=rank0 and spec.verbose)
+    trainer = Trainer(
+        recipe,
+        manifest,
+        session.group,
+        session.source(recipe, manifest),
+        session.device(recipe),
+        on_step=session.step_hook(),
+        verbose=rank0 and spec.verbose,
+    )
     state = session.restored_state()
     if state is not None:
         trainer.restore(state)
@@ -233,8 +282,15 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
     return result
 
 
-def _train_epochs(session: Session, trainer: Trainer, recipe: Recipe, record: RunRecord | None, table: EpochTable,
-                  tracker: WandbTracker, restored: bool) -> dict[str, Any]:
+def _train_epochs(
+    session: Session,
+    trainer: Trainer,
+    recipe: Recipe,
+    record: RunRecord | None,
+    table: EpochTable,
+    tracker: WandbTracker,
+    restored: bool,
+) -> dict[str, Any]:
     if record is not None and tracker.active and record.open_tracking() and restored:
         # The start before this one was killed with its W&B run open: the last epoch it
         # recorded may never have reached W&B. Log it again at its step: W&B drops a row for
@@ -267,9 +323,15 @@ def _tracker(spec: RunSpec, record: RunRecord | None, continuing: bool) -> Wandb
     if record is None or recipe.tracking.wandb == "disabled":
         return WandbTracker()  # no id is created for a run that is not tracked
     identity = record.identity(continuing)
-    return WandbTracker.start(recipe.tracking, run_dir=spec.output, run_id=identity.run_id, run_name=spec.output.name,
-                              group=None,
-                              config=recipe.to_dict(), resume=identity.resumed)
+    return WandbTracker.start(
+        recipe.tracking,
+        run_dir=spec.output,
+        run_id=identity.run_id,
+        run_name=spec.output.name,
+        group=None,
+        config=recipe.to_dict(),
+        resume=identity.resumed,
+    )
 
 
 def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:
@@ -278,9 +340,16 @@ def _start_record(record: RunRecord, recipe: Recipe, next_epoch: int) -> None:
     record.truncate_metrics(next_epoch)  # a restarted run never duplicates an epoch line
 
 
-def _finish_epoch(session: Session, trainer: Trainer, record: RunRecord | None, table: EpochTable,
-                  tracker: WandbTracker, metrics: dict[str, Any], state: dict[str, Any],
-                  result: dict[str, Any] | None) -> None:
+def _finish_epoch(
+    session: Session,
+    trainer: Trainer,
+    record: RunRecord | None,
+    table: EpochTable,
+    tracker: WandbTracker,
+    metrics: dict[str, Any],
+    state: dict[str, Any],
+    result: dict[str, Any] | None,
+) -> None:
     """Persist, log, then report — in that order: the report is where a scheduler may end the
     trial, so everything about this epoch is on disk and in W&B before it."""
     checkpoint_dir = None

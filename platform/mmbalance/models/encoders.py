@@ -1,17 +1,21 @@
-"""Encoder registry: a recipe's ``modalities.<m>.encoder`` name -> (params model, builder).
+"""Encoder registry: a recipe's ``modalities.<m>.encoder`` name -> ``Registered(cls, params)``.
 
-Every builder takes its validated params and the modality's per-sample input shape (from
-the shard manifest) and returns a module mapping ``[B, *shape]`` to pooled features
-``[B, out_dim]``, with ``out_dim`` set as an attribute so the fusion layer can size itself.
+``cls`` is the module class (or builder) and ``params`` its pydantic parameter model, the same
+entry shape as the objective registry (``mmbalance.registry``). Every builder takes its
+validated params and the modality's per-sample input shape (from the shard manifest) and
+returns a module mapping ``[B, *shape]`` to pooled features ``[B, out_dim]``, with ``out_dim``
+set as an attribute so the fusion layer can size itself.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from mmbalance.registry import Registered
 
 
 class _Params(BaseModel):
@@ -27,7 +31,9 @@ class MLPParams(_Params):
 class CNNParams(_Params):
     channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
     out_dim: int = Field(64, ge=1)
-    pooled_size: int = Field(4, ge=1, description="conv map is average-pooled to pooled_size x pooled_size before the projection")
+    pooled_size: int = Field(
+        4, ge=1, description="conv map is average-pooled to pooled_size x pooled_size before the projection"
+    )
 
 
 class ResNet18Params(_Params):
@@ -89,10 +95,15 @@ class SmallCNN(nn.Module):
         blocks: list[nn.Module] = []
         width = self.in_channels
         for out in params.channels:
-            blocks += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            blocks += [
+                nn.Conv2d(width, out, 3, padding=1),
+                nn.BatchNorm2d(out),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
             width = out
         self.conv = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(params.pooled_size), nn.Flatten())
-        self.proj = nn.Sequential(nn.Linear(width * params.pooled_size ** 2, params.out_dim), nn.ReLU())
+        self.proj = nn.Sequential(nn.Linear(width * params.pooled_size**2, params.out_dim), nn.ReLU())
         self.out_dim = params.out_dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -138,10 +149,15 @@ class TextEncoder(nn.Module):
         if params.model_path:
             self.net = AutoModel.from_pretrained(params.model_path, local_files_only=True)
         else:
-            cfg = BertConfig(vocab_size=params.vocab_size, hidden_size=params.hidden_size,
-                             num_hidden_layers=params.num_layers, num_attention_heads=params.num_heads,
-                             intermediate_size=4 * params.hidden_size, pad_token_id=params.pad_token_id,
-                             max_position_embeddings=max(64, input_shape[0]))
+            cfg = BertConfig(
+                vocab_size=params.vocab_size,
+                hidden_size=params.hidden_size,
+                num_hidden_layers=params.num_layers,
+                num_attention_heads=params.num_heads,
+                intermediate_size=4 * params.hidden_size,
+                pad_token_id=params.pad_token_id,
+                max_position_embeddings=max(64, input_shape[0]),
+            )
             self.net = BertModel(cfg, add_pooling_layer=False)
         self.pad_token_id = params.pad_token_id
         self.out_dim = self.net.config.hidden_size
@@ -152,15 +168,14 @@ class TextEncoder(nn.Module):
         return out.last_hidden_state[:, 0]  # [B, hidden]
 
 
-ENCODERS: dict[str, tuple[type[_Params], Callable[..., nn.Module]]] = {
-    "mlp": (MLPParams, MLPEncoder),
-    "cnn": (CNNParams, SmallCNN),
-    "resnet18": (ResNet18Params, ResNet18Encoder),
-    "text": (TextParams, TextEncoder),
+ENCODERS: dict[str, Registered] = {
+    "mlp": Registered(MLPEncoder, MLPParams),
+    "cnn": Registered(SmallCNN, CNNParams),
+    "resnet18": Registered(ResNet18Encoder, ResNet18Params),
+    "text": Registered(TextEncoder, TextParams),
 }
 
 
 def build_encoder(name: str, params: dict, input_shape: tuple[int, ...]) -> nn.Module:
-    params_model, builder = ENCODERS[name]
-    return builder(params_model.model_validate(params), tuple(input_shape))
-
+    entry = ENCODERS[name]
+    return entry.cls(entry.validated(params), tuple(input_shape))

@@ -28,8 +28,14 @@ Fusion = Literal["mean", "sum", "concat", "boost"]
 
 
 class LateFusion(nn.Module):
-    def __init__(self, encoders: dict[str, nn.Module], num_classes: int, fusion: Fusion = "mean", boost_hidden: int = 256,
-                 concat_hidden: int | None = None):
+    def __init__(
+        self,
+        encoders: dict[str, nn.Module],
+        num_classes: int,
+        fusion: Fusion = "mean",
+        boost_hidden: int = 256,
+        concat_hidden: int | None = None,
+    ):
         super().__init__()
         if not encoders:
             raise ValueError("late fusion needs at least one modality")  # one: a unimodal run
@@ -75,14 +81,18 @@ class LateFusion(nn.Module):
         if self.fusion == "concat":
             head_logits = self._concat_unimodal(h)
         elif self.fusion == "boost":
-            head_logits = {m: [self.shared_head(torch.relu(layer(h[m]))) for layer in self.heads[m]] for m in self.modalities}
+            head_logits = {
+                m: [self.shared_head(torch.relu(layer(h[m]))) for layer in self.heads[m]] for m in self.modalities
+            }
         else:
             head_logits = {m: [self.heads[m][0](h[m])] for m in self.modalities}
         unimodal = {m: torch.stack(zs).sum(0) if len(zs) > 1 else zs[0] for m, zs in head_logits.items()}
         fused = self._fuse(unimodal, ctx.fusion_weights)
         return HeadOutputs(unimodal_logits=unimodal, fused_logits=fused, head_logits=head_logits)
 
-    def forward(self, batch: dict[str, Tensor], ctx: ForwardContext | None = None) -> tuple[dict[str, Tensor], HeadOutputs]:
+    def forward(
+        self, batch: dict[str, Tensor], ctx: ForwardContext | None = None
+    ) -> tuple[dict[str, Tensor], HeadOutputs]:
         features = self.encode(batch)
         return features, self.heads_forward(features, ctx)
 

@@ -8,16 +8,17 @@ gets it for free and a checkpoint carries the numbers it was trained with.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 
 class NormalizedEncoder(nn.Module):
     """``encoder((x - mean) / std)``, with mean/std broadcast along ``axis`` of the per-sample
     shape (``axis=None``: one scalar pair)."""
 
-    def __init__(self, encoder: nn.Module, input_shape: tuple[int, ...], mean: list[float], std: list[float],
-                 axis: int | None):
+    def __init__(
+        self, encoder: nn.Module, input_shape: tuple[int, ...], mean: list[float], std: list[float], axis: int | None
+    ):
         super().__init__()
         view = [1] * (1 + len(input_shape))  # leading 1 for the batch
         if axis is not None:

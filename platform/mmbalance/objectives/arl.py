@@ -25,6 +25,7 @@ from mmbalance.objectives.base import (
     StepResult,
     StructuralChange,
     cross_entropy_per_sample,
+    register_objective,
 )
 
 ApplyCoeffs = Literal["intended", "official_uniform_1.5"]
@@ -41,10 +42,16 @@ class ARLParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gamma: float = Field(4.0, ge=0.0, description="unimodal CE weight after warm-up (paper: 4)")
     T: float = Field(4.0, gt=0.0, description="softmax temperature of the coefficients (paper: 8 CREMA-D, 4 others)")
-    start: int = Field(5, ge=0, description="warm-up epochs: 0-based epochs 0..start-1 use gamma_e=1 and no multipliers")
+    start: int = Field(
+        5, ge=0, description="warm-up epochs: 0-based epochs 0..start-1 use gamma_e=1 and no multipliers"
+    )
     entropy_clamp: float = Field(0.3, ge=0.0, lt=1.0, description="lower clamp on the normalised entropy share")
-    apply_coeffs: ApplyCoeffs = Field("intended", description="intended: k from the batch; official_uniform_1.5: k frozen at 0.5")
-    coeff_lag: Literal[0, 1] = Field(0, description="0: k of this batch (grad hooks); 1: k of the previous batch (official timing)")
+    apply_coeffs: ApplyCoeffs = Field(
+        "intended", description="intended: k from the batch; official_uniform_1.5: k frozen at 0.5"
+    )
+    coeff_lag: Literal[0, 1] = Field(
+        0, description="0: k of this batch (grad hooks); 1: k of the previous batch (official timing)"
+    )
     scale_form: ScaleForm = Field("1+k", description="multiplier form: 1+k (ResNet code) or 1+gamma*k (Swin code)")
     k_total: KTotal = Field(
         "one", description="one: applied Σk = 1 (mean k 1/M); half_per_modality: k·M/2 (mean k 0.5 for any M)"
@@ -76,6 +83,7 @@ def arl_coefficients(reduced: Tensor, num_modalities: int, T: float, entropy_cla
     return {"d": d, "H": H, "H_hat": H_hat, "q": q, "k": k}
 
 
+@register_objective
 class ARL(StatelessObjective):
     """ARL, "Improving Multimodal Learning via Imbalanced Learning" (ICCV'25, arXiv 2507.10203).
 
@@ -104,22 +112,13 @@ class ARL(StatelessObjective):
     """
 
     name = "arl"
+    Params = ARLParams
+    params: ARLParams
     # z_m = the shared concat head with the other modalities' slots zeroed.
     requirements = Requirements(fusions=("concat",), warmup_key="start")
 
-    def __init__(
-        self,
-        gamma: float = 4.0,
-        T: float = 4.0,
-        start: int = 5,
-        entropy_clamp: float = 0.3,
-        apply_coeffs: ApplyCoeffs = "intended",
-        coeff_lag: int = 0,
-        scale_form: ScaleForm = "1+k",
-        k_total: KTotal = "one",
-    ):
-        self.params = ARLParams(gamma=gamma, T=T, start=start, entropy_clamp=entropy_clamp, apply_coeffs=apply_coeffs,
-                                coeff_lag=coeff_lag, scale_form=scale_form, k_total=k_total)
+    def __init__(self, params: ARLParams | None = None):
+        super().__init__(params)
         self.modalities: list[str] = []
         # [M], computed (softmax) k of the previous post-warm-up batch, uniform 1/M until the first
         # one (coeff_lag=1); warm-up batches never write it.
@@ -180,7 +179,9 @@ class ARL(StatelessObjective):
             k = k * (k.numel() / 2.0)  # [M], Σ = M/2
         return k
 
-    def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:
+    def on_epoch_end(
+        self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo
+    ) -> list[StructuralChange]:
         # k is identical on every rank, so the rank-summed (sum, count) still gives the step mean.
         metrics = {"arl_gamma_e": self.gamma_e(epoch)}
         for m in self.modalities:

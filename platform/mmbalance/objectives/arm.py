@@ -15,10 +15,24 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from mmbalance.objectives.arm_estimators import joint_counts, ncmi_from_counts, ncmi_official_from_counts, nmi_from_counts
+from mmbalance.objectives.arm_estimators import (
+    joint_counts,
+    ncmi_from_counts,
+    ncmi_official_from_counts,
+    nmi_from_counts,
+)
 from mmbalance.objectives.base import (
-    DistInfo, ForwardContext, HeadOutputs, LossGroup, Requirements, StepInputs, StepResult, StructuralChange,
+    DistInfo,
+    ForwardContext,
+    HeadOutputs,
+    LossGroup,
+    Requirements,
+    StatelessObjective,
+    StepInputs,
+    StepResult,
+    StructuralChange,
     cross_entropy_per_sample,
+    register_objective,
 )
 
 Estimator = Literal["fixed_hist", "official_hist", "zero_out_surrogate"]
@@ -40,9 +54,14 @@ class ARMParams(BaseModel):
     # eval, and they would leak the test labels into the predictions (§2.7.2).
     eval_scales: Literal["ema"] = Field("ema", description="eval uses the training EMA scales (label-free)")
     scale_rule: ScaleRule = Field("pairwise", description="M-way rule turning contributions into scales")
-    anchor: Anchor = Field("geometric_mean", description="geometric_mean: scales multiply to 1 (official r, 1/r); "
-                           "strongest: the largest contributor keeps 1, the others are amplified")
-    warmup_epochs: int = Field(0, ge=0, description="0-based epochs 0..warmup_epochs-1 keep every scale at 1 (joint training)")
+    anchor: Anchor = Field(
+        "geometric_mean",
+        description="geometric_mean: scales multiply to 1 (official r, 1/r); "
+        "strongest: the largest contributor keeps 1, the others are amplified",
+    )
+    warmup_epochs: int = Field(
+        0, ge=0, description="0-based epochs 0..warmup_epochs-1 keep every scale at 1 (joint training)"
+    )
 
     @field_validator("r_clamp")
     @classmethod
@@ -71,8 +90,9 @@ def safe_ratio(num: Tensor, den: Tensor, r_clamp: tuple[float, float], signed: b
     return torch.where(num * den > 0, ratio, bound).clamp(lo, hi)
 
 
-def scales_from_contributions(contrib: Tensor, r_clamp: tuple[float, float], rule: ScaleRule = "pairwise",
-                              signed: bool = False) -> Tensor:
+def scales_from_contributions(
+    contrib: Tensor, r_clamp: tuple[float, float], rule: ScaleRule = "pairwise", signed: bool = False
+) -> Tensor:
     """[M] contributions -> [M] feature scales in r_clamp; the smaller c_m, the larger s_m.
 
     ``pairwise``: ``s_m = prod_{k != m} (c_k / c_m) ** (1 / (M - 1))``, exactly the official
@@ -121,7 +141,8 @@ def gathered_ranges(columns: Tensor, world: DistInfo) -> Tensor:
     return torch.stack([buf[..., 0].amin(0), buf[..., 1].amax(0)], dim=1)
 
 
-class ARM:
+@register_objective
+class ARM(StatelessObjective):
     """ARM (Gao et al., AAAI'25, arXiv:2501.01240); official code Gao-xiyuan/ARM @ a96d0ad67a
     (``heads/linear_head.py``, ``necks/MI_tool.py``). Requires ``model.fusion: concat``.
 
@@ -168,16 +189,11 @@ class ARM:
     """
 
     name = "arm"
-    # The scales are read back out of a shared concat head's zero-out logits (raw_logits).
+    Params = ARMParams
+    params: ARMParams
+    # The scales are read back out of a shared concat head's zero-out logits (raw_logits). Adds
+    # no heads, so the default trains_new_heads=True has nothing to decide.
     requirements = Requirements(fusions=("concat",), warmup_key="warmup_epochs")
-    trains_new_heads = True  # adds no heads
-
-    def __init__(self, estimator: Estimator = "zero_out_surrogate", bins_mi: int = 30, bins_cmi: int = 2,
-                 r_clamp: tuple[float, float] = (0.5, 2.0), ema: float = 0.9, eval_scales: str = "ema",
-                 scale_rule: ScaleRule = "pairwise", anchor: Anchor = "geometric_mean", warmup_epochs: int = 0):
-        self.estimator, self.bins_mi, self.bins_cmi = estimator, bins_mi, bins_cmi
-        self.r_clamp, self.ema, self.eval_scales, self.scale_rule = tuple(r_clamp), ema, eval_scales, scale_rule
-        self.anchor, self.warmup_epochs = anchor, warmup_epochs
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         self.modalities, self.num_classes = list(modalities), num_classes
@@ -194,14 +210,15 @@ class ARM:
         result = StepResult(losses=[LossGroup(loss)], metrics={"loss_fused": loss.detach()})
         if inputs.phase != "train":
             return result
+        p = self.params
         with torch.no_grad():
             contrib, metrics = self._contributions(inputs.outputs, inputs.labels, inputs.world)  # [M]
-            batch_scales = scales_from_contributions(contrib, self.r_clamp, self.scale_rule, self.estimator == "official_hist")
-            if self.anchor == "strongest":  # the largest contributor (smallest scale) back to 1
-                batch_scales = (batch_scales / batch_scales.min()).clamp(*self.r_clamp)  # [M]
-            if inputs.epoch >= self.warmup_epochs:  # warm-up: contributions are logged, scales stay 1
+            batch_scales = scales_from_contributions(contrib, p.r_clamp, p.scale_rule, p.estimator == "official_hist")
+            if p.anchor == "strongest":  # the largest contributor (smallest scale) back to 1
+                batch_scales = (batch_scales / batch_scales.min()).clamp(*p.r_clamp)  # [M]
+            if inputs.epoch >= p.warmup_epochs:  # warm-up: contributions are logged, scales stay 1
                 old = self._log_scales.to(batch_scales.device)
-                self._log_scales = self.ema * old + (1.0 - self.ema) * batch_scales.log()  # [M]
+                self._log_scales = p.ema * old + (1.0 - p.ema) * batch_scales.log()  # [M]
         one = torch.ones((), device=contrib.device)
         for i, m in enumerate(self.modalities):
             result.stats[f"arm_contrib_{m}"] = (contrib[i], one)
@@ -214,45 +231,56 @@ class ARM:
         n_mod = len(self.modalities)
         scales = self._log_scales.to(outputs.fused_logits.device).exp()  # [M], as in this forward
         u, g, w = raw_logits(outputs, scales, self.modalities)
-        conf = torch.cat([true_class_prob_sum(g, labels).view(1), true_class_prob_sum(u, labels),
-                          true_class_prob_sum(w, labels), torch.full((1,), float(labels.numel()), device=g.device)])
-        if self.estimator == "zero_out_surrogate":
+        conf = torch.cat(
+            [
+                true_class_prob_sum(g, labels).view(1),
+                true_class_prob_sum(u, labels),
+                true_class_prob_sum(w, labels),
+                torch.full((1,), float(labels.numel()), device=g.device),
+            ]
+        )
+        if self.params.estimator == "zero_out_surrogate":
             conf = world.all_reduce_sum(conf.float())  # [2M + 2]
             p = conf[:-1] / conf[-1]
-            return p[0] - p[1 + n_mod:], {}
+            return p[0] - p[1 + n_mod :], {}
         counts = self._histograms(u, g, w, world)
         reduced = world.all_reduce_sum(torch.cat([conf.float(), counts]))
         p = reduced[: 2 * n_mod + 1] / reduced[2 * n_mod + 1]
-        nmi, ncmi = self._information(reduced[2 * n_mod + 2:])  # [M], [M]
-        p_other = (p[1:1 + n_mod].sum() - p[1:1 + n_mod]) / (n_mod - 1)  # [M] cross pairing
+        nmi, ncmi = self._information(reduced[2 * n_mod + 2 :])  # [M], [M]
+        p_other = (p[1 : 1 + n_mod].sum() - p[1 : 1 + n_mod]) / (n_mod - 1)  # [M] cross pairing
         contrib = p[0] * nmi + p_other * (nmi - ncmi)
-        metrics = {f"arm_{k}_{m}": v[i] for k, v in (("nmi", nmi), ("ncmi", ncmi)) for i, m in enumerate(self.modalities)}
+        metrics = {
+            f"arm_{k}_{m}": v[i] for k, v in (("nmi", nmi), ("ncmi", ncmi)) for i, m in enumerate(self.modalities)
+        }
         return contrib, metrics
 
     def _histograms(self, u: Tensor, g: Tensor, w: Tensor, world: DistInfo) -> Tensor:
         """Local joint counts of (u_m, g) and (u_m, g, w_m) on rank-shared edges, flattened."""
-        n_mod = u.shape[0]
+        n_mod, bins_mi, bins_cmi = u.shape[0], self.params.bins_mi, self.params.bins_cmi
         columns = torch.cat([g.reshape(1, -1), u.flatten(1), w.flatten(1)]).float()  # [2M+1, B*C]
         ranges = gathered_ranges(columns, world)  # [2M+1, 2]
         counts = []
         for i in range(n_mod):
             x, x_range, z_range = columns[1 + i], ranges[1 + i], ranges[1 + n_mod + i]
-            counts.append(joint_counts([x, columns[0]], torch.stack([x_range, ranges[0]]), self.bins_mi).flatten())
+            counts.append(joint_counts([x, columns[0]], torch.stack([x_range, ranges[0]]), bins_mi).flatten())
             cmi_ranges = torch.stack([x_range, ranges[0], z_range])
-            counts.append(joint_counts([x, columns[0], columns[1 + n_mod + i]], cmi_ranges, self.bins_cmi).flatten())
+            counts.append(joint_counts([x, columns[0], columns[1 + n_mod + i]], cmi_ranges, bins_cmi).flatten())
         return torch.cat(counts)
 
     def _information(self, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Reduced flat counts -> NMI(u_m, g) [M] and NCMI(u_m, g | w_m) [M]."""
-        size_mi, size_cmi = self.bins_mi ** 2, self.bins_cmi ** 3
-        ncmi_fn = ncmi_official_from_counts if self.estimator == "official_hist" else ncmi_from_counts
+        bins_mi, bins_cmi = self.params.bins_mi, self.params.bins_cmi
+        size_mi, size_cmi = bins_mi**2, bins_cmi**3
+        ncmi_fn = ncmi_official_from_counts if self.params.estimator == "official_hist" else ncmi_from_counts
         nmi, ncmi = [], []
         for block in counts.view(len(self.modalities), size_mi + size_cmi):
-            nmi.append(nmi_from_counts(block[:size_mi].view(self.bins_mi, self.bins_mi)))
-            ncmi.append(ncmi_fn(block[size_mi:].view(self.bins_cmi, self.bins_cmi, self.bins_cmi)))
+            nmi.append(nmi_from_counts(block[:size_mi].view(bins_mi, bins_mi)))
+            ncmi.append(ncmi_fn(block[size_mi:].view(bins_cmi, bins_cmi, bins_cmi)))
         return torch.stack(nmi), torch.stack(ncmi)
 
-    def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:
+    def on_epoch_end(
+        self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo
+    ) -> list[StructuralChange]:
         for m in self.modalities:
             if f"arm_contrib_{m}" in epoch_stats:
                 total, count = epoch_stats[f"arm_contrib_{m}"]
@@ -261,8 +289,10 @@ class ARM:
 
     def epoch_metrics(self) -> dict[str, float]:
         scales = self._log_scales.exp().tolist()
-        return {**{f"arm_scale_{m}": scales[i] for i, m in enumerate(self.modalities)},
-                **{f"arm_contrib_{m}": c for m, c in self._contrib_mean.items()}}
+        return {
+            **{f"arm_scale_{m}": scales[i] for i, m in enumerate(self.modalities)},
+            **{f"arm_contrib_{m}": c for m, c in self._contrib_mean.items()},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_scales": self._log_scales.detach().cpu().clone(), "contrib_mean": dict(self._contrib_mean)}

@@ -28,10 +28,12 @@ from mmbalance.objectives.base import (
     ForwardContext,
     LossGroup,
     Requirements,
+    StatelessObjective,
     StepInputs,
     StepResult,
     StructuralChange,
     cross_entropy_per_sample,
+    register_objective,
 )
 
 ResidualForm = Literal["official", "paper"]
@@ -55,10 +57,12 @@ class AUGParams(BaseModel):
         None, ge=0.0, le=1.0, description="2 modalities only: fused = α S_first + (1-α) S_second; null: model sum"
     )
     score_order: ScoreOrder = Field(
-        "official", description="official: s_m from the logits L_m was computed on; first_forward: all from the first forward"
+        "official",
+        description="official: s_m from the logits L_m was computed on; first_forward: all from the first forward",
     )
     aca_rule: ACARule = Field(
-        "ratio", description="ratio: s_1/s_2 vs σ±τ (M>2: argmin s); share: every m with s_m/Σ_{k≠m} s_k < share_threshold"
+        "ratio",
+        description="ratio: s_1/s_2 vs σ±τ (M>2: argmin s); share: every m with s_m/Σ_{k≠m} s_k < share_threshold",
     )
     share_threshold: float = Field(
         0.4, gt=0.0, description="aca_rule share: threshold on s_m/Σ_{k≠m} s_k (NVGesture code --lam)"
@@ -141,7 +145,8 @@ def true_class_score(heads: list[Tensor], labels: Tensor) -> ScorePair:
     return true_prob.sum(), count
 
 
-class AUG:
+@register_objective
+class AUG(StatelessObjective):
     """AUG (Rethinking Multimodal Learning from the Perspective of Mitigating Classification
     Ability Disproportion), NeurIPS'25, arXiv 2502.20120; official code njustkmg/NeurIPS25-AUG
     at commit ``841d079eff`` (``train_CREMAD.py``, ``model/AudioVideo.py``).
@@ -149,8 +154,9 @@ class AUG:
     Paper/code differences exposed as switches (docs/methods/aug.md §4.7):
 
     - ``train_new_heads``: the official optimizer never sees added heads, so they stay at their
-      Xavier init (``False``); the paper trains them (``True``, default). The engine reads
-      ``trains_new_heads`` to decide whether an added head's parameters join the optimizer.
+      Xavier init (``False``); the paper trains them (``True``, default). ``requirements``
+      names this parameter, and the engine reads the resulting ``trains_new_heads`` to decide
+      whether an added head's parameters join the optimizer.
     - ``residual_form``: official ``1 - λ softmax(S^-)_y`` (default) or the paper's
       ``1 - λ Σ_{j<t} p_j,y`` (clamped at 0 here: the paper's label can go negative).
     - ``aca_rule``: ``ratio`` (default) is the two-modality code's rule (the paper compares
@@ -168,47 +174,22 @@ class AUG:
     """
 
     name = "aug"
-    # Needs add_head and the head F shared by every modality's classifiers.
-    requirements = Requirements(fusions=("boost",))
+    Params = AUGParams
+    params: AUGParams
+    # Needs add_head and the head F shared by every modality's classifiers; whether added heads
+    # are optimised is the train_new_heads parameter.
+    requirements = Requirements(fusions=("boost",), trains_new_heads="train_new_heads")
 
-    def __init__(
-        self,
-        residual_lambda: float = 0.5,
-        residual_form: ResidualForm = "official",
-        sigma: float = 1.0,
-        tau: float = 0.01,
-        check_every_epochs: int = 10,
-        max_heads: int = 10,
-        train_new_heads: bool = True,
-        merge_alpha: float | None = None,
-        score_order: ScoreOrder = "official",
-        aca_rule: ACARule = "ratio",
-        share_threshold: float = 0.4,
-    ):
-        self.residual_lambda = residual_lambda
-        self.residual_form = residual_form
-        self.sigma = sigma
-        self.tau = tau
-        self.check_every_epochs = check_every_epochs
-        self.max_heads = max_heads
-        self.train_new_heads = train_new_heads
-        self.merge_alpha = merge_alpha
-        self.score_order = score_order
-        self.aca_rule = aca_rule
-        self.share_threshold = share_threshold
+    def __init__(self, params: AUGParams | None = None):
+        super().__init__(params)
         self.modalities: list[str] = []
         # State: heads per modality including the base head, counted from the AddHead changes
         # this objective requested (the model is never read), and the last epoch's mean scores.
         self.heads: dict[str, int] = {}
         self.scores: dict[str, float] = {}
 
-    @property
-    def trains_new_heads(self) -> bool:
-        """Engine hook: whether ``model.add_head``'s parameters become a new optimizer param group."""
-        return self.train_new_heads
-
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
-        if self.merge_alpha is not None and len(modalities) != 2:
+        if self.params.merge_alpha is not None and len(modalities) != 2:
             raise ValueError(f"merge_alpha needs exactly 2 modalities, got {list(modalities)}; use null (uniform)")
         self.modalities = list(modalities)
         self.num_classes = num_classes
@@ -216,10 +197,11 @@ class AUG:
         self.heads = {m: self.heads.get(m, 1) for m in self.modalities}
 
     def forward_context(self, phase: str, epoch: int) -> ForwardContext:
-        if self.merge_alpha is None:
+        alpha = self.params.merge_alpha
+        if alpha is None:
             return ForwardContext()  # boost fusion sums the S_m: same argmax as a uniform mean
         first, second = self.modalities
-        return ForwardContext(fusion_weights={first: self.merge_alpha, second: 1.0 - self.merge_alpha})
+        return ForwardContext(fusion_weights={first: alpha, second: 1.0 - alpha})
 
     def step(self, inputs: StepInputs) -> StepResult:
         """One loss group per modality; the first is a tensor, later ones are lazy (see
@@ -229,33 +211,37 @@ class AUG:
         out, y = inputs.outputs, inputs.labels
         first, *later = self.modalities
         if later and inputs.recompute_heads is None:
-            raise ValueError("AUG needs StepInputs.recompute_heads: later modalities see the shared head after earlier steps")
+            raise ValueError(
+                "AUG needs StepInputs.recompute_heads: later modalities see the shared head after earlier steps"
+            )
         stats: dict[str, ScorePair] = {}
         losses = [LossGroup(self._loss(out.head_logits[first], y), modalities=(first,))]
         losses += [LossGroup(partial(self._recomputed_loss, inputs, m, stats), modalities=(m,)) for m in later]
         metrics = {}
         for m in self.modalities:
-            if m == first or self.score_order == "first_forward":
+            if m == first or self.params.score_order == "first_forward":
                 stats[f"aug_score_{m}"] = true_class_score(out.head_logits[m], y)
             # Logged from this forward for every modality (later groups' losses are lazy).
             metrics[f"loss_{m}"] = self._loss([z.detach() for z in out.head_logits[m]], y)
         return StepResult(losses=losses, stats=stats, metrics=metrics)
 
     def _loss(self, heads: list[Tensor], labels: Tensor) -> Tensor:
-        return boosting_loss(heads, labels, self.residual_lambda, self.residual_form)
+        return boosting_loss(heads, labels, self.params.residual_lambda, self.params.residual_form)
 
     def _recomputed_loss(self, inputs: StepInputs, modality: str, stats: dict[str, ScorePair]) -> Tensor:
         """Evaluated by the engine after the previous groups' optimizer steps (official order).
         With ``score_order: official`` the score comes from these same logits, as in the code."""
         heads = inputs.recompute_heads().head_logits[modality]  # K_m+1 tensors [B, C]
-        if self.score_order == "official":
+        if self.params.score_order == "official":
             stats[f"aug_score_{modality}"] = true_class_score(heads, inputs.labels)
         return self._loss(heads, inputs.labels)
 
-    def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:
+    def on_epoch_end(
+        self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo
+    ) -> list[StructuralChange]:
         # epoch_stats are already summed over steps and ranks, so every rank sees the same means.
         self.scores = {m: _mean(epoch_stats[f"aug_score_{m}"]) for m in self.modalities}
-        if not (epoch == 0 or (epoch + 1) % self.check_every_epochs == 0):
+        if not (epoch == 0 or (epoch + 1) % self.params.check_every_epochs == 0):
             return []
         decision = self._decide() if world.rank == 0 else None
         decision = world.broadcast(decision)  # every rank applies rank 0's list
@@ -265,12 +251,13 @@ class AUG:
 
     def _decide(self) -> list[str]:
         """Modalities that get one more head at this check, ``max_heads`` applied to each."""
-        if self.aca_rule == "share":
-            targets = share_decision(self.scores, self.share_threshold)
+        p = self.params
+        if p.aca_rule == "share":
+            targets = share_decision(self.scores, p.share_threshold)
         else:
-            target = aca_decision(self.scores, self.sigma, self.tau)
+            target = aca_decision(self.scores, p.sigma, p.tau)
             targets = [] if target is None else [target]
-        return [m for m in targets if self.heads[m] - 1 < self.max_heads]
+        return [m for m in targets if self.heads[m] - 1 < p.max_heads]
 
     def epoch_metrics(self) -> dict[str, float]:
         metrics = {f"aug_heads_{m}": float(n) for m, n in self.heads.items()}

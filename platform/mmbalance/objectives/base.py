@@ -6,15 +6,24 @@ torch.distributed: the engine does all of that, so the same objective runs in-pr
 under DDP and inside a Tune trial. Quantities that feed a decision or a scale are
 reduced through ``DistInfo.all_reduce_sum`` (supplied by the engine) as (sum, count)
 pairs, never as local means, so every rank takes the same decision.
+
+Declaring an objective: a class with ``name``, ``Params`` (its pydantic parameter model, the one
+source of defaults), ``requirements`` and the protocol methods (``StatelessObjective`` supplies
+the no-op ones), decorated with ``@register_objective``, in a module of this package. The package
+imports every module it holds, so the decorator is all the registration there is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, Union
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Protocol, TypeVar, Union
 
 import torch
-from torch import Tensor
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from mmbalance.registry import Registered, add_entry
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -38,16 +47,41 @@ class Requirements:
     for; the first is what ``model.fusion: auto`` picks. ``warmup_key`` names the parameter that
     counts baseline-only epochs (ASHA's grace period must cover it). ``min_modalities`` is the
     fewest modalities the objective is defined for (LF trains a single modality alone).
+    ``trains_new_heads`` says whether the parameters of a head added by an ``AddHead`` join the
+    optimizer: ``True`` / ``False``, or the name of the boolean parameter that decides (AUG's
+    ``train_new_heads``). An objective that adds no heads leaves it at ``True``. The engine reads
+    it through ``Objective.trains_new_heads``.
     """
 
     fusions: tuple[str, ...]
     warmup_key: str | None = None
     min_modalities: int = 2
+    trains_new_heads: bool | str = True
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.fusions if f not in FUSIONS]
         if not self.fusions or unknown:
             raise ValueError(f"fusions must be a non-empty subset of {FUSIONS}, got {self.fusions}")
+        if not isinstance(self.trains_new_heads, (bool, str)) or self.trains_new_heads == "":
+            raise ValueError(f"trains_new_heads must be True, False or a parameter name, got {self.trains_new_heads!r}")
+
+    def new_heads_trained(self, params: BaseModel) -> bool:
+        """``trains_new_heads`` resolved against an objective's parameters."""
+        if isinstance(self.trains_new_heads, bool):
+            return self.trains_new_heads
+        return bool(getattr(params, self.trains_new_heads))
+
+    def params_problems(self, params_model: type[BaseModel]) -> list[str]:
+        """Parameter names this declaration uses that ``params_model`` lacks (empty: coherent)."""
+        keys = {
+            "warmup_key": self.warmup_key,
+            "trains_new_heads": self.trains_new_heads if isinstance(self.trains_new_heads, str) else None,
+        }
+        return [
+            f"{what}={key!r} is not a parameter of {params_model.__name__}"
+            for what, key in keys.items()
+            if key is not None and key not in params_model.model_fields
+        ]
 
     @property
     def default_fusion(self) -> str:
@@ -58,8 +92,10 @@ class Requirements:
         if fusion in self.fusions:
             return None
         allowed = ", ".join(self.fusions)
-        return (f"objective.name={objective} needs model.fusion in [{allowed}] (or auto, which picks "
-                f"{self.default_fusion}), got model.fusion={fusion}")
+        return (
+            f"objective.name={objective} needs model.fusion in [{allowed}] (or auto, which picks "
+            f"{self.default_fusion}), got model.fusion={fusion}"
+        )
 
 
 @dataclass(frozen=True)
@@ -167,17 +203,72 @@ class AddHead:
 StructuralChange = AddHead
 
 
+@dataclass(frozen=True)
+class ParameterGroups:
+    """The model's parameters by role, for ``perturb_gradients``; each parameter is in one list.
+
+    ``encoders[m]``: modality m's encoder. ``heads[m]``: the classifier layers only modality m's
+    logits use (mean/sum: its linear head; boost: its ``A_m^k``, added heads included; concat:
+    none). ``shared``: what every modality's logits pass through (the concat head and its ``G``,
+    boost's ``F``). A parameter's ``grad`` is None when this loss group did not reach it.
+    """
+
+    encoders: dict[str, list[nn.Parameter]]
+    heads: dict[str, list[nn.Parameter]]
+    shared: list[nn.Parameter]
+
+    def modality(self, m: str) -> list[nn.Parameter]:
+        """Encoder and own heads of modality ``m``."""
+        return [*self.encoders[m], *self.heads[m]]
+
+    def all(self) -> list[nn.Parameter]:
+        return [*(p for m in self.encoders for p in self.modality(m)), *self.shared]
+
+
+@dataclass
+class GradientContext:
+    """What ``perturb_gradients`` receives for one loss group, after the cross-rank average.
+
+    ``seed`` is the same on every rank for a given (recipe seed, global step, group index), and so
+    is every draw from ``generator`` (a ``torch.Generator`` on the model's device, built on first
+    use from ``seed``): noise drawn from it is identical across ranks. ``params`` groups the
+    parameters by modality (built on first use). ``result`` is this batch's ``StepResult`` (its
+    ``stats`` / ``metrics`` carry what ``step`` measured, e.g. per-modality scores).
+    """
+
+    group: LossGroup
+    group_index: int
+    result: StepResult
+    step: int
+    epoch: int
+    world: DistInfo
+    seed: int
+    device: torch.device
+    collect_params: Callable[[], ParameterGroups]
+
+    @cached_property
+    def params(self) -> ParameterGroups:
+        return self.collect_params()
+
+    @cached_property
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+
 class Objective(Protocol):
     """What the engine calls. See docs/methods/protocol.md §6 for the lifecycle."""
 
     name: str
+    Params: ClassVar[type[BaseModel]]  # the parameter model: validation and the only defaults
     requirements: ClassVar[Requirements]
+    params: BaseModel  # the validated parameters this instance was built with
 
     @property
     def trains_new_heads(self) -> bool:
         """Whether the parameters of a head added by an ``AddHead`` join the optimizer. When
         False the engine freezes them (``requires_grad=False``): they still pass gradient to
-        the encoder and the shared head, but never hold a ``.grad`` of their own."""
+        the encoder and the shared head, but never hold a ``.grad`` of their own. Declared by
+        ``requirements.trains_new_heads`` (``StatelessObjective`` resolves it)."""
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         """Learn the modality names and check the model has the capabilities needed."""
@@ -188,7 +279,28 @@ class Objective(Protocol):
     def step(self, inputs: StepInputs) -> StepResult:
         """Losses, gradient multipliers and statistics for one batch."""
 
-    def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:
+    def perturb_gradients(self, ctx: GradientContext) -> None:
+        """Change this loss group's parameter gradients in place (``p.grad``) before they are
+        clipped and stepped: the slot for gradient-modulation methods (OGM-GE scales the
+        dominant modality's encoder gradients by a coefficient and adds Gaussian noise; any
+        per-parameter-group scaling). ``StatelessObjective``'s default does nothing.
+
+        The engine calls it once per loss group, after that group's backward and after the
+        gradients were averaged over ranks, then clips and steps. It sits after the average
+        because only there does every rank hold the same gradient, the one a single process
+        computes on the global batch: a coefficient read off gradients (norms, ratios) is the
+        same on every rank, and noise drawn from ``ctx.generator`` (seeded alike on every rank)
+        is added once and identically, so the ranks' parameters stay equal and the data-parallel
+        step is still the single-process step. Before the average a rank sees only its local
+        gradient, and independent per-rank noise would be averaged down (its variance divided by
+        the number of workers), so the result would depend on the worker count. It sits before
+        clipping so the clip bounds what is actually stepped. A parameter whose ``grad`` is None
+        takes no step: leave it None.
+        """
+
+    def on_epoch_end(
+        self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo
+    ) -> list[StructuralChange]:
         """Epoch-level decisions from reduced statistics; rank 0 decides, all apply."""
 
     def epoch_metrics(self) -> dict[str, float]:
@@ -199,12 +311,43 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class NoParams(BaseModel):
+    """The parameter model of an objective without parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def params_or_defaults(cls: type, params: P | None) -> P:
+    """``params`` if it is an instance of ``cls.Params``, ``cls.Params()`` (the defaults) for None."""
+    model = cls.Params
+    if params is None:
+        return model()
+    if not isinstance(params, model):
+        raise TypeError(
+            f"{cls.__name__} takes a {model.__name__} (or None for its defaults), got "
+            f"{type(params).__name__}; build_objective(name, {{...}}) validates a dict"
+        )
+    return params
+
+
 class StatelessObjective:
-    """Defaults for objectives without epoch logic or state (composition helper, not a base
-    class to override behaviour: objectives only inherit these no-op defaults)."""
+    """Defaults for objectives: the constructor (``cls(params)``, None -> ``cls.Params()``) and
+    no-op epoch logic, state and gradient hook (composition helper, not a base class to override
+    behaviour: objectives only inherit these defaults)."""
 
     name = "stateless"
-    trains_new_heads = True  # no structural changes, so nothing to freeze
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | None = None):
+        self.params = params_or_defaults(type(self), params)
+
+    @property
+    def trains_new_heads(self) -> bool:
+        """Whether an added head's parameters join the optimizer, from ``requirements``."""
+        return self.requirements.new_heads_trained(self.params)
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         self.modalities = list(modalities)
@@ -213,7 +356,9 @@ class StatelessObjective:
     def forward_context(self, phase: str, epoch: int) -> ForwardContext:
         return ForwardContext()
 
-    def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list[StructuralChange]:
+    def on_epoch_end(
+        self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo
+    ) -> list[StructuralChange]:
         return []
 
     def epoch_metrics(self) -> dict[str, float]:
@@ -224,6 +369,59 @@ class StatelessObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+    def perturb_gradients(self, ctx: GradientContext) -> None:
+        """No gradient modulation (see ``Objective.perturb_gradients`` for where it runs)."""
+        return None
+
+
+# name -> Registered(class, Params), filled by ``register_objective`` as each module of the
+# package is imported (``mmbalance.objectives`` imports them all); read it from there.
+OBJECTIVES: dict[str, Registered] = {}
+
+_PROTOCOL_METHODS = (
+    "bind",
+    "forward_context",
+    "step",
+    "on_epoch_end",
+    "epoch_metrics",
+    "state_dict",
+    "load_state_dict",
+    "perturb_gradients",
+)
+ObjectiveClass = TypeVar("ObjectiveClass", bound=type)
+
+
+def register_objective(cls: ObjectiveClass) -> ObjectiveClass:
+    """Class decorator: list ``cls`` in ``OBJECTIVES`` under ``cls.name`` with ``cls.Params``.
+
+    Checks the declaration at import time, so a misdeclared objective fails at once with its
+    name: ``name`` an identifier not already taken, ``Params`` a pydantic model that forbids
+    unknown keys and whose defaults validate, ``requirements`` a ``Requirements`` naming only
+    parameters ``Params`` has, and every protocol method present.
+    """
+    name, params, needs = getattr(cls, "name", None), getattr(cls, "Params", None), getattr(cls, "requirements", None)
+    problems = []
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        problems.append(f"Params must be a pydantic model class, got {params!r}")
+    elif params.model_config.get("extra") != "forbid":
+        problems.append(
+            f"{params.__name__} must set model_config = ConfigDict(extra='forbid') (unknown recipe keys are errors)"
+        )
+    else:
+        try:
+            params()
+        except ValueError as err:  # pydantic's ValidationError
+            problems.append(f"{params.__name__}() must validate (every field needs a default): {err}")
+    if not isinstance(needs, Requirements):
+        problems.append("requirements must be a Requirements(...) class attribute")
+    elif not problems:
+        problems += needs.params_problems(params)
+    problems += [f"missing protocol method {m}()" for m in _PROTOCOL_METHODS if not callable(getattr(cls, m, None))]
+    if problems:
+        raise TypeError(f"objective {cls.__module__}.{cls.__qualname__} (name={name!r}): " + "; ".join(problems))
+    add_entry(OBJECTIVES, name, Registered(cls, params), "objective")
+    return cls
 
 
 def cross_entropy_per_sample(logits: Tensor, labels: Tensor) -> Tensor:

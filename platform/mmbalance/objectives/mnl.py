@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mmbalance.objectives.base import (DistInfo, LossGroup, Requirements, StatelessObjective, StepInputs, StepResult,
-                                       cross_entropy_per_sample)
+from mmbalance.objectives.base import (
+    DistInfo,
+    LossGroup,
+    Requirements,
+    StatelessObjective,
+    StepInputs,
+    StepResult,
+    cross_entropy_per_sample,
+    register_objective,
+)
 
 Scope = Literal["nontarget", "all"]
 Normalize = Literal["BC", "B", "selected"]
@@ -32,9 +40,15 @@ class MNLParams(BaseModel):
         "confidence_ucom", pattern=GUIDANCE_PATTERN, description="confidence_ucom | confidence | prior:<modality>"
     )
     scope: Scope = Field("nontarget", description="nontarget: (1-Y) p_d (paper); all: every class of p_d")
-    include_target_ce: bool = Field(True, description="official code adds -log q_w,y on guided samples; the paper does not")
-    normalize: Normalize = Field("BC", description="BC: official mean over B*C; B: per sample; selected: per guided sample")
-    competitor: Competitor = Field("fused", description="fused: shared argmax of softmax(z_f) (official); own: per modality")
+    include_target_ce: bool = Field(
+        True, description="official code adds -log q_w,y on guided samples; the paper does not"
+    )
+    normalize: Normalize = Field(
+        "BC", description="BC: official mean over B*C; B: per sample; selected: per guided sample"
+    )
+    competitor: Competitor = Field(
+        "fused", description="fused: shared argmax of softmax(z_f) (official); own: per modality"
+    )
 
 
 def competitor_classes(logits: Tensor, labels: Tensor) -> Tensor:
@@ -49,7 +63,11 @@ def criteria(unimodal: Tensor, fused: Tensor, labels: Tensor, competitor: Compet
     z = unimodal.detach()  # [M, B, C]
     target = labels.expand(z.shape[0], -1).unsqueeze(-1)  # [M, B, 1]
     pi = z.softmax(-1).gather(-1, target).squeeze(-1)  # [M, B]
-    j = competitor_classes(fused, labels).expand(z.shape[0], -1) if competitor == "fused" else competitor_classes(z, labels)
+    j = (
+        competitor_classes(fused, labels).expand(z.shape[0], -1)
+        if competitor == "fused"
+        else competitor_classes(z, labels)
+    )
     xi = (z.gather(-1, target) - z.gather(-1, j.unsqueeze(-1))).squeeze(-1)  # [M, B], UCoM in logit space
     return pi, xi
 
@@ -76,8 +94,14 @@ def guidance_masks(pi: Tensor, xi: Tensor, guidance: str, prior_index: int | Non
 
 
 def pair_losses(
-    unimodal: Tensor, labels: Tensor, masks: Tensor, lam: float, scope: Scope, include_target_ce: bool,
-    normalize: Normalize, world: DistInfo | None = None,
+    unimodal: Tensor,
+    labels: Tensor,
+    masks: Tensor,
+    lam: float,
+    scope: Scope,
+    include_target_ce: bool,
+    normalize: Normalize,
+    world: DistInfo | None = None,
 ) -> Tensor:
     """[M, B, C] logits, bool [M, M, B] masks -> [M, M] with L_{d->w} at [d, w] (§1.2 step 7).
 
@@ -104,6 +128,7 @@ def pair_losses(
     return summed * world.world_size / count.clamp(min=1.0)
 
 
+@register_objective
 class MNL(StatelessObjective):
     """Multimodal Negative Learning (Gong et al., NeurIPS'25, arXiv:2510.20877).
 
@@ -127,18 +152,13 @@ class MNL(StatelessObjective):
     """
 
     name = "mnl"
+    Params = MNLParams
+    params: MNLParams
     # One linear head per modality with z_f their mean / sum: the guidance terms act on z_m.
     requirements = Requirements(fusions=("mean", "sum"), warmup_key="warmup_epochs")
 
-    def __init__(
-        self, lam: float = 0.7, warmup_epochs: int = 0, guidance: str = "confidence_ucom", scope: Scope = "nontarget",
-        include_target_ce: bool = True, normalize: Normalize = "BC", competitor: Competitor = "fused",
-    ):
-        params = MNLParams(
-            lam=lam, warmup_epochs=warmup_epochs, guidance=guidance, scope=scope,
-            include_target_ce=include_target_ce, normalize=normalize, competitor=competitor,
-        )
-        self.params = params
+    def __init__(self, params: MNLParams | None = None):
+        super().__init__(params)
         self.prior_index: int | None = None
         self.modalities: list[str] = []
         self._epoch_metrics: dict[str, float] = {}
@@ -159,7 +179,9 @@ class MNL(StatelessObjective):
         base = fused + sum(unimodal.values())  # LF with omega = 1, summed as LF does (exact equality)
         metrics = {"loss_fused": fused.detach(), **{f"loss_{m}": v.detach() for m, v in unimodal.items()}}
         if inputs.epoch < self.params.warmup_epochs:
-            masks = torch.zeros(len(self.modalities), len(self.modalities), y.shape[0], dtype=torch.bool, device=y.device)
+            masks = torch.zeros(
+                len(self.modalities), len(self.modalities), y.shape[0], dtype=torch.bool, device=y.device
+            )
             return StepResult(losses=[LossGroup(base)], stats=self._stats(masks), metrics=metrics)
         z = torch.stack([out.unimodal_logits[m] for m in self.modalities])  # [M, B, C]
         pi, xi = criteria(z, out.fused_logits, y, self.params.competitor)  # [M, B] each
@@ -183,7 +205,9 @@ class MNL(StatelessObjective):
         return stats
 
     def on_epoch_end(self, epoch: int, epoch_stats: dict[str, tuple[Tensor, Tensor]], world: DistInfo) -> list:
-        metrics = {name: float(s) / max(float(c), 1.0) for name, (s, c) in epoch_stats.items() if name.startswith("mnl_")}
+        metrics = {
+            name: float(s) / max(float(c), 1.0) for name, (s, c) in epoch_stats.items() if name.startswith("mnl_")
+        }
         metrics["mnl_active"] = float(epoch >= self.params.warmup_epochs)
         self._epoch_metrics = metrics
         return []

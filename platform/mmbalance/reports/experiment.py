@@ -27,8 +27,18 @@ WARMUP = "objective.warmup_epochs"
 GUIDANCE = "objective.guidance"
 SCOPE = "objective.scope"
 FUSION = "model.fusion"
-FIXED_COLUMNS = ("trial_id", "seed", "epochs_run", "stop_reason", "run_dir", "best_val", "best_epoch", "test_acc",
-                 "test_imbalance_ratio", "test_samples")
+FIXED_COLUMNS = (
+    "trial_id",
+    "seed",
+    "epochs_run",
+    "stop_reason",
+    "run_dir",
+    "best_val",
+    "best_epoch",
+    "test_acc",
+    "test_imbalance_ratio",
+    "test_samples",
+)
 FIXED_PREFIXES = ("test_acc_", "robust_", "test_shapley_")  # scores, never searched keys
 
 
@@ -85,7 +95,7 @@ def load_experiment(directory: str | Path) -> Experiment:
         raise FileNotFoundError(f"{path} does not exist: pass an experiment directory written by `mmbalance tune`")
     frame = pd.read_parquet(path)
     searched = searched_keys(frame)
-    modalities = [c[len("test_acc_"):] for c in frame.columns if c.startswith("test_acc_")]
+    modalities = [c[len("test_acc_") :] for c in frame.columns if c.startswith("test_acc_")]
     frame = frame.assign(_trial_dir=[str(_trial_dir(directory, row)) for _, row in frame.iterrows()])
     frame = _with_resolved_keys(frame)
     if not modalities:
@@ -96,14 +106,17 @@ def load_experiment(directory: str | Path) -> Experiment:
 
 def searched_keys(frame: pd.DataFrame) -> list[str]:
     """Every column outside the fixed results schema: the space's keys and bundle labels."""
-    return [c for c in frame.columns if c not in FIXED_COLUMNS and not c.startswith(FIXED_PREFIXES)
-            and not c.startswith("_")]
+    return [
+        c
+        for c in frame.columns
+        if c not in FIXED_COLUMNS and not c.startswith(FIXED_PREFIXES) and not c.startswith("_")
+    ]
 
 
 def parse_robust_column(column: str, modalities: list[str]) -> RobustColumn | None:
     if not column.startswith("robust_"):
         return None
-    name = column[len("robust_"):]
+    name = column[len("robust_") :]
     for m in modalities:
         if name == f"missing_{m}":
             return RobustColumn(column, "missing", m)
@@ -140,7 +153,7 @@ def _resolved_keys(config_path: Path) -> dict[str, Any]:
     tree = yaml.safe_load(config_path.read_text()) or {}
     objective = dict(tree.get("objective") or {})
     name = objective.pop("name", "lf")
-    params = OBJECTIVES[name][1]().model_dump() if name in OBJECTIVES else {}
+    params = OBJECTIVES[name].params().model_dump() if name in OBJECTIVES else {}
     params.update(objective)
     keys = {OBJECTIVE: name, **{f"objective.{k}": _cell(v) for k, v in params.items()}}
     keys[FUSION] = (tree.get("model") or {}).get("fusion", "mean")
