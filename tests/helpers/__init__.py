@@ -4,7 +4,8 @@ test modules import them by name (``from helpers import recipe_dict``) instead o
 
 Submodules: ``convert`` (read converted shards back, train one epoch on them), ``media`` and
 ``text`` (generated WAV/JPEG/video files and a local tokenizer), ``cremad_tree`` (a tiny CREMA-D
-fixture tree), ``wandb_offline`` (read an offline W&B run back), ``ray_resources`` (wait for
+fixture tree), ``wandb_offline`` (read an offline W&B run back), ``distributed`` (run gloo ranks
+and compare them with one process), ``ray_resources`` (wait for
 Ray's resources to return) and ``study_rows`` (hand-made study results).
 """
 
@@ -24,8 +25,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def small_spec(modalities: int = 2, seed: int = 0) -> SyntheticSpec:
     names = ["audio", "visual", "text"][:modalities]
     signals = [0.55, 0.22, 0.3]
-    return SyntheticSpec(samples={"train": 512, "val": 128, "test": 128}, classes=4,
-                         modalities={m: SyntheticModality(dim=8, signal=s * 2) for m, s in zip(names, signals)}, seed=seed)
+    return SyntheticSpec(
+        samples={"train": 512, "val": 128, "test": 128},
+        classes=4,
+        modalities={m: SyntheticModality(dim=8, signal=s * 2) for m, s in zip(names, signals)},
+        seed=seed,
+    )
 
 
 def recipe_dict(shards: Path, modalities=("audio", "visual"), **sections) -> dict:

@@ -1,6 +1,7 @@
-"""``mmbalance demo``: ``prepare synthetic`` + ``compare`` (the shipped demo study: LF, joint
-training, MNL with its λ × warm-up × guidance ASHA search, ARL and each modality alone, on one
-budget) + ``report``, from any directory."""
+"""``mmbalance demo``: ``prepare synthetic`` + ``compare`` + ``report``, from any directory.
+
+The shipped demo study compares LF, joint training, MNL with its λ × warm-up × guidance ASHA
+search, ARL and each modality alone, on one budget."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ DEMO_STUDY = "search_spaces/study_demo.yaml"
 DEMO_WANDB_COST = "logging its 42 trials costs about 4.5 more minutes on 2 CPUs"
 
 
-def demo(out: str = "demo", *, recipe: str = DEMO_RECIPE, study: str = DEMO_STUDY,
-         trials: int | None = None, seeds: list[int] | None = None, overrides: list[str] = (),
-         wandb: str = "disabled", verbose: bool = False) -> Path:
+def demo(
+    out: str = "demo",
+    *,
+    recipe: str = DEMO_RECIPE,
+    study: str = DEMO_STUDY,
+    trials: int | None = None,
+    seeds: list[int] | None = None,
+    overrides: list[str] = (),
+    wandb: str = "disabled",
+    verbose: bool = False,
+) -> Path:
     """The demo owns ``out``: it replaces its own earlier dataset and study, and says so.
     Returns the report's path."""
     from mmbalance.data.synthetic import prepare_synthetic
@@ -38,8 +47,13 @@ def demo(out: str = "demo", *, recipe: str = DEMO_RECIPE, study: str = DEMO_STUD
     print(f"[2/3] comparing the methods of {study_file} on it (Ray Tune, the same budget for every method)", flush=True)
     if wandb == "disabled":
         print(f"W&B is off for the demo: {DEMO_WANDB_COST} (--wandb offline turns it on)", flush=True)
-    options = SearchOptions(overrides=[f"data.path={shards}", *overrides, f"tracking.wandb={wandb}"],
-                            output=str(study_dir.path), overwrite=True, verbose=verbose, command="demo")
+    options = SearchOptions(
+        overrides=[f"data.path={shards}", *overrides, f"tracking.wandb={wandb}"],
+        output=str(study_dir.path),
+        overwrite=True,
+        verbose=verbose,
+        command="demo",
+    )
     compare(str(study_file), str(recipe_file), options, trials=trials, seeds=seeds)
     print("[3/3] writing the study report")
     report = write_report(study_dir.path)

@@ -1,5 +1,7 @@
 """``mmbalance eval RUN``: a run's best-val checkpoint scored under corruptions and missing
-modalities, with the transforms and condition labels of the run's own robustness scores
+modalities.
+
+The transforms and condition labels are those of the run's own robustness scores
 (``engine/evaluation.py``: ``missing_audio``, ``gaussian_visual_5``), so a table from this
 command and a search's ``robust_*`` columns name the same condition the same way."""
 
@@ -15,8 +17,16 @@ from mmbalance.layout import RunDir
 IMAGE_LIKE = ("image", "visual", "video", "frames", "rgb")
 
 
-def evaluate(checkpoint: str, *, split: str = "test", corrupt: list[str] = (), missing: list[str] = (),
-             p: float = 0.5, seed: int = 0, out: str | None = None) -> dict:
+def evaluate(
+    checkpoint: str,
+    *,
+    split: str = "test",
+    corrupt: list[str] = (),
+    missing: list[str] = (),
+    p: float = 0.5,
+    seed: int = 0,
+    out: str | None = None,
+) -> dict:
     """``corrupt``: ``[MODALITY=]NAME:L1,L2`` items; ``missing``: modalities to leave out, one
     condition each. Prints the table and writes it as JSON (default ``RUN/eval-<split>.json``)."""
     import yaml
@@ -37,8 +47,9 @@ def evaluate(checkpoint: str, *, split: str = "test", corrupt: list[str] = (), m
     for item in corrupt:
         modality, _, spec = item.rpartition("=")
         name, levels = parse_levels(spec)
-        sweeps.append(EvalCorruption(modality=modality or _default_modality(name, modalities), name=name,
-                                     levels=levels, p=p))
+        sweeps.append(
+            EvalCorruption(modality=modality or _default_modality(name, modalities), name=name, levels=levels, p=p)
+        )
     manifest = read_manifest(tree["data"]["path"])
     transforms = {**sweep_transforms(sweeps, seed, manifest), **missing_transforms(missing, manifest)}
     table = sweep(run.path, tree, split, transforms)
@@ -63,4 +74,6 @@ def _default_modality(name: str, modalities: list[str]) -> str:
     candidates = [m for m in modalities if m in IMAGE_LIKE] if name in ("gaussian", "salt_pepper") else []
     if len(candidates) == 1:
         return candidates[0]
-    raise ConfigError(f"--corrupt {name}: say which modality, e.g. {modalities[0]}={name}:0,5,10 (modalities: {modalities})")
+    raise ConfigError(
+        f"--corrupt {name}: say which modality, e.g. {modalities[0]}={name}:0,5,10 (modalities: {modalities})"
+    )

@@ -16,9 +16,19 @@ from mmbalance.data.convert import CONVERTERS, build_converter
 from mmbalance.data.manifest import split_order
 
 
-def prepare(name: str, *, out: str, settings: dict[str, Any], root: str | None = None, overwrite: bool = False,
-            skip_bad: bool = False, engine: str = "ray", chunk_size: int = 64, address: str | None = None,
-            num_cpus: int | None = None) -> None:
+def prepare(
+    name: str,
+    *,
+    out: str,
+    settings: dict[str, Any],
+    root: str | None = None,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    engine: str = "ray",
+    chunk_size: int = 64,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> None:
     """Validate ``settings`` and the paths, then write the shards of dataset ``name`` to ``out``."""
     entry = CONVERTERS[name]
     try:
@@ -31,14 +41,27 @@ def prepare(name: str, *, out: str, settings: dict[str, Any], root: str | None =
     if chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
     if storage.is_uri(out):
-        raise ConfigError(f"--out {out}: conversion writes to a file system path (local or a shared volume); "
-                          "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)")
+        raise ConfigError(
+            f"--out {out}: conversion writes to a file system path (local or a shared volume); "
+            "copy the finished shards to object storage afterwards (recipes read s3:// and gs:// shards)"
+        )
     if not Path(root).is_dir():  # before Ray starts (seconds to minutes) and before anything is written
-        raise ConfigError(f"--root {root}: dataset root does not exist; pass the {name} folder in its distributed "
-                          "layout (docs/datasets.md)")
+        raise ConfigError(
+            f"--root {root}: dataset root does not exist; pass the {name} folder in its distributed "
+            "layout (docs/datasets.md)"
+        )
     check_shards_out(out, overwrite, reads=[root])
-    _convert(converter, root, out, overwrite=overwrite, skip_bad=skip_bad, engine=engine, chunk_size=chunk_size,
-             address=address, num_cpus=num_cpus)
+    _convert(
+        converter,
+        root,
+        out,
+        overwrite=overwrite,
+        skip_bad=skip_bad,
+        engine=engine,
+        chunk_size=chunk_size,
+        address=address,
+        num_cpus=num_cpus,
+    )
 
 
 def _write_in_memory(writer, root: str | None, out: str, overwrite: bool) -> None:
@@ -46,14 +69,25 @@ def _write_in_memory(writer, root: str | None, out: str, overwrite: bool) -> Non
     print_prepared(out, writer.write(Path(root) if root else None, out, overwrite=overwrite))
 
 
-def _convert(converter, root: str, out: str, *, overwrite: bool, skip_bad: bool, engine: str, chunk_size: int,
-             address: str | None, num_cpus: int | None) -> None:
+def _convert(
+    converter,
+    root: str,
+    out: str,
+    *,
+    overwrite: bool,
+    skip_bad: bool,
+    engine: str,
+    chunk_size: int,
+    address: str | None,
+    num_cpus: int | None,
+) -> None:
     from mmbalance.data.convert.pipeline import convert
 
     started_ray = engine == "ray" and _start_ray(address, num_cpus)
     try:
-        manifest = convert(converter, root, out, engine=engine, skip_bad=skip_bad, overwrite=overwrite,
-                           chunk_size=chunk_size)
+        manifest = convert(
+            converter, root, out, engine=engine, skip_bad=skip_bad, overwrite=overwrite, chunk_size=chunk_size
+        )
     finally:
         if started_ray:
             import ray
@@ -62,7 +96,10 @@ def _convert(converter, root: str, out: str, *, overwrite: bool, skip_bad: bool,
     print_prepared(out, manifest)
     skipped = manifest.preprocessing.get("skipped_bad", {}).get("count", 0)
     if skipped:
-        print(f"skipped {skipped} sample(s) with missing or corrupt files (listed in manifest.json preprocessing.skipped_bad)")
+        print(
+            f"skipped {skipped} sample(s) with missing or corrupt files "
+            "(listed in manifest.json preprocessing.skipped_bad)"
+        )
 
 
 def _start_ray(address: str | None, num_cpus: int | None) -> bool:

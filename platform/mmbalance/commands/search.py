@@ -35,8 +35,15 @@ class SearchOptions:
     command: str = "tune"  # how error messages name the command
 
     def resources(self) -> dict[str, Any]:
-        return {k: v for k, v in {"max_concurrent": self.max_concurrent, "workers": self.workers,
-                                  "gpus_per_worker": self.gpus_per_worker}.items() if v is not None}
+        return {
+            k: v
+            for k, v in {
+                "max_concurrent": self.max_concurrent,
+                "workers": self.workers,
+                "gpus_per_worker": self.gpus_per_worker,
+            }.items()
+            if v is not None
+        }
 
 
 def tune(space: str, recipe: str, options: SearchOptions, *, samples: int | None = None) -> None:
@@ -55,13 +62,25 @@ def tune(space: str, recipe: str, options: SearchOptions, *, samples: int | None
         print(f"note: --set {key}={overrides[key]} beats the space's set: {key}: {loaded.set[key]}")
     output = SearchDir(options.output or Path("runs") / f"tune-{space_file.stem}")
     if not options.resume and output.holds_search() and not options.overwrite:
-        raise ConfigError(f"{output.path} already holds a search; pass --resume to finish it or --overwrite to replace it")
+        raise ConfigError(
+            f"{output.path} already holds a search; pass --resume to finish it or --overwrite to replace it"
+        )
     _claim(output.path, outputs.SEARCH, options, base, overrides)
-    print(f"search {space_file}: {loaded.trial_count()} trials, scheduler {loaded.scheduler.name}, "
-          f"up to {loaded.max_concurrent} at once, {loaded.workers or 'in-process'} worker(s) per trial -> {output.path}")
+    print(
+        f"search {space_file}: {loaded.trial_count()} trials, scheduler {loaded.scheduler.name}, "
+        f"up to {loaded.max_concurrent} at once, {loaded.workers or 'in-process'} worker(s) per trial -> {output.path}"
+    )
     try:
-        frame = run_search(loaded, base, output.path, resume=options.resume, storage=options.storage,
-                           address=options.address, overrides=overrides, verbose=options.verbose)
+        frame = run_search(
+            loaded,
+            base,
+            output.path,
+            resume=options.resume,
+            storage=options.storage,
+            address=options.address,
+            overrides=overrides,
+            verbose=options.verbose,
+        )
     except SearchFailed as err:  # the search ran: exit 1 (2 is for what was refused before it ran)
         if err.frame is not None:
             _print_search(err.frame, loaded, output)
@@ -70,8 +89,9 @@ def tune(space: str, recipe: str, options: SearchOptions, *, samples: int | None
     _print_search(frame, loaded, output)
 
 
-def compare(study: str, recipe: str, options: SearchOptions, *, trials: int | None = None,
-            seeds: list[int] | None = None) -> dict:
+def compare(
+    study: str, recipe: str, options: SearchOptions, *, trials: int | None = None, seeds: list[int] | None = None
+) -> dict:
     """Every method's search, then every method's best on the study's seeds; prints the verdicts
     and returns the summary (``study.json``)."""
     from mmbalance.config import load_recipe_dict
@@ -94,16 +114,28 @@ def compare(study: str, recipe: str, options: SearchOptions, *, trials: int | No
     methods = validate_study(loaded, base, overrides)  # exit 2 here, before Ray
     output = StudyDir(options.output or Path("runs") / f"compare-{study_file.stem}")
     if not options.resume and output.holds_study() and not options.overwrite:
-        raise ConfigError(f"{output.path} already holds a study; pass --resume to finish it or --overwrite to replace it")
+        raise ConfigError(
+            f"{output.path} already holds a study; pass --resume to finish it or --overwrite to replace it"
+        )
     _claim(output.path, outputs.STUDY, options, base, overrides)
     per_method = loaded.budget.trials * len(loaded.budget.seeds)
-    print(f"study {study_file}: {len(methods)} methods ({', '.join(methods)}), each: {per_method} search trials "
-          f"({loaded.budget.scheduler.name}), then its best on val trained on {len(loaded.seeds)} seeds -> {output.path}",
-          flush=True)
+    print(
+        f"study {study_file}: {len(methods)} methods ({', '.join(methods)}), each: {per_method} search trials "
+        f"({loaded.budget.scheduler.name}), then its best on val trained on {len(loaded.seeds)} seeds -> {output.path}",
+        flush=True,
+    )
     try:
-        frame, chosen = run_study(loaded, base, output.path, resume=options.resume, storage=options.storage,
-                                  address=options.address, overrides=overrides,
-                                  say=lambda line: print(line, flush=True), verbose=options.verbose)
+        frame, chosen = run_study(
+            loaded,
+            base,
+            output.path,
+            resume=options.resume,
+            storage=options.storage,
+            address=options.address,
+            overrides=overrides,
+            say=lambda line: print(line, flush=True),
+            verbose=options.verbose,
+        )
     except SearchFailed as err:
         print(f"mmbalance {options.command}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -111,8 +143,7 @@ def compare(study: str, recipe: str, options: SearchOptions, *, trials: int | No
     write_summary(summary, output.path)
     print()
     print(format_verdicts(summary))
-    print(f"\nstudy: {output.summary}; results: {output.results}; "
-          f"runs: {output.methods}/<method>/{{search,final}}")
+    print(f"\nstudy: {output.summary}; results: {output.results}; runs: {output.methods}/<method>/{{search,final}}")
     return summary
 
 
@@ -130,10 +161,15 @@ def _print_search(frame, space, output: SearchDir) -> None:
     keys = list(space.space)
     stopped = int((frame["stop_reason"] == "stopped_early").sum())
     failed = int((frame["stop_reason"] == "error").sum())
-    print(f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name}" + (f", {failed} failed)" if failed else ")"))
+    print(
+        f"\n{len(frame)} trials ({stopped} stopped early by {space.scheduler.name}"
+        + (f", {failed} failed)" if failed else ")")
+    )
     print(format_leaderboard(leaderboard(frame, keys), keys))
-    print(f"\nresults: {output.results} (also .csv, .json); trial runs: {output.trials}/<trial id>; "
-          f"make the report with: mmbalance report {output.path}")
+    print(
+        f"\nresults: {output.results} (also .csv, .json); trial runs: {output.trials}/<trial id>; "
+        f"make the report with: mmbalance report {output.path}"
+    )
     wandb_dir = output.path / "wandb"
     if wandb_dir.is_dir():
         print(f"W&B runs: {wandb_dir} (offline runs upload with: wandb sync {wandb_dir}/offline-run-*)")

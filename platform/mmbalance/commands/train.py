@@ -23,8 +23,16 @@ class RayOptions:
     max_failures: int = 1
 
 
-def train(recipe: str, *, overrides: list[str], output: str | None = None, resume: bool = False,
-          overwrite: bool = False, ray: RayOptions = RayOptions(), force_ray: bool = False) -> dict:
+def train(
+    recipe: str,
+    *,
+    overrides: list[str],
+    output: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    ray: RayOptions = RayOptions(),
+    force_ray: bool = False,
+) -> dict:
     """Validate the recipe against its data (a bad shard stops here, before any worker starts),
     claim the run directory, train, print the result line. ``force_ray``: ``--workers`` was
     given, so even one worker runs as a TorchTrainer."""
@@ -51,7 +59,9 @@ def train(recipe: str, *, overrides: list[str], output: str | None = None, resum
 def absolute_data(recipe):
     """The recipe with a local ``data.path`` made absolute: ``config.yaml`` records it, and
     `mmbalance eval` (or a resume) from another directory must find the same data."""
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": storage.absolute(recipe.data.path)})})
+    return recipe.model_copy(
+        update={"data": recipe.data.model_copy(update={"path": storage.absolute(recipe.data.path)})}
+    )
 
 
 def prepare_run_dir(run: RunDir, *, resume: bool, overwrite: bool, reads: list[str]) -> None:
@@ -75,18 +85,28 @@ def _train_on_ray(spec, manifest, ray: RayOptions) -> dict:
     request = Request(workers=scaling.workers, gpus_per_worker=scaling.gpus_per_worker)
     started_here = connect(request, ray.address)
     check_fits(request, autoscaling=not started_here)
-    fit(spec, manifest, workers=request.workers, gpus_per_worker=request.gpus_per_worker,
-        max_failures=ray.max_failures, storage_path=ray.storage)
+    fit(
+        spec,
+        manifest,
+        workers=request.workers,
+        gpus_per_worker=request.gpus_per_worker,
+        max_failures=ray.max_failures,
+        storage_path=ray.storage,
+    )
     result_file = RunDir(spec.output).result
     if not result_file.is_file():
-        raise RuntimeError(f"training finished but {result_file} is missing (on a multi-node cluster --output must be "
-                           "on storage every node shares)")
+        raise RuntimeError(
+            f"training finished but {result_file} is missing (on a multi-node cluster --output must be "
+            "on storage every node shares)"
+        )
     return json.loads(result_file.read_text())
 
 
 def _print_result(result: dict, run: RunDir, seconds: float) -> None:
     test = result["test"]
     per_mod = ", ".join(f"{m} {acc:.4f}" for m, acc in test["acc_per_modality"].items())
-    print(f"best val acc {result['val']['best_acc']:.4f} (epoch {result['val']['best_epoch']}); "
-          f"test acc {test['acc']:.4f} (per modality: {per_mod}); {seconds:.1f}s")
+    print(
+        f"best val acc {result['val']['best_acc']:.4f} (epoch {result['val']['best_epoch']}); "
+        f"test acc {test['acc']:.4f} (per modality: {per_mod}); {seconds:.1f}s"
+    )
     print(f"run written to {run.path} (result.json, metrics.jsonl, config.yaml, checkpoints/)")

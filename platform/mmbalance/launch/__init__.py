@@ -1,2 +1,2 @@
-"""Starting work on Ray: the Train driver behind `mmbalance train --workers` (and Tune trials),
-connecting to and sizing a Ray cluster, and `mmbalance submit` (Ray Jobs)."""
+"""Starting work on Ray: the Train driver behind `mmbalance train --workers` (and Tune trials)
+and its failure policy, connecting to and sizing a Ray cluster, and `mmbalance submit` (Ray Jobs)."""

@@ -1,6 +1,8 @@
-"""The verdict table a study prints at the end: method, fused accuracy and the weak modality's
-accuracy (mean ± t interval over seeds), the paired difference from the baseline, and whether
-it is significant after the correction. Only a difference whose corrected test rejects and
+"""The verdict table a study prints at the end: each method's accuracy, its difference from
+the baseline, and whether that difference is significant.
+
+Fused accuracy and the weak modality's accuracy are a mean ± t interval over seeds, the
+difference is paired, and significance is after the correction. Only a difference whose corrected test rejects and
 whose interval excludes zero is called better or worse; everything else reads "no significant
 difference". The weak modality is the one the baseline scores lowest on test."""
 
@@ -11,8 +13,11 @@ from typing import Any
 
 def weak_modality(summary: dict[str, Any]) -> str | None:
     scores = summary["methods"][summary["baseline"]]["scores"]
-    per_modality = {k.removeprefix("test_acc_"): v["mean"] for k, v in scores.items()
-                    if k.startswith("test_acc_") and v["mean"] is not None}
+    per_modality = {
+        k.removeprefix("test_acc_"): v["mean"]
+        for k, v in scores.items()
+        if k.startswith("test_acc_") and v["mean"] is not None
+    }
     return min(per_modality, key=per_modality.get) if per_modality else None
 
 
@@ -42,20 +47,32 @@ def verdict_rows(summary: dict[str, Any]) -> list[list[str]]:
             diff = f"{versus['difference']:+.4f} [{versus['difference_low']:+.4f}, {versus['difference_high']:+.4f}]"
             verdict = versus["verdict"]
         alone = alone_vs.get(name)
-        rows.append([name, _cell(scores.get("test_acc")), _cell(weak_score), diff, verdict,
-                     alone["verdict"] if alone else ""])
+        rows.append(
+            [name, _cell(scores.get("test_acc")), _cell(weak_score), diff, verdict, alone["verdict"] if alone else ""]
+        )
     return rows
 
 
 def format_verdicts(summary: dict[str, Any]) -> str:
     weak = weak_modality(summary) or "weak"
     best_alone = summary.get("best_alone") or "best alone"
-    header = ["method", "test fused (mean ± 95% CI)", f"test {weak}", f"fused − {summary['baseline']} [95% CI]",
-              f"vs {summary['baseline']}", f"vs {best_alone}"]
+    header = [
+        "method",
+        "test fused (mean ± 95% CI)",
+        f"test {weak}",
+        f"fused − {summary['baseline']} [95% CI]",
+        f"vs {summary['baseline']}",
+        f"vs {best_alone}",
+    ]
     rows = verdict_rows(summary)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
     alpha = summary["alpha"]
-    notes = (f"{len(summary['seeds'])} seeds per method; {summary['interval']}; {summary['test']} "
-             f"({summary['correction']}, alpha {alpha:g})")
+    notes = (
+        f"{len(summary['seeds'])} seeds per method; {summary['interval']}; {summary['test']} "
+        f"({summary['correction']}, alpha {alpha:g})"
+    )
     return "\n".join([line(header), *(line(r) for r in rows), notes])

@@ -1,2 +1,2 @@
-"""Ray Tune: searches (one Tuner per phase), their parameter spaces, per-method ASHA, the failure
-rule, studies over seeds and the equal-budget comparison."""
+"""Ray Tune: searches (one Tuner per phase), their parameter spaces, per-method ASHA, studies over
+seeds and the equal-budget comparison."""
