@@ -25,11 +25,15 @@ from mmbalance.tune.space import SearchSpace
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 9
 SPACE = {
-    "space": {"objective.lam": {"grid": [0.1, 0.3, 1.0, 3.0, 10.0]},
-              "objective.warmup_epochs": {"grid": [0, 1]},
-              "objective.guidance": {"grid": ["prior:audio", "confidence", "confidence_ucom"]}},
+    "space": {
+        "objective.lam": {"grid": [0.1, 0.3, 1.0, 3.0, 10.0]},
+        "objective.warmup_epochs": {"grid": [0, 1]},
+        "objective.guidance": {"grid": ["prior:audio", "confidence", "confidence_ucom"]},
+    },
     "set": {"objective.name": "mnl", "model.fusion": "mean", "schedule.epochs": EPOCHS},
-    "seeds": [0], "max_concurrent": 2, "workers": 0,
+    "seeds": [0],
+    "max_concurrent": 2,
+    "workers": 0,
 }
 
 
@@ -44,19 +48,27 @@ def main() -> None:
     base = yaml.safe_load((REPO / "trainables" / "synthetic.yaml").read_text())
     base["data"]["path"] = str(shards)
     runs = {}
-    for name, scheduler in (("grid", {"name": "fifo"}),
-                            ("asha", {"name": "asha", "grace_period": 1, "reduction_factor": 3, "max_t": EPOCHS})):
+    for name, scheduler in (
+        ("grid", {"name": "fifo"}),
+        ("asha", {"name": "asha", "grace_period": 1, "reduction_factor": 3, "max_t": EPOCHS}),
+    ):
         space = SearchSpace.model_validate({**SPACE, "scheduler": scheduler})
         shutil.rmtree(out / name, ignore_errors=True)
         frame = run_search(space, base, out / name)
-        runs[name] = (int(frame["epochs_run"].sum()), float(frame["best_val"].max()), len(frame),
-                      int((frame["stop_reason"] == "stopped_early").sum()))
+        runs[name] = (
+            int(frame["epochs_run"].sum()),
+            float(frame["best_val"].max()),
+            len(frame),
+            int((frame["stop_reason"] == "stopped_early").sum()),
+        )
     (grid_epochs, grid_best, trials, _), (asha_epochs, asha_best, _, stopped) = runs["grid"], runs["asha"]
     print(f"{trials} configurations x {EPOCHS} epochs; ASHA stopped {stopped} early")
     print(f"grid: {grid_epochs} epochs, best val {grid_best:.4f}")
     print(f"asha: {asha_epochs} epochs, best val {asha_best:.4f}")
-    print(f"epochs ASHA / grid: {asha_epochs / grid_epochs:.2f} (target <= 0.40); "
-          f"best val ASHA - grid: {100 * (asha_best - grid_best):+.2f} points (target >= -1)")
+    print(
+        f"epochs ASHA / grid: {asha_epochs / grid_epochs:.2f} (target <= 0.40); "
+        f"best val ASHA - grid: {100 * (asha_best - grid_best):+.2f} points (target >= -1)"
+    )
 
 
 if __name__ == "__main__":

@@ -68,19 +68,29 @@ def main() -> None:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         stamps: list[float] = []
         started, cpu = time.perf_counter(), os.times()
-        convert(converter, work / "raw", work / engine, engine=engine, chunk_size=args.chunk_size,
-                progress=lambda line: stamps.append(time.perf_counter()) if "done (" in line else None)
+        convert(
+            converter,
+            work / "raw",
+            work / engine,
+            engine=engine,
+            chunk_size=args.chunk_size,
+            progress=lambda line: stamps.append(time.perf_counter()) if "done (" in line else None,
+        )
         seconds = time.perf_counter() - started
         used = os.times()
         driver_cpu = (used.user - cpu.user) + (used.system - cpu.system)
         rates[engine] = args.clips / seconds
-        print(f"{engine:>5} engine: {seconds:6.1f} s, {rates[engine]:6.1f} clips/s "
-              f"(decoding {stamps[-1] - started:.1f} s, assembly {seconds - (stamps[-1] - started):.1f} s; "
-              f"driver CPU {driver_cpu:.1f} s)")
+        print(
+            f"{engine:>5} engine: {seconds:6.1f} s, {rates[engine]:6.1f} clips/s "
+            f"(decoding {stamps[-1] - started:.1f} s, assembly {seconds - (stamps[-1] - started):.1f} s; "
+            f"driver CPU {driver_cpu:.1f} s)"
+        )
     ray.shutdown()
     same = digest(work / "local") == digest(work / "ray")
-    print(f"ray / local throughput: {rates['ray'] / rates['local']:.2f} on {os.cpu_count()} CPUs; "
-          f"identical shards: {same}")
+    print(
+        f"ray / local throughput: {rates['ray'] / rates['local']:.2f} on {os.cpu_count()} CPUs; "
+        f"identical shards: {same}"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -35,9 +35,12 @@ class RayDataSource:
         self.dataset, self.modalities, self.rows, self.seed, self.buffer = dataset, modalities, rows, seed, buffer
 
     def train_batches(self, epoch, batch_size):
-        batches = self.dataset.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                                  local_shuffle_buffer_size=self.buffer,
-                                                  local_shuffle_seed=epoch_seed(self.seed, epoch))
+        batches = self.dataset.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=self.buffer,
+            local_shuffle_seed=epoch_seed(self.seed, epoch),
+        )
         return ((({m: b[m] for m in self.modalities}, b["label"]) for b in batches), self.rows // batch_size)
 
 
@@ -71,20 +74,39 @@ def main() -> None:
     local = measure(InMemorySource(recipe, manifest, device))
     ray.init(num_cpus=4, object_store_memory=500 * 1024**2, include_dashboard=False, log_to_driver=False)
     try:
-        streamed = measure(RayDataSource(build_datasets(recipe, manifest, str(args.shards), workers=1)["train"],
-                                         modalities, rows, recipe.seed, max(4 * batch, 256)))
-        cached = measure(RayDataSource(build_datasets(recipe, manifest, str(args.shards), workers=1, cache_train=True)["train"],
-                                       modalities, rows, recipe.seed, rows))
+        streamed = measure(
+            RayDataSource(
+                build_datasets(recipe, manifest, str(args.shards), workers=1)["train"],
+                modalities,
+                rows,
+                recipe.seed,
+                max(4 * batch, 256),
+            )
+        )
+        cached = measure(
+            RayDataSource(
+                build_datasets(recipe, manifest, str(args.shards), workers=1, cache_train=True)["train"],
+                modalities,
+                rows,
+                recipe.seed,
+                rows,
+            )
+        )
         fits = train_fits_in_cache(recipe, manifest)
     finally:
         ray.shutdown()
-    print(f"recipe={args.recipe} rows={rows} batch={batch} epochs timed={args.epochs - 1} threads={torch.get_num_threads()}")
+    print(
+        f"recipe={args.recipe} rows={rows} batch={batch} epochs timed={args.epochs - 1} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"in-process reader: {local:10.0f} samples/s")
     print(f"Ray Data, streamed train (file shuffle + buffer): {streamed:10.0f} samples/s  ratio {streamed / local:.2f}")
     print(f"Ray Data, cached train (full-shard shuffle):      {cached:10.0f} samples/s  ratio {cached / local:.2f}")
     chosen = cached if fits else streamed
-    print(f"this dataset {'fits' if fits else 'does not fit'} the cache: the trainer uses the "
-          f"{'cached' if fits else 'streamed'} path; ratio Ray Data / in-process: {chosen / local:.2f} (target >= 0.80)")
+    print(
+        f"this dataset {'fits' if fits else 'does not fit'} the cache: the trainer uses the "
+        f"{'cached' if fits else 'streamed'} path; ratio Ray Data / in-process: {chosen / local:.2f} (target >= 0.80)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from helpers import small_spec
 from mmbalance.data.synthetic import prepare_synthetic
 

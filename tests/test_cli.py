@@ -3,16 +3,16 @@
 import json
 import re
 import shutil
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from helpers import REPO, SHARED_DATA
-from mmbalance.tracking.records import experiment_id
 from helpers.wandb_offline import read_offline_run
+from mmbalance.tracking.records import experiment_id
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,36 @@ def test_console_script_is_installed():
 
 def test_prepare_then_train_writes_a_complete_run(tmp_path):
     shards = tmp_path / "shards"
-    done = _cli("prepare", "synthetic", "--out", shards, "--samples", 400, "--val-samples", 100, "--test-samples", 100,
-                "--classes", 4, "--dim", 8)
+    done = _cli(
+        "prepare",
+        "synthetic",
+        "--out",
+        shards,
+        "--samples",
+        400,
+        "--val-samples",
+        100,
+        "--test-samples",
+        100,
+        "--classes",
+        4,
+        "--dim",
+        8,
+    )
     assert done.returncode == 0, done.stderr
     assert "train 400, val 100, test 100" in done.stdout
     run = tmp_path / "run"
-    done = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", f"data.path={shards}",
-                "--set", "schedule.epochs=2", "--output", run)
+    done = _cli(
+        "train",
+        "--recipe",
+        REPO / "trainables" / "synthetic.yaml",
+        "--set",
+        f"data.path={shards}",
+        "--set",
+        "schedule.epochs=2",
+        "--output",
+        run,
+    )
     assert done.returncode == 0, done.stderr
     assert "val_acc" in done.stdout and "test acc" in done.stdout  # per-epoch table and summary
     result = json.loads((run / "result.json").read_text())
@@ -43,13 +66,24 @@ def test_prepare_then_train_writes_a_complete_run(tmp_path):
     assert set(result["test"]["acc_per_modality"]) == {"audio", "visual"}
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
-    again = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", f"data.path={shards}", "--output", run)
+    again = _cli(
+        "train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", f"data.path={shards}", "--output", run
+    )
     assert again.returncode == 2 and "--resume" in again.stderr  # a finished run is never silently overwritten
 
 
 def test_bad_recipe_fails_before_any_work_with_the_key_named(tmp_path):
-    done = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", "optim.lr=-1",
-                "--set", "objective.lamm=2", "--output", tmp_path / "run")
+    done = _cli(
+        "train",
+        "--recipe",
+        REPO / "trainables" / "synthetic.yaml",
+        "--set",
+        "optim.lr=-1",
+        "--set",
+        "objective.lamm=2",
+        "--output",
+        tmp_path / "run",
+    )
     assert done.returncode == 2
     assert "optim.lr" in done.stderr and "lamm: unknown key" in done.stderr
     assert "Traceback" not in done.stderr
@@ -57,8 +91,17 @@ def test_bad_recipe_fails_before_any_work_with_the_key_named(tmp_path):
 
 
 def test_objective_with_a_fusion_it_cannot_use_fails_before_any_work(tmp_path):
-    done = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", "objective.name=arm",
-                "--set", "model.fusion=mean", "--output", tmp_path / "run")
+    done = _cli(
+        "train",
+        "--recipe",
+        REPO / "trainables" / "synthetic.yaml",
+        "--set",
+        "objective.name=arm",
+        "--set",
+        "model.fusion=mean",
+        "--output",
+        tmp_path / "run",
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "objective.name=arm" in done.stderr and "model.fusion=mean" in done.stderr and "[concat]" in done.stderr
     assert not (tmp_path / "run").exists()
@@ -67,15 +110,27 @@ def test_objective_with_a_fusion_it_cannot_use_fails_before_any_work(tmp_path):
 def test_demo_prepares_compares_and_reports_from_outside_the_checkout(tmp_path):
     # The shipped recipe and demo study, on a smaller budget: 1 search trial and 2 seeds per method,
     # logged to W&B offline (the demo's default is off: it costs minutes on 2 CPUs).
-    done = _cli("demo", "--out", "demo", "--trials", "1", "--seeds", "0,1", "--set", "schedule.epochs=3",
-                "--wandb", "offline", cwd=tmp_path)
+    done = _cli(
+        "demo",
+        "--out",
+        "demo",
+        "--trials",
+        "1",
+        "--seeds",
+        "0,1",
+        "--set",
+        "schedule.epochs=3",
+        "--wandb",
+        "offline",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     study = tmp_path / "demo" / "study"
     frame = pd.read_parquet(study / "results.parquet")
     methods = ["lf", "joint", "mnl", "arl", "alone:audio", "alone:visual"]
     assert sorted(frame["method"].unique()) == sorted(methods)
     assert sorted(frame.groupby("phase").size().items()) == [("final", 12), ("search", 6)]
-    table = done.stdout[done.stdout.index("method "):]
+    table = done.stdout[done.stdout.index("method ") :]
     assert "test fused (mean ± 95% CI)" in table and all(m in table for m in methods)
     assert "(baseline)" in table
     assert f"report written to {Path('demo') / 'study' / 'report' / 'report.html'}" in done.stdout
@@ -96,8 +151,11 @@ def test_demo_prepares_compares_and_reports_from_outside_the_checkout(tmp_path):
     assert {r["run"]["run_group"] for r in runs} == {f"{m}-{study_id[:8]}" for m in methods}
     final = frame[frame["phase"] == "final"]
     for method, trial_id, test_acc in zip(final["method"], final["trial_id"], final["test_acc"]):
-        fragments = [r for r in runs if r["run"]["run_id"].endswith(f"-{trial_id}")
-                     and r["run"]["run_group"].startswith(f"{method}-")]
+        fragments = [
+            r
+            for r in runs
+            if r["run"]["run_id"].endswith(f"-{trial_id}") and r["run"]["run_group"].startswith(f"{method}-")
+        ]
         epochs = sorted(row["epoch"] for f in fragments for row in f["history"].values() if "epoch" in row)
         assert epochs == [0, 1, 2], (method, trial_id, epochs)
         summary = {k: v for f in fragments for k, v in f["summary"].items()}
@@ -118,8 +176,17 @@ def test_avdigits_prepare_command(tmp_path):
 
 def test_eval_prints_and_writes_accuracy_per_corruption_level_and_missing_modality(tmp_path, small_shards):
     run = tmp_path / "run"
-    done = _cli("train", "--recipe", REPO / "trainables" / "synthetic.yaml", "--set", f"data.path={small_shards}",
-                "--set", "schedule.epochs=2", "--output", run)
+    done = _cli(
+        "train",
+        "--recipe",
+        REPO / "trainables" / "synthetic.yaml",
+        "--set",
+        f"data.path={small_shards}",
+        "--set",
+        "schedule.epochs=2",
+        "--output",
+        run,
+    )
     assert done.returncode == 0, done.stderr
     done = _cli("eval", run, "--corrupt", "visual=gaussian:0,50", "--missing", "audio,visual")
     assert done.returncode == 0, done.stderr

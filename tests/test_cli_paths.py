@@ -8,9 +8,8 @@ import shutil
 
 import yaml
 
-from mmbalance.cli import main
-
 from helpers import REPO
+from mmbalance.cli import main
 
 
 def test_a_run_trained_with_a_relative_data_path_evaluates_from_another_directory(small_shards, tmp_path, monkeypatch):
@@ -18,8 +17,22 @@ def test_a_run_trained_with_a_relative_data_path_evaluates_from_another_director
     work.mkdir(), elsewhere.mkdir()
     shutil.copytree(small_shards, work / "shards")
     monkeypatch.chdir(work)
-    assert main(["train", "--recipe", str(REPO / "trainables" / "synthetic.yaml"), "--set", "data.path=shards",
-                 "schedule.epochs=1", "tracking.wandb=disabled", "--output", "run"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(REPO / "trainables" / "synthetic.yaml"),
+                "--set",
+                "data.path=shards",
+                "schedule.epochs=1",
+                "tracking.wandb=disabled",
+                "--output",
+                "run",
+            ]
+        )
+        == 0
+    )
     recorded = yaml.safe_load((work / "run" / "config.yaml").read_text())["data"]["path"]
     assert recorded == str(work / "shards")  # absolute, not "shards"
     monkeypatch.chdir(elsewhere)

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from helpers import REPO
-from mmbalance.launch import submit as jobs
 from mmbalance.config import ConfigError
+from mmbalance.launch import submit as jobs
 
 CLUSTERS = REPO / "clusters"
 KUBERAY = {"RayCluster": CLUSTERS / "kuberay-raycluster.yaml", "RayJob": CLUSTERS / "kuberay-rayjob.yaml"}
@@ -62,6 +62,7 @@ def _ray_up_checks(config: dict) -> dict:
 
 
 # --- cluster-launcher configs ------------------------------------------------------------------
+
 
 def test_there_is_a_launcher_config_per_cloud():
     assert {p.name for p in LAUNCHER_CONFIGS} >= {"aws-gpu.yaml", "gcp-gpu.yaml"}
@@ -110,6 +111,7 @@ def test_launcher_head_is_a_cpu_only_safe_node_and_workers_autoscale(path):
 
 # --- KubeRay manifests ---------------------------------------------------------------------------
 
+
 def _containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
 
@@ -153,8 +155,9 @@ def test_rayjob_manifest_has_what_kuberay_requires():
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert isinstance(runtime_env, dict) and "://" in runtime_env["working_dir"], \
+    assert isinstance(runtime_env, dict) and "://" in runtime_env["working_dir"], (
         "a RayJob's submitter has no checkout: working_dir must be a remote URI"
+    )
     _check_ray_cluster_spec(spec["rayClusterSpec"], "RayJob.rayClusterSpec")
 
 
@@ -174,6 +177,7 @@ def test_rayjob_entrypoint_runs_mmbalance_commands_the_cli_accepts():
 
 # --- runtime_env ---------------------------------------------------------------------------------
 
+
 def test_runtime_env_ships_the_code_and_leaves_data_and_runs_behind(monkeypatch):
     from ray._private.runtime_env.packaging import _get_excludes
 
@@ -182,11 +186,23 @@ def test_runtime_env_ships_the_code_and_leaves_data_and_runs_behind(monkeypatch)
     assert env["working_dir"] == "."
     assert {"shards/", "runs/", "demo/", "wandb/", ".venv/", ".git/", "*.parquet"} <= set(env["excludes"])
     excluded = _get_excludes(REPO, env["excludes"])
-    for path in ("shards/synthetic/train/part-00000.parquet", "runs/x/metrics.jsonl", "demo/runs/lf/result.json",
-                 "wandb/run-1/files/config.yaml", ".git/HEAD", ".venv/bin/python", "data.parquet"):
+    for path in (
+        "shards/synthetic/train/part-00000.parquet",
+        "runs/x/metrics.jsonl",
+        "demo/runs/lf/result.json",
+        "wandb/run-1/files/config.yaml",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "data.parquet",
+    ):
         assert excluded(REPO / path), f"{path} would be uploaded"
-    for path in ("platform/mmbalance/cli.py", "trainables/synthetic.yaml", "search_spaces/quickstart.yaml",
-                 "constraints.txt", "pyproject.toml"):  # the last two: runtime_env's pip installs from them
+    for path in (
+        "platform/mmbalance/cli.py",
+        "trainables/synthetic.yaml",
+        "search_spaces/quickstart.yaml",
+        "constraints.txt",
+        "pyproject.toml",
+    ):  # the last two: runtime_env's pip installs from them
         assert not excluded(REPO / path), f"{path} would be left behind"
 
 
@@ -215,8 +231,13 @@ TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{32,}")
 
 def _credential_shaped(value: str) -> bool:
     """Long, mixed letters and digits, not a reference: a key, token or password, not a name or path."""
-    return (len(value) >= 12 and not REFERENCE.match(value) and re.search(r"[A-Za-z]", value) is not None
-            and re.search(r"\d", value) is not None and "/" not in value.strip("/"))
+    return (
+        len(value) >= 12
+        and not REFERENCE.match(value)
+        and re.search(r"[A-Za-z]", value) is not None
+        and re.search(r"\d", value) is not None
+        and "/" not in value.strip("/")
+    )
 
 
 def _entropy(text: str) -> float:
@@ -234,8 +255,12 @@ def _structural_findings(node, path: str = "") -> list[str]:
             where = f"{path}.{key}" if path else str(key)
             if isinstance(value, str) and key in ("runtimeEnvYAML",):
                 found += _structural_findings(yaml.safe_load(value), where)
-            elif isinstance(value, (str, int, float)) and SECRET_NAME.search(str(key)) and str(value) \
-                    and not REFERENCE.match(str(value)):
+            elif (
+                isinstance(value, (str, int, float))
+                and SECRET_NAME.search(str(key))
+                and str(value)
+                and not REFERENCE.match(str(value))
+            ):
                 found.append(f"{where}: a secret-named key with a literal value")
             else:
                 found += _structural_findings(value, where)
@@ -248,8 +273,12 @@ def _structural_findings(node, path: str = "") -> list[str]:
 def find_secrets(path: Path) -> list[str]:
     """Everything in ``path`` that looks like a secret value; empty when the file is clean."""
     text = path.read_text()
-    found = [f"{path.name}:{n}: {rule}" for n, line in enumerate(text.splitlines(), 1)
-             for rule, pattern in TEXT_RULES.items() if pattern.search(line)]
+    found = [
+        f"{path.name}:{n}: {rule}"
+        for n, line in enumerate(text.splitlines(), 1)
+        for rule, pattern in TEXT_RULES.items()
+        if pattern.search(line)
+    ]
     for n, line in enumerate(text.splitlines(), 1):
         for match in INLINE_ASSIGNMENT.finditer(line):
             if SECRET_NAME.search(match["name"]) and _credential_shaped(match["value"]):
@@ -277,19 +306,29 @@ def _fake(kind: str) -> str:
     mixed = "Zq8" + "xK2mP7vR4tY9wB3n" * 2 + "Lc5"
     return {
         "wandb key in runtime_env": f"env_vars:\n  WANDB_API_KEY: {hex_key}\n",
-        "kubernetes env with a literal": f"env:\n  - name: WANDB_API_KEY\n    value: \"{mixed[:20]}\"\n",
+        "kubernetes env with a literal": f'env:\n  - name: WANDB_API_KEY\n    value: "{mixed[:20]}"\n',
         "shell export": f"# ray start\nexport WANDB_API_KEY={mixed[:18]}\n",
         "aws secret key": "provider:\n  aws_" + "secret_access_key: whatever\n",
         "private key": "ssh: |\n  -----" + "BEGIN OPENSSH PRIVATE KEY-----\n",
         "github-style token in a comment": f"# token ghp_{mixed}\nkey: v\n",
-        "secret in a RayJob runtimeEnvYAML": ("spec:\n  runtimeEnvYAML: |\n    env_vars:\n"
-                                              "      HF_TOKEN: hf" + "abc123XYZ789def\n"),
+        "secret in a RayJob runtimeEnvYAML": (
+            "spec:\n  runtimeEnvYAML: |\n    env_vars:\n      HF_TOKEN: hf" + "abc123XYZ789def\n"
+        ),
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["wandb key in runtime_env", "kubernetes env with a literal", "shell export",
-                                  "aws secret key", "private key", "github-style token in a comment",
-                                  "secret in a RayJob runtimeEnvYAML"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "wandb key in runtime_env",
+        "kubernetes env with a literal",
+        "shell export",
+        "aws secret key",
+        "private key",
+        "github-style token in a comment",
+        "secret in a RayJob runtimeEnvYAML",
+    ],
+)
 def test_the_secret_scan_flags_a_planted_secret(tmp_path, kind):
     planted = tmp_path / "leaky.yaml"
     planted.write_text(_fake(kind))
@@ -301,11 +340,13 @@ def test_the_secret_scan_accepts_references(tmp_path):
     clean.write_text(
         "env_vars:\n  WANDB_API_KEY: ${WANDB_API_KEY}\n  WANDB_PROJECT: mmbalance\n"
         "env:\n  - name: WANDB_API_KEY\n    valueFrom:\n      secretKeyRef: {name: wandb, key: api-key}\n"
-        "cmd: export WANDB_API_KEY=\"$WANDB_KEY\"; RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token)\n")
+        'cmd: export WANDB_API_KEY="$WANDB_KEY"; RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token)\n'
+    )
     assert find_secrets(clean) == []
 
 
 # --- mmbalance submit (launch/submit.py) ------------------------------------------------------------------
+
 
 class FakeClient:
     """Stands in for ray.job_submission.JobSubmissionClient; records every call."""
@@ -364,12 +405,21 @@ def _submit_args(*argv, **options) -> argparse.Namespace:
     return parser.parse_args(["submit", *flags, "--", *argv])
 
 
-COMMAND = ["tune", "search_spaces/my space.yaml", "--recipe", "trainables/synthetic.yaml",
-           "--set", "objective.guidance=prior:audio", "--storage", "s3://bucket/prefix"]
+COMMAND = [
+    "tune",
+    "search_spaces/my space.yaml",
+    "--recipe",
+    "trainables/synthetic.yaml",
+    "--set",
+    "objective.guidance=prior:audio",
+    "--storage",
+    "s3://bucket/prefix",
+]
 
 
 def test_submit_sends_a_shell_quoted_mmbalance_entrypoint_and_the_runtime_env_file(
-        fake_client, tmp_path, monkeypatch, capsys):
+    fake_client, tmp_path, monkeypatch, capsys
+):
     (tmp_path / "code").mkdir()
     env_file = tmp_path / "env.yaml"
     env_file.write_text("working_dir: code\nexcludes: [runs/]\nenv_vars: {WANDB_PROJECT: mmbalance}\n")

@@ -21,22 +21,44 @@ def test_a_broken_method_ranks_last_and_a_copy_of_lf_is_no_different(ray_cluster
             "lf_again": {"set": {"objective.name": "lf"}, "space": {"optim.lr": {"choice": [0.003]}}},
             "broken": {"set": {"objective.name": "lf"}, "space": {"optim.lr": {"choice": [10.0]}}},
         },
-        "common_space": {}, "modalities_alone": False, "baseline": "lf",
+        "common_space": {},
+        "modalities_alone": False,
+        "baseline": "lf",
         "budget": {"trials": 1, "seeds": [0], "scheduler": {"name": "fifo"}},
-        "seeds": [0, 1, 2, 3, 4], "max_concurrent": 2, "workers": 0,
+        "seeds": [0, 1, 2, 3, 4],
+        "max_concurrent": 2,
+        "workers": 0,
     }
     study_file, recipe = tmp_path / "study.yaml", tmp_path / "recipe.yaml"
     study_file.write_text(yaml.safe_dump(study))
     recipe.write_text(yaml.safe_dump(recipe_dict(small_shards)))
     out = tmp_path / "study"
-    done = subprocess.run([shutil.which("mmbalance"), "compare", str(study_file), "--recipe", str(recipe),
-                           "--output", str(out), "--address", ray_cluster.get_runtime_context().gcs_address],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            shutil.which("mmbalance"),
+            "compare",
+            str(study_file),
+            "--recipe",
+            str(recipe),
+            "--output",
+            str(out),
+            "--address",
+            ray_cluster.get_runtime_context().gcs_address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     frame = pd.read_parquet(out / "results.parquet")
     assert sorted(frame.groupby(["method", "phase"]).size().items()) == [
-        (("broken", "final"), 5), (("broken", "search"), 1), (("lf", "final"), 5), (("lf", "search"), 1),
-        (("lf_again", "final"), 5), (("lf_again", "search"), 1)]
+        (("broken", "final"), 5),
+        (("broken", "search"), 1),
+        (("lf", "final"), 5),
+        (("lf", "search"), 1),
+        (("lf_again", "final"), 5),
+        (("lf_again", "search"), 1),
+    ]
     summary = json.loads((out / "study.json").read_text())
     verdicts = {row["method"]: row for row in summary["vs_baseline"]["test_acc"]}
     assert verdicts["broken"]["verdict"] == "worse", verdicts
@@ -47,5 +69,5 @@ def test_a_broken_method_ranks_last_and_a_copy_of_lf_is_no_different(ray_cluster
     assert summary["methods"]["lf"]["scores"]["test_acc"]["mean"] == pytest.approx(means["lf"])
     # Equal budgets, chosen on val: every method ran the same number of search trials.
     assert {m["budget"]["trials"] for m in summary["methods"].values()} == {1}
-    table = done.stdout[done.stdout.index("method "):]
+    table = done.stdout[done.stdout.index("method ") :]
     assert "broken" in table and "worse" in table and "no significant difference" in table

@@ -1,11 +1,9 @@
-
 import pytest
 import yaml
 
+from helpers import REPO, recipe_dict
 from mmbalance.config import ConfigError, check_against_data, load_recipe, parse_override, validate_recipe
 from mmbalance.data.manifest import read_manifest
-
-from helpers import REPO, recipe_dict
 
 
 def _error(tree) -> str:
@@ -76,7 +74,9 @@ def test_modality_missing_from_the_data_is_refused(small_shards):
 def test_dotted_overrides_parse_yaml_values(tmp_path, small_shards):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(small_shards)))
-    recipe = load_recipe(path, ["objective.name=mnl", "objective.lam=0.25", "optim.grad_clip=null", "schedule.epochs=7"])
+    recipe = load_recipe(
+        path, ["objective.name=mnl", "objective.lam=0.25", "optim.grad_clip=null", "schedule.epochs=7"]
+    )
     assert recipe.objective.params == {"lam": 0.25}
     assert recipe.optim.grad_clip is None and recipe.schedule.epochs == 7
 
@@ -97,8 +97,9 @@ def test_corruption_items_take_the_corruptions_own_settings(small_shards):
     from mmbalance.engine.evaluation import robustness_transforms
 
     tree = recipe_dict(small_shards)
-    tree["eval"] = {"corruptions": [{"modality": "visual", "name": "gaussian", "levels": [5],
-                                     "params": {"pixel_range": 4.0}}]}
+    tree["eval"] = {
+        "corruptions": [{"modality": "visual", "name": "gaussian", "levels": [5], "params": {"pixel_range": 4.0}}]
+    }
     recipe = validate_recipe(tree)
     assert recipe.eval.corruptions[0].spec(5).pixel_range == 4.0
     assert "gaussian_visual_5" in robustness_transforms(recipe, read_manifest(small_shards))
@@ -107,8 +108,9 @@ def test_corruption_items_take_the_corruptions_own_settings(small_shards):
     tree["eval"]["corruptions"][0]["params"] = {"level": 3}
     assert "are set by the item itself" in _error(tree)
     tree = recipe_dict(small_shards)
-    tree["data"]["train_corruptions"] = [{"modality": "visual", "name": "salt_pepper", "level": 10,
-                                          "params": {"channel_axis": -7, "bogus": 1}}]
+    tree["data"]["train_corruptions"] = [
+        {"modality": "visual", "name": "salt_pepper", "level": 10, "params": {"channel_axis": -7, "bogus": 1}}
+    ]
     assert "bogus: unknown key" in _error(tree)
 
 
@@ -132,18 +134,36 @@ def test_data_modalities_naming_an_unknown_modality_is_refused_with_the_key(smal
     assert "data.modalities: List should have at least 1 item" in _error(tree)
     from mmbalance.cli import main
 
-    assert main(["train", "--recipe", str(REPO / "trainables" / "synthetic.yaml"), "--set", f"data.path={small_shards}",
-                 "--set", "data.modalities=[depth]", "--output", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(REPO / "trainables" / "synthetic.yaml"),
+                "--set",
+                f"data.path={small_shards}",
+                "--set",
+                "data.modalities=[depth]",
+                "--output",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "data.modalities: ['depth'] not in the recipe's modalities" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_data_modalities_drops_the_corruptions_of_dropped_modalities(small_shards):
     tree = recipe_dict(small_shards)
-    tree["eval"]["corruptions"] = [{"modality": "audio", "name": "gaussian", "levels": [5]},
-                                   {"modality": "visual", "name": "feature_noise", "levels": [1]}]
-    tree["data"]["train_corruptions"] = [{"modality": "audio", "name": "feature_noise", "level": 1},
-                                         {"modality": "visual", "name": "missing", "level": 1, "p": 0.1}]
+    tree["eval"]["corruptions"] = [
+        {"modality": "audio", "name": "gaussian", "levels": [5]},
+        {"modality": "visual", "name": "feature_noise", "levels": [1]},
+    ]
+    tree["data"]["train_corruptions"] = [
+        {"modality": "audio", "name": "feature_noise", "level": 1},
+        {"modality": "visual", "name": "missing", "level": 1, "p": 0.1},
+    ]
     tree["data"]["modalities"] = ["visual"]
     recipe = validate_recipe(tree)
     assert [(c.modality, c.name) for c in recipe.eval.corruptions] == [("visual", "feature_noise")]
@@ -167,14 +187,38 @@ def test_train_with_data_modalities_visual_runs_a_visual_only_model(tmp_path):
     from mmbalance.data.synthetic import SyntheticModality, SyntheticSpec, prepare_synthetic
 
     shards = tmp_path / "shards"
-    prepare_synthetic(shards, SyntheticSpec(samples={"train": 96, "val": 32, "test": 32}, classes=3,
-                                            modalities={"audio": SyntheticModality(dim=4, signal=1.0),
-                                                        "visual": SyntheticModality(dim=4, signal=1.0)}))
+    prepare_synthetic(
+        shards,
+        SyntheticSpec(
+            samples={"train": 96, "val": 32, "test": 32},
+            classes=3,
+            modalities={"audio": SyntheticModality(dim=4, signal=1.0), "visual": SyntheticModality(dim=4, signal=1.0)},
+        ),
+    )
     run = tmp_path / "run"
     # The shipped recipe sweeps audio noise at evaluation; the visual-only run drops that sweep.
-    assert main(["train", "--recipe", str(REPO / "trainables" / "synthetic.yaml"), "--set", f"data.path={shards}",
-                 "--set", "data.modalities=[visual]", "--set", "schedule.epochs=1", "--set", "schedule.batch_size=16",
-                 "--set", "tracking.wandb=disabled", "--output", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(REPO / "trainables" / "synthetic.yaml"),
+                "--set",
+                f"data.path={shards}",
+                "--set",
+                "data.modalities=[visual]",
+                "--set",
+                "schedule.epochs=1",
+                "--set",
+                "schedule.batch_size=16",
+                "--set",
+                "tracking.wandb=disabled",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     result = json.loads((run / "result.json").read_text())
     assert list(result["test"]["acc_per_modality"]) == ["visual"] and result["test"]["samples"] == 32
     saved = validate_recipe(yaml.safe_load((run / "config.yaml").read_text()))

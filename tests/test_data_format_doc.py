@@ -2,11 +2,10 @@
 
 import re
 
+from helpers import REPO, recipe_dict
 from mmbalance.data.shards import validate_shards
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
-
-from helpers import REPO, recipe_dict
 
 
 def test_documented_pyarrow_example_writes_trainable_shards(tmp_path, monkeypatch):

@@ -24,19 +24,26 @@ def _default_manifest(name: str) -> Manifest:
     modalities = {m: out.spec for m, out in converter.outputs().items()}
     rows = 1000  # a dataset of a usable size: the check also compares split sizes with the batch
     files = lambda s: [ShardFile(path=f"{s}/part-00000.parquet", rows=rows, sha256="0" * 64)]  # noqa: E731
-    return Manifest(dataset=name, classes=["a", "b", "c"], modalities=modalities,
-                    splits={s: SplitInfo(rows=rows, files=files(s)) for s in ("train", "val", "test")})
+    return Manifest(
+        dataset=name,
+        classes=["a", "b", "c"],
+        modalities=modalities,
+        splits={s: SplitInfo(rows=rows, files=files(s)) for s in ("train", "val", "test")},
+    )
 
 
 @pytest.mark.parametrize("name", sorted(pipeline_converters()))
 def test_recipe_matches_its_converter_and_builds(name):
-    recipe = load_recipe(REPO / "trainables" / f"{name}.yaml",
-                         [f"modalities.{m}.params.model_path=null" for m in ("text",)
-                          if CONVERTERS[name].text])
+    recipe = load_recipe(
+        REPO / "trainables" / f"{name}.yaml",
+        [f"modalities.{m}.params.model_path=null" for m in ("text",) if CONVERTERS[name].text],
+    )
     manifest = _default_manifest(name)
     check_against_data(recipe, manifest)
     model = build_model(recipe, manifest).eval()
-    batch = {m: torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype)) for m, spec in manifest.modalities.items()}
+    batch = {
+        m: torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype)) for m, spec in manifest.modalities.items()
+    }
     with torch.no_grad():
         _, heads = model(batch)
     assert heads.fused_logits.shape == (2, 3)
@@ -46,17 +53,19 @@ def test_recipe_matches_its_converter_and_builds(name):
 def test_shipped_cremad_recipe_trains_on_a_converted_fixture(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "data"))
     from helpers.cremad_tree import SMALL, make_tree
-
     from mmbalance.data.convert.pipeline import convert
     from mmbalance.engine.evaluation import evaluate_run
     from mmbalance.engine.loop import run_training
     from mmbalance.engine.run_spec import RunSpec
 
     make_tree(tmp_path / "raw", actors=(1001, 1002))
-    convert(build_converter("cremad", SMALL), tmp_path / "raw", tmp_path / "shards", engine="local",
-            progress=lambda _: None)
-    recipe = load_recipe(REPO / "trainables" / "cremad.yaml", [f"data.path={tmp_path / 'shards'}", "schedule.epochs=1",
-                                                              "schedule.batch_size=4", "tracking.wandb=disabled"])
+    convert(
+        build_converter("cremad", SMALL), tmp_path / "raw", tmp_path / "shards", engine="local", progress=lambda _: None
+    )
+    recipe = load_recipe(
+        REPO / "trainables" / "cremad.yaml",
+        [f"data.path={tmp_path / 'shards'}", "schedule.epochs=1", "schedule.batch_size=4", "tracking.wandb=disabled"],
+    )
     result = run_training(RunSpec(recipe, tmp_path / "run", verbose=False))
     assert set(result["test"]["acc_per_modality"]) == {"audio", "visual"}
     # The recipe's robustness sweeps run on the converted data's dtypes (uint8 frames, float spectrograms).

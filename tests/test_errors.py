@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmbalance.cli import build_parser, main
-
 from helpers import REPO
+from mmbalance.cli import build_parser, main
 
 RECIPE = str(REPO / "trainables" / "synthetic.yaml")
 
@@ -20,8 +19,22 @@ RECIPE = str(REPO / "trainables" / "synthetic.yaml")
 @pytest.fixture(scope="module")
 def trained_run(small_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("errors") / "run"
-    assert main(["train", "--recipe", RECIPE, "--set", f"data.path={small_shards}", "schedule.epochs=1",
-                 "tracking.wandb=disabled", "--output", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                RECIPE,
+                "--set",
+                f"data.path={small_shards}",
+                "schedule.epochs=1",
+                "tracking.wandb=disabled",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -39,42 +52,61 @@ def _manifest_without_classes(small_shards: Path) -> str:
 
 
 def _train(shards, out, *sets):
-    return ["train", "--recipe", RECIPE, "--set", f"data.path={shards}", "tracking.wandb=disabled", *sets,
-            "--output", str(out)]
+    return [
+        "train",
+        "--recipe",
+        RECIPE,
+        "--set",
+        f"data.path={shards}",
+        "tracking.wandb=disabled",
+        *sets,
+        "--output",
+        str(out),
+    ]
 
 
 CASES = {
     # name: (argv builder, expected text in the message)
     "objective with a fusion it cannot use": (
         lambda s, t, r: _train(s, t / "out", "objective.name=arm", "model.fusion=mean"),
-        "objective.name=arm needs model.fusion in [concat]"),
+        "objective.name=arm needs model.fusion in [concat]",
+    ),
     "manifest that is not JSON": (
         lambda s, t, r: _train(_broken_copy(s, t, '{"dataset": "x",\n  "classes": [,]}'), t / "out"),
-        "not valid JSON at line 2, column"),
+        "not valid JSON at line 2, column",
+    ),
     "manifest with an invalid key": (
         lambda s, t, r: _train(_broken_copy(s, t, _manifest_without_classes(s)), t / "out"),
-        "invalid manifest (classes:"),
+        "invalid manifest (classes:",
+    ),
     "train split smaller than a batch": (
         lambda s, t, r: _train(s, t / "out", "schedule.batch_size=4096"),
-        "has 512 rows, fewer than schedule.batch_size=4096"),
+        "has 512 rows, fewer than schedule.batch_size=4096",
+    ),
     "unwritable run directory": (
         lambda s, t, r: _train(s, Path("/sys/mmbalance-run")),
-        "cannot write or read /sys/mmbalance-run"),
+        "cannot write or read /sys/mmbalance-run",
+    ),
     "unwritable shard directory": (
         lambda s, t, r: ["prepare", "synthetic", "--out", "/sys/mmbalance-shards", "--samples", "32"],
-        "cannot write or read"),
+        "cannot write or read",
+    ),
     "eval output on a full disk": (
         lambda s, t, r: ["eval", str(r), "--missing", "audio", "--out", "/dev/full"],
-        "no space left for /dev/full"),
+        "no space left for /dev/full",
+    ),
     "eval output in an unwritable directory": (
         lambda s, t, r: ["eval", str(r), "--missing", "audio", "--out", "/sys/mmbalance-eval.json"],
-        "cannot write or read /sys/mmbalance-eval.json"),
+        "cannot write or read /sys/mmbalance-eval.json",
+    ),
     "recipe that does not exist": (
         lambda s, t, r: ["train", "--recipe", "no_such_recipe", "--output", str(t / "out")],
-        "no shipped recipe has that name"),
+        "no shipped recipe has that name",
+    ),
     "override without a value": (
         lambda s, t, r: _train(s, t / "out", "schedule.epochs"),
-        "must look like key.path=value"),
+        "must look like key.path=value",
+    ),
 }
 
 
@@ -103,7 +135,24 @@ def test_set_takes_several_items_after_one_flag_and_repeated_flags(small_shards,
     args = build_parser().parse_args(["train", "--recipe", "r", "--set", "a=1", "b=2", "--set", "c=3", "--output", "x"])
     assert args.set == ["a=1", "b=2", "c=3"] and args.output == "x"
     run = tmp_path / "run"
-    assert main(["train", "--recipe", RECIPE, "--set", f"data.path={small_shards}", "schedule.epochs=1", "seed=7",
-                 "--set", "tracking.wandb=disabled", "optim.lr=0.01", "--output", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                RECIPE,
+                "--set",
+                f"data.path={small_shards}",
+                "schedule.epochs=1",
+                "seed=7",
+                "--set",
+                "tracking.wandb=disabled",
+                "optim.lr=0.01",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert (config["schedule"]["epochs"], config["seed"], config["optim"]["lr"]) == (1, 7, 0.01)

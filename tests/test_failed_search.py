@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmbalance.cli import main
-from mmbalance.tune.search import check_failures, SearchFailed
-
 from helpers import recipe_dict
+from mmbalance.cli import main
+from mmbalance.tune.search import SearchFailed, check_failures
 
 
 def _files(tmp_path, shards, space: dict, **recipe_sections):
@@ -28,14 +27,21 @@ def test_a_bad_combination_exits_2_naming_it_before_ray_starts(small_shards, tmp
     import mmbalance.launch.cluster as cluster
 
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
-    space, recipe = _files(tmp_path, small_shards, {
-        "space": {"objective.name": {"choice": ["lf", "arm"]}, "model.fusion": {"grid": ["auto", "mean"]}},
-        "scheduler": {"name": "fifo"}})
+    space, recipe = _files(
+        tmp_path,
+        small_shards,
+        {
+            "space": {"objective.name": {"choice": ["lf", "arm"]}, "model.fusion": {"grid": ["auto", "mean"]}},
+            "scheduler": {"name": "fifo"},
+        },
+    )
     out = tmp_path / "out"
     assert main(["tune", space, "--recipe", recipe, "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "mmbalance tune: error: search space combination {objective.name: arm, model.fusion: mean} " \
-           "does not fit the recipe" in err
+    assert (
+        "mmbalance tune: error: search space combination {objective.name: arm, model.fusion: mean} "
+        "does not fit the recipe" in err
+    )
     assert "needs model.fusion in [concat]" in err
     assert not out.exists() and not ray.is_initialized()
 
@@ -56,8 +62,9 @@ def test_failed_fraction_is_a_validated_space_key(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_search_whose_trials_all_die_exits_1_with_the_first_error(ray_cluster, small_shards, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_a_search_whose_trials_all_die_exits_1_with_the_first_error(
+    ray_cluster, small_shards, tmp_path, monkeypatch, capsys
+):
     """Every trial process dies in its first step, on every attempt (the test keeps re-arming the
     one-shot ``fault_hook``): Tune gives up on each after its retry; the command exits 1 and says
     why, and results.parquet records every trial with stop_reason ``error``."""
@@ -66,9 +73,18 @@ def test_a_search_whose_trials_all_die_exits_1_with_the_first_error(ray_cluster,
     marker = tmp_path / "kill-marker"
     fault = {"rank": 0, "epoch": 0, "step": 0, "once_file": str(marker), "delay_s": 0.0}
     monkeypatch.setattr(search, "run_search", partial(search.run_search, fault=fault))
-    space, recipe = _files(tmp_path, small_shards, {
-        "space": {"optim.lr": {"choice": [0.001]}}, "seeds": [0, 1], "scheduler": {"name": "fifo"},
-        "max_concurrent": 2, "workers": 0}, schedule={"epochs": 2, "batch_size": 32})
+    space, recipe = _files(
+        tmp_path,
+        small_shards,
+        {
+            "space": {"optim.lr": {"choice": [0.001]}},
+            "seeds": [0, 1],
+            "scheduler": {"name": "fifo"},
+            "max_concurrent": 2,
+            "workers": 0,
+        },
+        schedule={"epochs": 2, "batch_size": 32},
+    )
     out = tmp_path / "out"
     done = threading.Event()
 

@@ -19,14 +19,17 @@ def _group(**failures):
     return WorkerGroupError("failed", {int(rank[1:]): err for rank, err in failures.items()})
 
 
-@pytest.mark.parametrize("error, expected", [
-    (ValueError("objective.lam must be > 0"), True),
-    (KeyError("visual"), True),
-    (TypeError("bad"), True),
-    (RuntimeError("Connection closed by peer"), False),  # a collective aborted: another rank may have died
-    (OSError("s3 read timed out"), False),
-    (ray.exceptions.RayActorError(), False),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (ValueError("objective.lam must be > 0"), True),
+        (KeyError("visual"), True),
+        (TypeError("bad"), True),
+        (RuntimeError("Connection closed by peer"), False),  # a collective aborted: another rank may have died
+        (OSError("s3 read timed out"), False),
+        (ray.exceptions.RayActorError(), False),
+    ],
+)
 def test_single_errors(error, expected):
     assert is_deterministic(error) is expected
 
@@ -65,8 +68,10 @@ def test_install_is_idempotent():
 
 def test_a_deterministic_trial_failure_is_recorded_and_reraised_without_training(tmp_path):
     record_failure(tmp_path, _group(r0=ValueError("fusion mean cannot serve arm")))
-    assert json.loads((tmp_path / FAILED).read_text()) == {"kind": "ValueError",
-                                                           "message": "fusion mean cannot serve arm"}
+    assert json.loads((tmp_path / FAILED).read_text()) == {
+        "kind": "ValueError",
+        "message": "fusion mean cannot serve arm",
+    }
     with pytest.raises(RepeatedTrialError) as raised:
         raise_recorded_failure(tmp_path)
     kind, message = error_summary(raised.value)

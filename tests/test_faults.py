@@ -12,11 +12,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmbalance.tune.search import run_search
-from mmbalance.tune.space import SearchSpace
-
 from helpers import recipe_dict
 from helpers.ray_resources import settled_resources
+from mmbalance.tune.search import run_search
+from mmbalance.tune.space import SearchSpace
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +27,12 @@ def _recipe(shards, epochs):
 
 
 def _space(trials, workers, max_concurrent, scheduler=None):
-    return {"space": {"optim.lr": {"grid": [0.001 * (i + 1) for i in range(trials)]}},
-            "scheduler": scheduler or {"name": "fifo"}, "max_concurrent": max_concurrent, "workers": workers}
+    return {
+        "space": {"optim.lr": {"grid": [0.001 * (i + 1) for i in range(trials)]}},
+        "scheduler": scheduler or {"name": "fifo"},
+        "max_concurrent": max_concurrent,
+        "workers": workers,
+    }
 
 
 def _finished(out):
@@ -37,9 +40,13 @@ def _finished(out):
     scheduler (``ended.json``, written by the driver) — : trial id -> its record's text."""
     if not (out / "trials").is_dir():
         return {}
-    return {d.name: tuple((d / f).read_text() if (d / f).is_file() else None
-                          for f in ("result.json", "ended.json", "metrics.jsonl"))
-            for d in (out / "trials").iterdir() if (d / "result.json").is_file() or (d / "ended.json").is_file()}
+    return {
+        d.name: tuple(
+            (d / f).read_text() if (d / f).is_file() else None for f in ("result.json", "ended.json", "metrics.jsonl")
+        )
+        for d in (out / "trials").iterdir()
+        if (d / "result.json").is_file() or (d / "ended.json").is_file()
+    }
 
 
 def _epochs(run_dir):
@@ -76,7 +83,9 @@ def _check_released(ray, baseline):
 
 
 def _resumed_from(out):
-    return {p.parent.name: json.loads(p.read_text())["resumed_from_epoch"] for p in (out / "trials").glob("*/result.json")}
+    return {
+        p.parent.name: json.loads(p.read_text())["resumed_from_epoch"] for p in (out / "trials").glob("*/result.json")
+    }
 
 
 def _resume_changes_nothing(space, tree, out, trials, epochs):
@@ -127,9 +136,8 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(ray_cluster, small_
 def slow_shards(tmp_path_factory):
     """Like ``small_shards`` with 16x the train rows: an epoch takes about a second, not 50 ms, so
     the driver can be killed while a trial is between epochs."""
-    from mmbalance.data.synthetic import prepare_synthetic
-
     from helpers import small_spec
+    from mmbalance.data.synthetic import prepare_synthetic
 
     spec = small_spec()
     out = tmp_path_factory.mktemp("faults") / "slow"
@@ -150,15 +158,26 @@ def test_killed_driver_resumes_without_rerunning_ended_trials(ray_cluster, slow_
     space_file.write_text(yaml.safe_dump(_space(trials=trials, workers=0, max_concurrent=1, scheduler=asha)))
     recipe.write_text(yaml.safe_dump(_recipe(slow_shards, epochs)))
     out = tmp_path / "search"
-    command = [shutil.which("mmbalance"), "tune", str(space_file), "--recipe", str(recipe), "--output", str(out),
-               "--address", ray_cluster.get_runtime_context().gcs_address]
+    command = [
+        shutil.which("mmbalance"),
+        "tune",
+        str(space_file),
+        "--recipe",
+        str(recipe),
+        "--output",
+        str(out),
+        "--address",
+        ray_cluster.get_runtime_context().gcs_address,
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Kill once two trials have ended and a third has recorded an epoch: ended, running and pending
     # trials all exist, and Tune's periodic state snapshot (every 10 s) lags behind them.
     deadline, running = time.time() + 240, []
     while time.time() < deadline and driver.poll() is None and not running:
         ended = _finished(out)
-        running = [d for d in (out / "trials").iterdir() if d.name not in ended and _epochs(d)] if len(ended) >= 2 else []
+        running = (
+            [d for d in (out / "trials").iterdir() if d.name not in ended and _epochs(d)] if len(ended) >= 2 else []
+        )
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     log = driver.communicate(timeout=60)[0]

@@ -7,13 +7,12 @@ import json
 
 import pytest
 
+from helpers import recipe_dict
 from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import feature_std
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
-
-from helpers import recipe_dict
 
 SWEEP = [{"modality": "visual", "name": "feature_noise", "levels": [0, 1]}]
 

@@ -37,8 +37,12 @@ CHILD = textwrap.dedent("""
 
 
 def _run(busy_s: float, grace_s: float, presses: int, gap_s: float = 0.3):
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(busy_s), str(grace_s)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(busy_s), str(grace_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "ready"
     time.sleep(0.3)
     for i in range(presses):

@@ -18,7 +18,6 @@ from helpers import REPO, free_port, recipe_dict
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
@@ -27,10 +26,24 @@ def head(tmp_path_factory):
     ray = shutil.which("ray")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, text=True)
     dashboard = free_port()
-    started = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
-                              "--object-store-memory=300000000", "--disable-usage-stats"],
-                             env=env, capture_output=True, text=True, timeout=180)
+    started = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=4",
+            "--object-store-memory=300000000",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert started.returncode == 0, started.stderr
     try:
         yield env, f"http://127.0.0.1:{dashboard}"
@@ -39,16 +52,40 @@ def head(tmp_path_factory):
 
 
 def _submit(env, address, *command):
-    return subprocess.run([shutil.which("ray"), "job", "submit", "--address", address, "--runtime-env",
-                           str(REPO / "clusters" / "runtime_env.yaml"), "--", *command],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [
+            shutil.which("ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--runtime-env",
+            str(REPO / "clusters" / "runtime_env.yaml"),
+            "--",
+            *command,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_tune_job_submitted_with_the_shipped_runtime_env_succeeds(head, small_shards, tmp_path):
     env, address = head
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"space": {"optim.lr": {"choice": [0.001, 0.01]}}, "samples": 2,
-                                     "scheduler": {"name": "fifo"}, "max_concurrent": 2, "workers": 0}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "space": {"optim.lr": {"choice": [0.001, 0.01]}},
+                "samples": 2,
+                "scheduler": {"name": "fifo"},
+                "max_concurrent": 2,
+                "workers": 0,
+            }
+        )
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(small_shards)))
     out = tmp_path / "search"

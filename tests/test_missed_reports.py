@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import recipe_dict
 from mmbalance.engine.checkpoint import save_state
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.session import Session
 from mmbalance.tracking.records import RunRecord
-
-from helpers import recipe_dict
 
 
 class FakeCheckpoint:
@@ -100,12 +99,15 @@ class FakeTrial:
 def test_the_driver_logs_each_epoch_of_a_trial_once_across_restores(tmp_path, monkeypatch):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    from mmbalance.tracking.search_wandb import REPLAYED, search_callback
     from mmbalance.config import TrackingConfig
+    from mmbalance.tracking.search_wandb import REPLAYED, search_callback
 
     logged = []
-    monkeypatch.setattr(WandbLoggerCallback, "log_trial_result",
-                        lambda self, iteration, trial, result: logged.append((trial.trial_id, result["epoch"])))
+    monkeypatch.setattr(
+        WandbLoggerCallback,
+        "log_trial_result",
+        lambda self, iteration, trial, result: logged.append((trial.trial_id, result["epoch"])),
+    )
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "search"
     trial = FakeTrial("t_00000")

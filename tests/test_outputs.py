@@ -8,18 +8,29 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO, small_spec
 from mmbalance import outputs
 from mmbalance.cli import main
 from mmbalance.data.synthetic import prepare_synthetic
-
-from helpers import REPO, small_spec
 
 RECIPE = str(REPO / "trainables" / "synthetic.yaml")
 
 
 def _train(shards: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--recipe", RECIPE, "--set", f"data.path={shards}", "schedule.epochs=1",
-                 "tracking.wandb=disabled", "--output", str(out), *extra])
+    return main(
+        [
+            "train",
+            "--recipe",
+            RECIPE,
+            "--set",
+            f"data.path={shards}",
+            "schedule.epochs=1",
+            "tracking.wandb=disabled",
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def _plant(directory: Path) -> list[Path]:
@@ -60,8 +71,14 @@ def test_protected_directories_are_never_replaced(tmp_path, monkeypatch, where):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "project" / "shards"
     data.mkdir(parents=True)
-    target = {"cwd": tmp_path, "cwd_parent": tmp_path.parent, "home": Path.home(), "root": Path("/"),
-              "data_parent": tmp_path / "project", "data_itself": data}[where]
+    target = {
+        "cwd": tmp_path,
+        "cwd_parent": tmp_path.parent,
+        "home": Path.home(),
+        "root": Path("/"),
+        "data_parent": tmp_path / "project",
+        "data_itself": data,
+    }[where]
     with pytest.raises(outputs.UnsafeOutput, match="refusing to replace"):
         outputs.check_replaceable(target, outputs.RUN, reads=[data])
 
@@ -109,8 +126,22 @@ def test_train_overwrite_refuses_a_directory_holding_the_data(tmp_path, capsys):
 
 def test_prepare_overwrite_replaces_shards_and_refuses_foreign_files(tmp_path, capsys):
     out = tmp_path / "shards"
-    args = ["prepare", "synthetic", "--out", str(out), "--samples", "64", "--val-samples", "16", "--test-samples", "16",
-            "--classes", "4", "--dim", "4"]
+    args = [
+        "prepare",
+        "synthetic",
+        "--out",
+        str(out),
+        "--samples",
+        "64",
+        "--val-samples",
+        "16",
+        "--test-samples",
+        "16",
+        "--classes",
+        "4",
+        "--dim",
+        "4",
+    ]
     assert main(args) == 0
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
     planted = _plant(out)
@@ -124,8 +155,19 @@ def test_tune_overwrite_refuses_foreign_files_before_any_search(small_shards, tm
     search = tmp_path / "search"
     (search / "tune").mkdir(parents=True)  # looks like a previous search
     planted = _plant(search)
-    code = main(["tune", str(REPO / "search_spaces" / "quickstart.yaml"), "--recipe", RECIPE,
-                 "--set", f"data.path={small_shards}", "--output", str(search), "--overwrite"])
+    code = main(
+        [
+            "tune",
+            str(REPO / "search_spaces" / "quickstart.yaml"),
+            "--recipe",
+            RECIPE,
+            "--set",
+            f"data.path={small_shards}",
+            "--output",
+            str(search),
+            "--overwrite",
+        ]
+    )
     assert code == 2 and "not part of a search" in capsys.readouterr().err
     assert all(p.is_file() for p in planted) and (search / "tune").is_dir()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from mmbalance.tune.per_part_scheduler import PerPartScheduler
 from mmbalance.tracking.records import PART
+from mmbalance.tune.per_part_scheduler import PerPartScheduler
 
 
 class FakeTrial:
@@ -58,7 +58,9 @@ def test_one_grid_holds_every_parts_trials_tagged_with_their_part(tmp_path):
     from mmbalance.tune.search import Part, tune_param_space
     from mmbalance.tune.space import SearchSpace
 
-    a = SearchSpace.model_validate({"space": {"optim.lr": {"loguniform": [0.001, 0.01]}}, "samples": 2, "seeds": [0, 1]})
+    a = SearchSpace.model_validate(
+        {"space": {"optim.lr": {"loguniform": [0.001, 0.01]}}, "samples": 2, "seeds": [0, 1]}
+    )
     b = SearchSpace.model_validate({"space": {"objective.lam": {"choice": [0.1, 1.0]}}, "samples": 3, "seeds": [0]})
     grid = tune_param_space([Part("a", a, {}, tmp_path / "a"), Part("b", b, {}, tmp_path / "b")])["params"]
     configs = grid["grid_search"]

@@ -11,13 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmbalance.launch import submit as jobs
+from helpers import REPO, recipe_dict
 from mmbalance.cli import main
 from mmbalance.config import ConfigError
 from mmbalance.launch import cluster
+from mmbalance.launch import submit as jobs
 from mmbalance.tune.space import SearchSpace, trial_recipe, validate_against
-
-from helpers import REPO, recipe_dict
 
 QUICKSTART = str(REPO / "search_spaces" / "quickstart.yaml")  # set: objective.name mnl, schedule.epochs 9
 
@@ -35,8 +34,9 @@ def test_space_set_beats_the_recipe_file():
 
 
 def test_user_set_beats_the_space_set():
-    tree = trial_recipe({"objective": {"name": "lf"}}, {"objective.name": "mnl"}, {}, 0,
-                        overrides={"objective.name": "arm"})
+    tree = trial_recipe(
+        {"objective": {"name": "lf"}}, {"objective.name": "mnl"}, {}, 0, overrides={"objective.name": "arm"}
+    )
     assert tree["objective"]["name"] == "arm"
 
 
@@ -53,8 +53,23 @@ def test_user_set_beats_the_space_set_on_the_command_line(small_shards, tmp_path
     monkeypatch.setattr(search, "run_search", fake_run_search)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(small_shards)))
-    assert main(["tune", QUICKSTART, "--recipe", str(recipe), "--output", str(tmp_path / "out"),
-                 "--set", "schedule.epochs=12", "--wandb", "disabled"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                QUICKSTART,
+                "--recipe",
+                str(recipe),
+                "--output",
+                str(tmp_path / "out"),
+                "--set",
+                "schedule.epochs=12",
+                "--wandb",
+                "disabled",
+            ]
+        )
+        == 0
+    )
     assert "note: --set schedule.epochs=12 beats the space's set: schedule.epochs: 9" in capsys.readouterr().out
     space, base, overrides = seen["space"], seen["base"], seen["overrides"]
     assert base == yaml.safe_load(recipe.read_text())  # the recipe file alone: --set travels separately
@@ -72,8 +87,19 @@ def test_the_draw_beats_user_set_so_a_searched_key_in_set_is_refused(small_shard
 
 def test_a_searched_key_in_set_exits_2_naming_the_key(small_shards, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["tune", QUICKSTART, "--recipe", str(REPO / "trainables" / "synthetic.yaml"), "--output", str(out),
-                 "--set", f"data.path={small_shards}", "objective.guidance=confidence"])
+    code = main(
+        [
+            "tune",
+            QUICKSTART,
+            "--recipe",
+            str(REPO / "trainables" / "synthetic.yaml"),
+            "--output",
+            str(out),
+            "--set",
+            f"data.path={small_shards}",
+            "objective.guidance=confidence",
+        ]
+    )
     assert code == 2
     assert "mmbalance tune: error: --set objective.guidance: the search space searches" in capsys.readouterr().err
     assert not out.exists()  # refused before the output (or Ray) was touched
@@ -104,10 +130,17 @@ def test_ray_address_beats_a_local_ray(monkeypatch):
     assert cluster.choose_address(None)[0] is None
 
 
-@pytest.mark.parametrize("flag, expected, line", [
-    ("10.0.0.1:6379", "10.0.0.1:6379", "Ray address 10.0.0.1:6379 (from --address; RAY_ADDRESS=10.0.0.9:6379 ignored)"),
-    (None, "10.0.0.9:6379", "Ray address 10.0.0.9:6379 (from RAY_ADDRESS; no --address given)"),
-])
+@pytest.mark.parametrize(
+    "flag, expected, line",
+    [
+        (
+            "10.0.0.1:6379",
+            "10.0.0.1:6379",
+            "Ray address 10.0.0.1:6379 (from --address; RAY_ADDRESS=10.0.0.9:6379 ignored)",
+        ),
+        (None, "10.0.0.9:6379", "Ray address 10.0.0.9:6379 (from RAY_ADDRESS; no --address given)"),
+    ],
+)
 def test_prepare_uses_the_same_address_rule_and_says_so(monkeypatch, capsys, flag, expected, line):
     import ray
 
@@ -153,8 +186,9 @@ class _RecordingClient:
 
 
 def _submit_args(address=None) -> argparse.Namespace:
-    return argparse.Namespace(argv=["--", "train", "--recipe", "r.yaml"], runtime_env="", address=address,
-                              submission_id=None, no_wait=True)
+    return argparse.Namespace(
+        argv=["--", "train", "--recipe", "r.yaml"], runtime_env="", address=address, submission_id=None, no_wait=True
+    )
 
 
 def test_submit_address_flag_beats_the_environment(monkeypatch, capsys):
@@ -171,8 +205,10 @@ def test_submit_address_flag_beats_the_environment(monkeypatch, capsys):
     assert client.env == {"RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None}  # hidden from the SDK
     assert os.environ["RAY_ADDRESS"] == "http://other:8265"  # and back afterwards
     out = capsys.readouterr().out
-    assert "submitted job raysubmit_1 to http://head:8265 (from --address; RAY_API_SERVER_ADDRESS=http://api:8265 " \
-           "ignored; RAY_ADDRESS=http://other:8265 ignored)" in out
+    assert (
+        "submitted job raysubmit_1 to http://head:8265 (from --address; RAY_API_SERVER_ADDRESS=http://api:8265 "
+        "ignored; RAY_ADDRESS=http://other:8265 ignored)" in out
+    )
 
 
 def test_submit_without_the_flag_uses_the_environment(monkeypatch, capsys):

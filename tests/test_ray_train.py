@@ -7,14 +7,13 @@ import sys
 
 import pytest
 
+from helpers import REPO, recipe_dict
 from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
-from mmbalance.tracking.records import RunRecord
-from mmbalance.launch.cluster import DoesNotFit, Request, check_fits
 from mmbalance.engine.run_spec import RunSpec
+from mmbalance.launch.cluster import DoesNotFit, Request, check_fits
 from mmbalance.launch.train_driver import fit
-
-from helpers import REPO, recipe_dict
+from mmbalance.tracking.records import RunRecord
 
 pytestmark = pytest.mark.integration
 
@@ -72,13 +71,27 @@ def test_cli_train_with_workers_writes_the_in_process_schema(ray_cluster, small_
     address = ray_cluster.get_runtime_context().gcs_address
     exe = shutil.which("mmbalance") or sys.executable
     command = [exe] if exe.endswith("mmbalance") else [exe, "-m", "mmbalance.cli"]
-    common = ["train", "--recipe", str(REPO / "trainables" / "synthetic.yaml"), "--set", f"data.path={small_shards}",
-              "--set", "schedule.epochs=2", "--set", "modalities.audio.params.hidden=[16]",
-              "--set", "modalities.visual.params.hidden=[16]"]
+    common = [
+        "train",
+        "--recipe",
+        str(REPO / "trainables" / "synthetic.yaml"),
+        "--set",
+        f"data.path={small_shards}",
+        "--set",
+        "schedule.epochs=2",
+        "--set",
+        "modalities.audio.params.hidden=[16]",
+        "--set",
+        "modalities.visual.params.hidden=[16]",
+    ]
     local = subprocess.run([*command, *common, "--output", str(tmp_path / "local")], capture_output=True, text=True)
     assert local.returncode == 0, local.stderr
-    done = subprocess.run([*command, *common, "--workers", "2", "--address", address, "--output", str(tmp_path / "ray")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*command, *common, "--workers", "2", "--address", address, "--output", str(tmp_path / "ray")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     on_ray = json.loads((tmp_path / "ray" / "result.json").read_text())
     in_process = json.loads((tmp_path / "local" / "result.json").read_text())
@@ -91,9 +104,23 @@ def test_truncated_shard_fails_before_training_naming_the_file(small_shards, tmp
     victim = shards / read_manifest(shards).splits["train"].files[0].path
     victim.write_bytes(victim.read_bytes()[:300])
     exe = shutil.which("mmbalance")
-    done = subprocess.run([exe, "train", "--recipe", str(REPO / "trainables" / "synthetic.yaml"), "--set",
-                           f"data.path={shards}", "--workers", "2", "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            exe,
+            "train",
+            "--recipe",
+            str(REPO / "trainables" / "synthetic.yaml"),
+            "--set",
+            f"data.path={shards}",
+            "--workers",
+            "2",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert victim.name in done.stderr and "checksum mismatch" in done.stderr
     assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import recipe_dict, small_spec
 from mmbalance.config import ConfigError, Recipe
 from mmbalance.data.synthetic import prepare_synthetic
 from mmbalance.engine.evaluation import evaluate_run
@@ -26,14 +27,18 @@ from mmbalance.reports.render import build_report
 from mmbalance.tune.search import _flatten_scores, _label, write_results
 from mmbalance.tune.space import trial_recipe
 
-from helpers import recipe_dict, small_spec
-
 METHODS = [  # a bundle grid, as `method: {grid: [...]}` in a search space writes it
     {"objective.name": "lf", "model.fusion": "mean"},
     {"objective.name": "mnl", "model.fusion": "mean", "objective.lam": 0.3, "objective.warmup_epochs": 0},
     {"objective.name": "mnl", "model.fusion": "mean", "objective.lam": 1.0, "objective.warmup_epochs": 0},
-    {"objective.name": "mnl", "model.fusion": "mean", "objective.lam": 0.3, "objective.warmup_epochs": 1,
-     "objective.guidance": "confidence", "objective.scope": "all"},
+    {
+        "objective.name": "mnl",
+        "model.fusion": "mean",
+        "objective.lam": 0.3,
+        "objective.warmup_epochs": 1,
+        "objective.guidance": "confidence",
+        "objective.scope": "all",
+    },
 ]
 # The ablation row of each method, written out by hand (MNL defaults: confidence_ucom, nontarget).
 STRATEGY = ["lf", "mnl (confidence_ucom, nontarget)", "mnl (confidence_ucom, nontarget)", "mnl (confidence, all)"]
@@ -51,8 +56,17 @@ def _train_and_score(base: dict, experiment: Path) -> list[dict]:
             run_dir = experiment / "trials" / trial_id
             run_training(RunSpec.of(tree, run_dir, verbose=False))
             score = evaluate_run(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()))
-            rows.append({"trial_id": trial_id, "method": _label(method), "seed": seed, "epochs_run": 3,
-                         "stop_reason": "completed", "run_dir": str(run_dir), **_flatten_scores(score)})
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "method": _label(method),
+                    "seed": seed,
+                    "epochs_run": 3,
+                    "stop_reason": "completed",
+                    "run_dir": str(run_dir),
+                    **_flatten_scores(score),
+                }
+            )
     return rows
 
 
@@ -127,9 +141,12 @@ def test_leaderboard_matches_independent_mean_std(experiment, report):
     expected = {}
     for method in {r["method"] for r in rows}:
         trials = [r for r in rows if r["method"] == method]
-        expected[method] = {"n": len(trials), "val": _stats([r["best_val"] for r in trials]),
-                            "test": _stats([r["test_acc"] for r in trials]),
-                            "audio": _stats([r["test_acc_audio"] for r in trials])}
+        expected[method] = {
+            "n": len(trials),
+            "val": _stats([r["best_val"] for r in trials]),
+            "test": _stats([r["test_acc"] for r in trials]),
+            "audio": _stats([r["test_acc_audio"] for r in trials]),
+        }
     assert sorted(row["method"] for row in table) == sorted(expected)
     vals = [expected[row["method"]]["val"][0] for row in table]
     assert vals == sorted(vals, reverse=True)  # ranked by val, never by test
@@ -164,8 +181,12 @@ def test_ablation_table_in_mnl_paper_form(experiment, report):
 def test_sensitivity_and_robustness_tables(experiment, report):
     markdown, page = (report.parent / "report.md").read_text(), report.read_text()
     rows = _rows(experiment)
-    lam = {r["trial_id"]: yaml.safe_load((experiment / "trials" / r["trial_id"] / "config.yaml").read_text())
-           ["objective"].get("lam") for r in rows}
+    lam = {
+        r["trial_id"]: yaml.safe_load((experiment / "trials" / r["trial_id"] / "config.yaml").read_text())[
+            "objective"
+        ].get("lam")
+        for r in rows
+    }
     table = _md_table(markdown, "λ sensitivity")
     assert [(row["objective.name"], row["objective.lam"]) for row in table] == [("mnl", "0.3"), ("mnl", "1")]
     for row in table:
@@ -176,8 +197,13 @@ def test_sensitivity_and_robustness_tables(experiment, report):
     warmup = _md_table(markdown, "warm-up epochs sensitivity")
     assert [row["objective.warmup_epochs"] for row in warmup] == ["0", "1"] and warmup[0]["n"] == "4"
     robust = _md_table(markdown, "Robustness")
-    assert list(robust[0])[2:] == ["clean test acc", "audio missing", "visual missing", "gaussian visual ε=5",
-                                   "gaussian visual ε=10"]
+    assert list(robust[0])[2:] == [
+        "clean test acc",
+        "audio missing",
+        "visual missing",
+        "gaussian visual ε=5",
+        "gaussian visual ε=10",
+    ]
     for row in robust:
         trials = [r for r in rows if r["method"] == row["method"]]
         _check_cell(row["visual missing"], _stats([r["robust_missing_visual"] for r in trials]), page)
@@ -197,8 +223,11 @@ def test_html_is_self_contained(report):
 
 def test_sections_skip_with_a_note(experiment, tmp_path):
     """LF trials only, without corruption scores: ablation, λ and warm-up are skipped with a note."""
-    rows = [{k: v for k, v in r.items() if not k.startswith("robust_gaussian")}
-            for r in _rows(experiment) if r["method"] == _label(METHODS[0])]
+    rows = [
+        {k: v for k, v in r.items() if not k.startswith("robust_gaussian")}
+        for r in _rows(experiment)
+        if r["method"] == _label(METHODS[0])
+    ]
     write_results(rows, tmp_path)
     markdown = (build_report(tmp_path, tmp_path / "out").parent / "report.md").read_text()
     assert "Skipped: no robust_<corruption>_<modality>_<level> columns" in markdown
@@ -220,6 +249,7 @@ def test_group_by_resolved_keys(experiment, tmp_path):
 
 # -- W&B Report -----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -236,9 +266,15 @@ def test_wandb_report_builds_offline(experiment, offline, tmp_path, monkeypatch)
     report = build_wandb_report(experiment, "mm-proj", "mm-ent")
     assert (report.entity, report.project) == ("mm-ent", "mm-proj")
     headings = [b.text for b in report.blocks if isinstance(b, wr.H1)]
-    assert headings == ["Leaderboard", "Robustness in the MNL paper's ablation form",
-                        "Per-modality accuracy over epochs", "λ sensitivity", "warm-up epochs sensitivity",
-                        "Imbalance ratio over epochs", "Missing-modality and corruption robustness"]
+    assert headings == [
+        "Leaderboard",
+        "Robustness in the MNL paper's ablation form",
+        "Per-modality accuracy over epochs",
+        "λ sensitivity",
+        "warm-up epochs sensitivity",
+        "Imbalance ratio over epochs",
+        "Missing-modality and corruption robustness",
+    ]
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
     panels = [p for g in grids for p in g.panels]
     assert {type(p).__name__ for p in panels} >= {"BarPlot", "RunComparer", "LinePlot", "ParallelCoordinatesPlot"}
@@ -255,8 +291,9 @@ def test_wandb_report_builds_offline(experiment, offline, tmp_path, monkeypatch)
     group = experiment_group(experiment)
     assert group.startswith("exp-report-") and len(group) == len("exp-report-") + 8
     regrouped = build_wandb_report(experiment, "mm-proj", "mm-ent")
-    assert {r.filters for b in regrouped.blocks if isinstance(b, wr.PanelGrid) for r in b.runsets} == \
-        {f"Group = '{group}'"}
+    assert {r.filters for b in regrouped.blocks if isinstance(b, wr.PanelGrid) for r in b.runsets} == {
+        f"Group = '{group}'"
+    }
     (experiment / "experiment_id.json").unlink()
     parallel = next(p for p in panels if isinstance(p, wr.ParallelCoordinatesPlot))
     searched = ["objective.name", "objective.lam", "objective.warmup_epochs", "objective.guidance", "objective.scope"]
@@ -287,6 +324,7 @@ def test_report_command(experiment, offline, tmp_path, capsys):
     argv = ["report", str(experiment), "--out", str(tmp_path / "out"), "--group-by", "method"]
     try:
         import wandb_workspaces  # noqa: F401
+
         argv += ["--wandb", "--wandb-project", "mm-proj", "--wandb-entity", "mm-ent"]
     except ImportError:
         pass

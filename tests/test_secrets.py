@@ -52,12 +52,14 @@ def leaks(*roots: Path) -> list[str]:
                 data = path.read_bytes()
             except OSError:  # removed while we looked
                 continue
-            found += [f"{path}: {name}" for name, value in [*FAKES.items(), ("key file", ACTOR_KEY)]
-                      if value.encode() in data]
+            found += [
+                f"{path}: {name}" for name, value in [*FAKES.items(), ("key file", ACTOR_KEY)] if value.encode() in data
+            ]
     return found
 
 
 # -- without Ray -------------------------------------------------------------------------------
+
 
 def test_key_file_is_private_read_back_and_removed(monkeypatch):
     path = search_wandb.write_key_file(ACTOR_KEY)
@@ -94,8 +96,9 @@ def test_sanitize_redacts_every_secret_named_variable_value(monkeypatch):
     assert sanitize({"a": "x"}, "") == {"a": "x"}  # an empty key redacts nothing
 
 
-@pytest.mark.parametrize("env_vars", [{"WANDB_API_KEY": "x"}, {"RAY_AUTH_TOKEN": "x"}, {"MY_SERVICE_API_KEY": "x"},
-                                      {"GITHUB_TOKEN": "x"}])
+@pytest.mark.parametrize(
+    "env_vars", [{"WANDB_API_KEY": "x"}, {"RAY_AUTH_TOKEN": "x"}, {"MY_SERVICE_API_KEY": "x"}, {"GITHUB_TOKEN": "x"}]
+)
 def test_submit_refuses_a_runtime_env_with_a_secret_name(env_vars):
     with pytest.raises(ConfigError, match="env_vars"):
         refuse_secrets("mmbalance train --recipe r.yaml", {"env_vars": {"WANDB_PROJECT": "p", **env_vars}})
@@ -107,11 +110,14 @@ def test_submit_refuses_a_secret_value_in_the_command_or_runtime_env(monkeypatch
         refuse_secrets(f"mmbalance train --set note={FAKES['SOME_SERVICE_TOKEN']}", {})
     with pytest.raises(ConfigError, match="secret environment variable"):
         refuse_secrets("mmbalance train", {"env_vars": {"NOTE": FAKES["SOME_SERVICE_TOKEN"]}})
-    refuse_secrets("mmbalance train --recipe r.yaml", {"env_vars": {"WANDB_PROJECT": "p",
-                                                                    "WANDB_IDENTITY_TOKEN_FILE": "/var/run/t"}})
+    refuse_secrets(
+        "mmbalance train --recipe r.yaml",
+        {"env_vars": {"WANDB_PROJECT": "p", "WANDB_IDENTITY_TOKEN_FILE": "/var/run/t"}},
+    )
 
 
 # -- one Ray for the commands below ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -124,11 +130,20 @@ def cluster(tmp_path_factory):
         for name, value in {**FAKES, "WANDB_BASE_URL": CLOSED_URL, "RAY_USAGE_STATS_ENABLED": "0"}.items():
             patch.setenv(name, value)
         patch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
-        context = ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=True,
-                           log_to_driver=False, _temp_dir=str(temp_dir))
+        context = ray.init(
+            num_cpus=4,
+            object_store_memory=200 * 1024**2,
+            include_dashboard=True,
+            log_to_driver=False,
+            _temp_dir=str(temp_dir),
+        )
         try:
-            yield {"ray": ray, "temp_dir": temp_dir, "gcs": ray.get_runtime_context().gcs_address,
-                   "dashboard": f"http://{context.dashboard_url}"}
+            yield {
+                "ray": ray,
+                "temp_dir": temp_dir,
+                "gcs": ray.get_runtime_context().gcs_address,
+                "dashboard": f"http://{context.dashboard_url}",
+            }
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -140,16 +155,25 @@ def files(tmp_path, small_shards):
     tree = recipe_dict(small_shards, tracking={"wandb": "online"})
     tree["schedule"] = {"epochs": 2, "batch_size": 32}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"space": {"optim.lr": {"choice": [0.001]}}, "samples": 1,
-                                                        "scheduler": {"name": "fifo"}, "max_concurrent": 1}))
+    (tmp_path / "space.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "space": {"optim.lr": {"choice": [0.001]}},
+                "samples": 1,
+                "scheduler": {"name": "fifo"},
+                "max_concurrent": 1,
+            }
+        )
+    )
     return tmp_path
 
 
 def _mmbalance(*args: str, cwd: Path) -> str:
     env = {**os.environ, **FAKES, "WANDB_BASE_URL": CLOSED_URL}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([shutil.which("mmbalance"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=400)
+    done = subprocess.run(
+        [shutil.which("mmbalance"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -189,16 +213,35 @@ def test_train_writes_no_secret(files):
 @pytest.mark.integration
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_tune_writes_no_secret(cluster, files, workers):
-    log = _mmbalance("tune", str(files / "space.yaml"), "--recipe", str(files / "recipe.yaml"), "--output",
-                     str(files / "search"), "--workers", workers, "--address", cluster["gcs"], cwd=files)
+    log = _mmbalance(
+        "tune",
+        str(files / "space.yaml"),
+        "--recipe",
+        str(files / "recipe.yaml"),
+        "--output",
+        str(files / "search"),
+        "--workers",
+        workers,
+        "--address",
+        cluster["gcs"],
+        cwd=files,
+    )
     _assert_clean(cluster, files / "search")
     assert "core_worker.cc" not in log  # the logging actor's max_restarts error line (logging_actor_options)
 
 
 @pytest.mark.integration
 def test_submitted_search_writes_no_secret(cluster, files):
-    command = ["tune", str(files / "space.yaml"), "--recipe", str(files / "recipe.yaml"), "--output",
-               str(files / "search"), "--workers", "0"]
+    command = [
+        "tune",
+        str(files / "space.yaml"),
+        "--recipe",
+        str(files / "recipe.yaml"),
+        "--output",
+        str(files / "search"),
+        "--workers",
+        "0",
+    ]
     log = _mmbalance("submit", "--address", cluster["dashboard"], "--runtime-env", "", "--", *command, cwd=files)
     assert "SUCCEEDED" in log
     _assert_clean(cluster, files / "search")

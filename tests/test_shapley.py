@@ -7,12 +7,11 @@ import random
 
 import pytest
 
+from helpers import recipe_dict
 from mmbalance.config import validate_recipe
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.shapley import coalitions, shapley_values
-
-from helpers import recipe_dict
 
 
 def _table(values: dict[str, float]):
@@ -93,10 +92,17 @@ def test_evaluate_run_splits_fused_accuracy_into_shapley_values(small_shards, tm
 
     scores = evaluation.evaluate_run(tmp_path / "run", tree)
     test, robust = scores["test"], scores["robustness"]
-    assert set(test) >= {"shapley_audio", "shapley_visual", "coalition_audio+visual", "coalition_audio",
-                         "coalition_visual", "coalition_none"}
-    assert math.isclose(test["shapley_audio"] + test["shapley_visual"], test["acc"] - test["coalition_none"],
-                        rel_tol=0, abs_tol=1e-12)
+    assert set(test) >= {
+        "shapley_audio",
+        "shapley_visual",
+        "coalition_audio+visual",
+        "coalition_audio",
+        "coalition_visual",
+        "coalition_none",
+    }
+    assert math.isclose(
+        test["shapley_audio"] + test["shapley_visual"], test["acc"] - test["coalition_none"], rel_tol=0, abs_tol=1e-12
+    )
     assert test["coalition_audio+visual"] == test["acc"]
     assert test["coalition_audio"] == robust["missing_visual"] and test["coalition_visual"] == robust["missing_audio"]
     # clean + missing_audio + missing_visual + feature_noise_visual_1, then only the all-missing pass

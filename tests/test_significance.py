@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mmbalance.reports.significance import (Interval, adjust, bonferroni, compare_to_reference, format_interval,
-                                          holm, mean_interval, paired_difference, significant)
+from mmbalance.reports.significance import (
+    Interval,
+    adjust,
+    bonferroni,
+    compare_to_reference,
+    format_interval,
+    holm,
+    mean_interval,
+    paired_difference,
+    significant,
+)
 
 T_975_DF3 = 3.182446  # t_{0.975, 3}, from a printed t table
 T_975_DF4 = 2.776445  # t_{0.975, 4}
@@ -28,6 +37,7 @@ def verdicts(rows) -> dict[str, str]:
 
 
 # -- intervals -------------------------------------------------------------------------------
+
 
 def test_mean_interval_matches_hand_values():
     # mean 3; squared deviations 4+1+0+1+4 = 10, s^2 = 10/4 = 2.5;
@@ -68,6 +78,7 @@ def test_non_finite_or_empty_scores_are_refused():
 
 
 # -- paired differences ----------------------------------------------------------------------
+
 
 def test_paired_difference_matches_hand_values():
     # d = a - b = [2, 3, 1, 3]; mean 2.25; squared deviations 0.0625 + 0.5625 + 1.5625 + 0.5625
@@ -118,6 +129,7 @@ def test_mismatched_lengths_are_refused_with_both_lengths():
 
 # -- multiple comparisons --------------------------------------------------------------------
 
+
 def test_holm_matches_hand_example():
     # sorted: 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> raised to 0.06 to stay monotone.
     adjusted = holm({"x": 0.01, "y": 0.04, "z": 0.03})
@@ -152,6 +164,7 @@ def test_unknown_correction_is_refused():
 
 # -- verdicts --------------------------------------------------------------------------------
 
+
 def test_identical_method_shows_no_difference():
     rows = compare_to_reference({"lf": REFERENCE, "copy": list(REFERENCE)}, reference="lf")
     assert [row.method for row in rows] == ["copy"]
@@ -160,8 +173,7 @@ def test_identical_method_shows_no_difference():
 
 
 def test_much_worse_method_is_worse():
-    rows = compare_to_reference({"lf": REFERENCE, "bad": shifted([-20.1, -19.8, -20.3, -19.9, -20.0])},
-                                reference="lf")
+    rows = compare_to_reference({"lf": REFERENCE, "bad": shifted([-20.1, -19.8, -20.3, -19.9, -20.0])}, reference="lf")
     row = rows[0]
     assert row.verdict == "worse"
     assert row.comparison.difference.mean == pytest.approx(-20.02, abs=1e-9)
@@ -169,8 +181,7 @@ def test_much_worse_method_is_worse():
 
 
 def test_small_noisy_gain_shows_no_difference():
-    rows = compare_to_reference({"lf": REFERENCE, "noisy": shifted([5.0, -4.0, 3.0, -2.0, 1.0])},
-                                reference="lf")
+    rows = compare_to_reference({"lf": REFERENCE, "noisy": shifted([5.0, -4.0, 3.0, -2.0, 1.0])}, reference="lf")
     row = rows[0]
     assert row.comparison.difference.mean > 0
     assert row.comparison.difference.low < 0 < row.comparison.difference.high
@@ -190,10 +201,12 @@ def test_single_seed_says_too_few_seeds():
 
 
 def test_correction_turns_a_borderline_gain_into_no_difference():
-    methods = {"lf": REFERENCE,
-               "borderline": shifted([1.0, 3.0, 1.0, 2.0, 4.0]),  # raw p = 0.0196
-               "flat": shifted([1.0, -1.0, 2.0, -2.0, 0.0]),
-               "noisy": shifted([5.0, -4.0, 3.0, -2.0, 1.0])}
+    methods = {
+        "lf": REFERENCE,
+        "borderline": shifted([1.0, 3.0, 1.0, 2.0, 4.0]),  # raw p = 0.0196
+        "flat": shifted([1.0, -1.0, 2.0, -2.0, 0.0]),
+        "noisy": shifted([5.0, -4.0, 3.0, -2.0, 1.0]),
+    }
     raw = {row.method: row for row in compare_to_reference(methods, "lf", correction="none")}
     assert 0.05 / 3 < raw["borderline"].p_raw < 0.05  # rejects alone, not once tripled
     assert raw["borderline"].verdict == "better"
@@ -219,6 +232,8 @@ def test_intervals_use_one_minus_alpha():
 
 # -- report text -----------------------------------------------------------------------------
 
+
 def test_format_interval_rounds_mean_and_half_width():
-    assert format_interval(Interval(mean=0.8123, half_width=0.01391, n=5, std=0.011, confidence=0.95)) \
-        == "0.812 ± 0.014"
+    assert (
+        format_interval(Interval(mean=0.8123, half_width=0.01391, n=5, std=0.011, confidence=0.95)) == "0.812 ± 0.014"
+    )

@@ -3,10 +3,9 @@
 import pytest
 import yaml
 
+from helpers import REPO, recipe_dict
 from mmbalance.config import ConfigError
 from mmbalance.tune.space import SearchSpace, load_space, trial_recipe, validate_against
-
-from helpers import REPO, recipe_dict
 
 
 def _space(**fields) -> SearchSpace:
@@ -21,8 +20,11 @@ def test_every_shipped_space_loads_and_fits_the_synthetic_recipe(small_shards):
 
 
 def test_draws_are_shared_by_seeds_and_crossed_with_grids():
-    space = _space(space={"objective.lam": {"loguniform": [0.1, 1.0]}, "objective.scope": {"grid": ["nontarget", "all"]}},
-                   seeds=[0, 1, 2], samples=4)
+    space = _space(
+        space={"objective.lam": {"loguniform": [0.1, 1.0]}, "objective.scope": {"grid": ["nontarget", "all"]}},
+        seeds=[0, 1, 2],
+        samples=4,
+    )
     configs = space.configurations()
     assert len(configs) == space.trial_count() == 4 * 2 * 3
     by_draw = {}
@@ -40,8 +42,11 @@ def test_unknown_recipe_key_in_a_space_is_named(small_shards):
 
 
 def test_every_categorical_value_is_checked(small_shards):
-    space = _space(space={"objective.guidance": {"choice": ["confidence", "loudest"]}},
-                   set={"objective.name": "mnl"}, scheduler={"name": "fifo"})
+    space = _space(
+        space={"objective.guidance": {"choice": ["confidence", "loudest"]}},
+        set={"objective.name": "mnl"},
+        scheduler={"name": "fifo"},
+    )
     with pytest.raises(ConfigError, match="loudest"):
         validate_against(space, recipe_dict(small_shards))
 
@@ -53,8 +58,11 @@ def test_range_ends_are_checked(small_shards):
 
 
 def test_grace_period_must_cover_the_longest_warmup(small_shards):
-    space = _space(space={"objective.warmup_epochs": {"choice": [0, 2]}}, set={"objective.name": "mnl"},
-                   scheduler={"name": "asha", "grace_period": 1})
+    space = _space(
+        space={"objective.warmup_epochs": {"choice": [0, 2]}},
+        set={"objective.name": "mnl"},
+        scheduler={"name": "asha", "grace_period": 1},
+    )
     tree = recipe_dict(small_shards)
     tree["schedule"]["epochs"] = 6
     with pytest.raises(ConfigError, match="longest warm-up"):
@@ -68,7 +76,9 @@ def test_max_t_beyond_the_recipe_epochs_is_refused(small_shards):
 
 
 def test_bundles_set_several_keys_together():
-    tree = trial_recipe({"objective": {"name": "lf"}}, {}, {"method": {"objective.name": "arm", "model.fusion": "concat"}}, 3)
+    tree = trial_recipe(
+        {"objective": {"name": "lf"}}, {}, {"method": {"objective.name": "arm", "model.fusion": "concat"}}, 3
+    )
     assert tree["objective"]["name"] == "arm" and tree["model"]["fusion"] == "concat" and tree["seed"] == 3
     with pytest.raises(ValueError, match="bundle"):
         _space(space={"method": {"grid": ["lf", "mnl"]}})

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from helpers.study_rows import study_dir
 from mmbalance.cli import main
 from mmbalance.reports.study_report import write_study_report
 
-from helpers.study_rows import study_dir
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import REPO
 from mmbalance.cli import main
 from mmbalance.config import validate_recipe
 from mmbalance.data.manifest import read_manifest
@@ -17,8 +18,6 @@ from mmbalance.data.shards import load_split
 from mmbalance.data.synthetic import GENERATOR_VERSION, SyntheticModality, SyntheticSpec, generate, prepare_synthetic
 from mmbalance.engine.loop import run_training
 from mmbalance.engine.run_spec import RunSpec
-
-from helpers import REPO
 
 V1_ARGS = ["--samples", "200", "--val-samples", "50", "--test-samples", "50", "--classes", "4", "--dim", "8"]
 # Written by the version-1 code (before the XOR code existed) with `prepare synthetic` + V1_ARGS.
@@ -49,7 +48,9 @@ def test_generator_v1_flag_reproduces_the_version_1_bytes(tmp_path):
     out = tmp_path / "v1"
     assert main(["prepare", "synthetic", "--generator", "v1", "--out", str(out), *V1_ARGS]) == 0
     assert _content_sha256(out) == V1_CONTENT_SHA256
-    files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()
+    }
     assert files == V1_FILE_SHA256
     assert read_manifest(out).generator == {"name": "mmbalance.data.synthetic", "version": 1}
 
@@ -65,9 +66,15 @@ def test_default_is_version_2_and_the_manifest_says_so(tmp_path):
 
 
 def _xor_spec(seed: int) -> SyntheticSpec:
-    return SyntheticSpec(samples={"train": 64, "val": 16, "test": 16}, classes=4, seed=seed,
-                         modalities={"audio": SyntheticModality(dim=4, signal=1.0),
-                                     "visual": SyntheticModality(dim=6, signal=1.0, xor_pairs=2, blank=0.1)})
+    return SyntheticSpec(
+        samples={"train": 64, "val": 16, "test": 16},
+        classes=4,
+        seed=seed,
+        modalities={
+            "audio": SyntheticModality(dim=4, signal=1.0),
+            "visual": SyntheticModality(dim=6, signal=1.0, xor_pairs=2, blank=0.1),
+        },
+    )
 
 
 def test_same_seed_gives_byte_identical_xor_shards_and_other_seeds_differ(tmp_path):
@@ -94,7 +101,9 @@ def test_xor_code_lives_in_pair_products_and_distinct_codes_per_class():
 def _ridge_test_acc(features, splits, classes: int) -> float:
     """One-vs-all least squares on ``features(modalities)``: a linear readout, fit on train."""
     xtr, xte = (np.c_[features(splits[s].modalities), np.ones(len(splits[s]))] for s in ("train", "test"))
-    weights = np.linalg.solve(xtr.T @ xtr + 1e-3 * np.eye(xtr.shape[1]), xtr.T @ np.eye(classes)[splits["train"].labels])
+    weights = np.linalg.solve(
+        xtr.T @ xtr + 1e-3 * np.eye(xtr.shape[1]), xtr.T @ np.eye(classes)[splits["train"].labels]
+    )
     return float(((xte @ weights).argmax(1) == splits["test"].labels).mean())
 
 
@@ -103,7 +112,9 @@ def test_default_weak_modality_needs_a_nonlinear_readout_and_the_dominant_one_do
     splits = generate(spec)
     k = spec.modalities["visual"].xor_pairs
     linear = _ridge_test_acc(lambda m: m["visual"], splits, spec.classes)
-    pair_products = _ridge_test_acc(lambda m: m["visual"][:, 0:2 * k:2] * m["visual"][:, 1:2 * k:2], splits, spec.classes)
+    pair_products = _ridge_test_acc(
+        lambda m: m["visual"][:, 0 : 2 * k : 2] * m["visual"][:, 1 : 2 * k : 2], splits, spec.classes
+    )
     audio = _ridge_test_acc(lambda m: m["audio"], splits, spec.classes)
     assert linear < 0.15  # chance is 0.10
     assert pair_products > 0.5
@@ -142,6 +153,8 @@ def test_joint_training_leaves_the_default_weak_modality_15_points_below_its_uni
     alone = {**tree, "modalities": {"visual": tree["modalities"]["visual"]}}
     accs = {}
     for name, recipe in (("joint", joint), ("alone", alone)):
-        accs[name] = run_training(RunSpec.of(validate_recipe(recipe), tmp_path / name, verbose=False))["test"]["acc_per_modality"]
+        accs[name] = run_training(RunSpec.of(validate_recipe(recipe), tmp_path / name, verbose=False))["test"][
+            "acc_per_modality"
+        ]
     assert accs["alone"]["visual"] - accs["joint"]["visual"] >= 0.15
     assert accs["joint"]["audio"] - accs["joint"]["visual"] >= 0.3  # audio stays dominant

@@ -8,19 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import recipe_dict
 from mmbalance.config import ConfigError, check_against_data, validate_recipe
 from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import load_split
 from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import epoch_seed
-from mmbalance.engine.ray_data import collate_train_batch, decode_batch
-from mmbalance.engine.sources import InMemorySource
-
 from mmbalance.engine.loop import run_training
+from mmbalance.engine.ray_data import collate_train_batch, decode_batch
 from mmbalance.engine.run_spec import RunSpec
+from mmbalance.engine.sources import InMemorySource
 from mmbalance.tracking.records import RunRecord
-
-from helpers import recipe_dict
 
 CPU = torch.device("cpu")
 SNR = {"modality": "audio", "name": "audio_snr", "level": 5, "p": 0.5}
@@ -57,14 +55,23 @@ def _audio_by_id(source, epoch, batch_size) -> dict[str, np.ndarray]:
     return dict(zip(ids, rows))
 
 
-@pytest.mark.parametrize("item, message", [
-    ({"modality": "audio", "name": "blur", "level": 1}, "unknown corruption 'blur'; allowed: ['audio_snr'"),
-    ({"modality": "audio", "name": "salt_pepper", "level": 150}, "salt_pepper level must be in [0, 100], got 150"),
-    ({"modality": "audio", "name": "gaussian", "level": -1}, "level: Input should be greater than or equal to 0"),
-    ({"modality": "audio", "name": "missing", "level": 0.5}, "missing level must be 0 (keep) or 1 (drop)"),
-    ({"modality": "audio", "name": "feature_noise", "level": -0.5}, "level: Input should be greater than or equal to 0"),
-    ({"modality": "audio", "name": "feature_noise", "level": 1, "params": {"std": [-1]}}, "std must be finite and >= 0"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"modality": "audio", "name": "blur", "level": 1}, "unknown corruption 'blur'; allowed: ['audio_snr'"),
+        ({"modality": "audio", "name": "salt_pepper", "level": 150}, "salt_pepper level must be in [0, 100], got 150"),
+        ({"modality": "audio", "name": "gaussian", "level": -1}, "level: Input should be greater than or equal to 0"),
+        ({"modality": "audio", "name": "missing", "level": 0.5}, "missing level must be 0 (keep) or 1 (drop)"),
+        (
+            {"modality": "audio", "name": "feature_noise", "level": -0.5},
+            "level: Input should be greater than or equal to 0",
+        ),
+        (
+            {"modality": "audio", "name": "feature_noise", "level": 1, "params": {"std": [-1]}},
+            "std must be finite and >= 0",
+        ),
+    ],
+)
 def test_bad_name_or_level_fails_recipe_validation_naming_the_key(small_shards, item, message):
     with pytest.raises(ConfigError) as info:
         _recipe(small_shards, item)
@@ -72,12 +79,18 @@ def test_bad_name_or_level_fails_recipe_validation_naming_the_key(small_shards, 
 
 
 def test_modality_and_dtype_are_checked_against_the_recipe_and_data(small_shards):
-    recipe = _recipe(small_shards, SNR, {"modality": "depth", "name": "gaussian", "level": 1},
-                     {"modality": "visual", "name": "word_replace", "level": 1})
+    recipe = _recipe(
+        small_shards,
+        SNR,
+        {"modality": "depth", "name": "gaussian", "level": 1},
+        {"modality": "visual", "name": "word_replace", "level": 1},
+    )
     with pytest.raises(ConfigError) as info:
         check_against_data(recipe, read_manifest(small_shards))
     message = str(info.value)
-    assert "data.train_corruptions.1.modality: 'depth' is not a recipe modality; allowed: ['audio', 'visual']" in message
+    assert (
+        "data.train_corruptions.1.modality: 'depth' is not a recipe modality; allowed: ['audio', 'visual']" in message
+    )
     assert "data.train_corruptions.2.name: word_replace cannot corrupt 'visual' of dtype float32" in message
     assert "train_corruptions.0" not in message
 
@@ -143,11 +156,15 @@ def test_ray_collate_of_a_decoded_shard_matches_the_in_process_noise(small_shard
     recipe = _recipe(small_shards, SNR, {"modality": "visual", "name": "missing", "level": 1, "p": 0.3})
     manifest = read_manifest(small_shards)
     modalities = ["audio", "visual"]
-    table = pq.read_table(small_shards / manifest.splits["train"].files[0].path,
-                          columns=["label", "sample_id", *modalities])
+    table = pq.read_table(
+        small_shards / manifest.splits["train"].files[0].path, columns=["label", "sample_id", *modalities]
+    )
     table = table.take(np.random.default_rng(0).permutation(table.num_rows)[:40])
-    decoded = decode_batch(table, {m: manifest.modalities[m].shape for m in modalities},
-                           {m: manifest.modalities[m].dtype for m in modalities})
+    decoded = decode_batch(
+        table,
+        {m: manifest.modalities[m].shape for m in modalities},
+        {m: manifest.modalities[m].dtype for m in modalities},
+    )
     assert decoded["sample_id"].dtype == object and decoded["sample_id"][0] == table.column("sample_id")[0].as_py()
     corruptor = TrainCorruptor.from_recipe(recipe)
     tensors = collate_train_batch(decoded, corruptor, 3, modalities)
@@ -202,8 +219,11 @@ def test_ray_data_train_shard_gets_the_in_process_noise_per_sample(ray_cluster, 
     modalities = list(recipe.modalities)
     corruptor = TrainCorruptor.from_recipe(recipe)
     shard = build_datasets(recipe, manifest, str(small_shards), workers=1)["train"].iterator()
-    batches = list(iter_train_batches(shard, 32, buffer=256, seed=epoch_seed(recipe.seed, 1), corruptor=corruptor,
-                                      epoch=1, modalities=modalities))
+    batches = list(
+        iter_train_batches(
+            shard, 32, buffer=256, seed=epoch_seed(recipe.seed, 1), corruptor=corruptor, epoch=1, modalities=modalities
+        )
+    )
     assert len(batches) == 512 // 32 and set(batches[0]) == {"audio", "visual", "label"}
 
     split = load_split(small_shards, manifest, "train", modalities)
@@ -266,10 +286,15 @@ def test_ray_collate_with_feature_noise_matches_the_in_process_noise(small_shard
     recipe = _recipe(small_shards, NOISE)
     manifest = read_manifest(small_shards)
     modalities = ["audio", "visual"]
-    table = pq.read_table(small_shards / manifest.splits["train"].files[0].path, columns=["label", "sample_id", *modalities])
+    table = pq.read_table(
+        small_shards / manifest.splits["train"].files[0].path, columns=["label", "sample_id", *modalities]
+    )
     table = table.take(np.random.default_rng(1).permutation(table.num_rows)[:40])
-    decoded = decode_batch(table, {m: manifest.modalities[m].shape for m in modalities},
-                           {m: manifest.modalities[m].dtype for m in modalities})
+    decoded = decode_batch(
+        table,
+        {m: manifest.modalities[m].shape for m in modalities},
+        {m: manifest.modalities[m].dtype for m in modalities},
+    )
     worker = TrainCorruptor.from_recipe(recipe, manifest)  # what RayShardSource builds on each worker
     tensors = collate_train_batch(decoded, worker, 3, modalities)
     split = load_split(small_shards, manifest, "train", modalities)

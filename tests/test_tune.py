@@ -9,13 +9,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmbalance.tracking.records import experiment_id, trial_run_id
-from mmbalance.tune.search import run_search
-from mmbalance.tune.space import SearchSpace
-
 from helpers import recipe_dict
 from helpers.ray_resources import settled_resources
 from helpers.wandb_offline import read_offline_run
+from mmbalance.tracking.records import experiment_id, trial_run_id
+from mmbalance.tune.search import run_search
+from mmbalance.tune.space import SearchSpace
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +23,16 @@ def test_asha_over_torch_trainers_scores_every_trial_and_leaks_nothing(ray_clust
     from ray.util import placement_group_table
 
     baseline = ray_cluster.available_resources()
-    space = SearchSpace.model_validate({
-        "space": {"optim.lr": {"loguniform": [0.0005, 0.05]}},
-        "seeds": [0, 1], "samples": 2,  # 4 Train-in-Tune trials: each costs ~50 s on 2 cores
-        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
-        "max_concurrent": 2, "workers": 1})
+    space = SearchSpace.model_validate(
+        {
+            "space": {"optim.lr": {"loguniform": [0.0005, 0.05]}},
+            "seeds": [0, 1],
+            "samples": 2,  # 4 Train-in-Tune trials: each costs ~50 s on 2 cores
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
+            "max_concurrent": 2,
+            "workers": 1,
+        }
+    )
     tree = recipe_dict(small_shards)
     tree["schedule"] = {"epochs": 3, "batch_size": 32}
     frame = run_search(space, tree, tmp_path / "search")
@@ -53,16 +57,38 @@ def test_a_second_sigint_stops_the_search_at_once(ray_cluster, small_shards, tmp
     """Tune ends a search gracefully on the first SIGINT (saving its state, finishing the W&B
     runs within search_wandb.FINISH_WAIT_S); a second one must skip that and exit now."""
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(yaml.safe_dump({"space": {"optim.lr": {"choice": [0.001, 0.002]}}, "samples": 2,
-                                          "scheduler": {"name": "fifo"}, "max_concurrent": 2, "workers": 0}))
+    space_file.write_text(
+        yaml.safe_dump(
+            {
+                "space": {"optim.lr": {"choice": [0.001, 0.002]}},
+                "samples": 2,
+                "scheduler": {"name": "fifo"},
+                "max_concurrent": 2,
+                "workers": 0,
+            }
+        )
+    )
     recipe = tmp_path / "recipe.yaml"
     tree = recipe_dict(small_shards, tracking={"wandb": "offline"})
     tree["schedule"] = {"epochs": 200, "batch_size": 32}
     recipe.write_text(yaml.safe_dump(tree))
     out = tmp_path / "search"
-    search = subprocess.Popen([shutil.which("mmbalance"), "tune", str(space_file), "--recipe", str(recipe),
-                               "--output", str(out), "--address", ray_cluster.get_runtime_context().gcs_address],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    search = subprocess.Popen(
+        [
+            shutil.which("mmbalance"),
+            "tune",
+            str(space_file),
+            "--recipe",
+            str(recipe),
+            "--output",
+            str(out),
+            "--address",
+            ray_cluster.get_runtime_context().gcs_address,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 240
     while not list((out / "trials").glob("*/metrics.jsonl")) and time.time() < deadline:
         time.sleep(0.5)
@@ -84,22 +110,40 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     stops as terminated, so only the press itself says the search did not end (exit 130, not
     results scored from half-trained trials)."""
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(yaml.safe_dump({
-        "space": {"optim.lr": {"choice": [0.001, 0.002, 0.003, 0.004]}},
-        "samples": 4, "scheduler": {"name": "fifo"}, "max_concurrent": 2, "workers": 0}))
+    space_file.write_text(
+        yaml.safe_dump(
+            {
+                "space": {"optim.lr": {"choice": [0.001, 0.002, 0.003, 0.004]}},
+                "samples": 4,
+                "scheduler": {"name": "fifo"},
+                "max_concurrent": 2,
+                "workers": 0,
+            }
+        )
+    )
     recipe = tmp_path / "recipe.yaml"
     tree = recipe_dict(small_shards, tracking={"wandb": "offline"})
     tree["schedule"] = {"epochs": 8, "batch_size": 32}
     recipe.write_text(yaml.safe_dump(tree))
     out = tmp_path / "search"
-    command = [shutil.which("mmbalance"), "tune", str(space_file), "--recipe", str(recipe), "--output", str(out),
-               "--address", ray_cluster.get_runtime_context().gcs_address]
+    command = [
+        shutil.which("mmbalance"),
+        "tune",
+        str(space_file),
+        "--recipe",
+        str(recipe),
+        "--output",
+        str(out),
+        "--address",
+        ray_cluster.get_runtime_context().gcs_address,
+    ]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
 
     def last_two_running():  # two trials ended, the other two have reported an epoch
         ended = len(list((out / "trials").glob("*/result.json")))
         return ended >= 2 and len(list((out / "trials").glob("*/metrics.jsonl"))) == 4
+
     while not last_two_running() and time.time() < deadline:
         time.sleep(0.2)
     done_before = {p.parent.name: p.read_text() for p in (out / "trials").glob("*/result.json")}

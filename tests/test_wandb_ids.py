@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import recipe_dict
+from helpers.wandb_offline import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse
 from mmbalance import outputs
 from mmbalance.cli import main
+from mmbalance.config import TrackingConfig
 from mmbalance.layout import EXPERIMENT_ID_FILE, RunDir
 from mmbalance.tracking import records
 from mmbalance.tracking.records import RunRecord, experiment_group, experiment_id, new_id, trial_run_id
-from mmbalance.config import TrackingConfig
-
-from helpers import recipe_dict
-from helpers.wandb_offline import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse
-
 
 # -- the id helpers ---------------------------------------------------------------------------------
 
@@ -161,8 +159,10 @@ def test_a_run_killed_with_its_wandb_run_open_logs_its_last_epoch_again_on_resum
     recipe = tmp_path / "three.yaml"
     recipe.write_text(yaml.safe_dump(tree))
     fault = {"rank": 0, "epoch": 1, "step": 0, "once_file": str(tmp_path / "fired"), "delay_s": 0}
-    script = ("from mmbalance.engine.loop import run_training; from mmbalance.engine.run_spec import RunSpec; "
-              f"run_training(RunSpec.of({tree!r}, {str(run_dir)!r}, verbose=False, fault={fault!r}))")
+    script = (
+        "from mmbalance.engine.loop import run_training; from mmbalance.engine.run_spec import RunSpec; "
+        f"run_training(RunSpec.of({tree!r}, {str(run_dir)!r}, verbose=False, fault={fault!r}))"
+    )
     # Its own W&B service, as a separate command has: wandb hands its service address to child
     # processes, and a stream that a killed child left in this process's service keeps its id busy.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
@@ -192,8 +192,9 @@ def test_an_untracked_run_creates_no_id(tmp_path, recipe_file):
 def logger_actor_id(callback, trial_id: str, logdir: Path) -> str:
     """The id the callback's logging actor would pass to ``wandb.init`` for ``trial_id`` (Ray
     builds the actor with ``id=trial.trial_id``); constructing it starts no run."""
-    actor = callback._logger_actor_cls(logdir=str(logdir), queue=None, exclude=[], to_config=[], id=trial_id,
-                                       name=trial_id, project="mmbalance")
+    actor = callback._logger_actor_cls(
+        logdir=str(logdir), queue=None, exclude=[], to_config=[], id=trial_id, name=trial_id, project="mmbalance"
+    )
     return actor.kwargs["id"]
 
 

@@ -10,27 +10,50 @@ from pathlib import Path
 import pytest
 
 from helpers.wandb_offline import no_credentials, read_offline_run  # noqa: F401 - no_credentials is autouse
-from mmbalance.tracking import wandb_tracker
 from mmbalance.config import TrackingConfig
+from mmbalance.tracking import wandb_tracker
 from mmbalance.tracking.wandb_tracker import WandbTracker, flatten_result, sanitize
 
 FAKE_KEY = "fake-secret-" + "0123456789abcdef" * 2  # 44 chars: wandb rejects keys shorter than 40
 assert len(FAKE_KEY) >= 40
-RESULT = {"val": {"best_acc": 0.7, "best_epoch": 2},
-          "test": {"acc": 0.65, "acc_per_modality": {"audio": 0.6, "visual": 0.4}, "imbalance_ratio": 1.5},
-          "robustness": {"noise": {"0.5": 0.55}}, "objective": "mnl", "resumed_from_epoch": None}
+RESULT = {
+    "val": {"best_acc": 0.7, "best_epoch": 2},
+    "test": {"acc": 0.65, "acc_per_modality": {"audio": 0.6, "visual": 0.4}, "imbalance_ratio": 1.5},
+    "robustness": {"noise": {"0.5": 0.55}},
+    "objective": "mnl",
+    "resumed_from_epoch": None,
+}
 
 
-def start(run_dir: Path, run_id: str = "trial_00001", group: str | None = "exp-a", mode: str = "offline",
-          config: dict | None = None, **kwargs) -> WandbTracker:
-    return WandbTracker.start(TrackingConfig(wandb=mode), run_dir=run_dir, run_id=run_id, run_name=run_id, group=group,
-                              config=config if config is not None else {"seed": 1, "objective": {"name": "mnl", "lam": 0.5}},
-                              **kwargs)
+def start(
+    run_dir: Path,
+    run_id: str = "trial_00001",
+    group: str | None = "exp-a",
+    mode: str = "offline",
+    config: dict | None = None,
+    **kwargs,
+) -> WandbTracker:
+    return WandbTracker.start(
+        TrackingConfig(wandb=mode),
+        run_dir=run_dir,
+        run_id=run_id,
+        run_name=run_id,
+        group=group,
+        config=config if config is not None else {"seed": 1, "objective": {"name": "mnl", "lam": 0.5}},
+        **kwargs,
+    )
 
 
 def epoch_metrics(epoch: int) -> dict:
-    return {"epoch": epoch, "epochs_done": epoch + 1, "train/loss_total": 1.0 / (epoch + 1), "val/acc_fused": 0.5 + 0.1 * epoch,
-            "val/acc_audio": 0.4, "improved": epoch != 1, "note": "not a number"}
+    return {
+        "epoch": epoch,
+        "epochs_done": epoch + 1,
+        "train/loss_total": 1.0 / (epoch + 1),
+        "val/acc_fused": 0.5 + 0.1 * epoch,
+        "val/acc_audio": 0.4,
+        "improved": epoch != 1,
+        "note": "not a number",
+    }
 
 
 def files_containing(root: Path, needle: str) -> list[Path]:
@@ -59,7 +82,12 @@ def test_offline_run_holds_epochs_summary_group_id_and_config(tmp_path):
     assert not (sync_dir / "files" / "requirements.txt").exists()
     data = read_offline_run(sync_dir)
     run = data["run"]
-    assert (run["run_id"], run["run_group"], run["project"], run["job_type"]) == ("trial_00001", "exp-a", "mmbalance", "train")
+    assert (run["run_id"], run["run_group"], run["project"], run["job_type"]) == (
+        "trial_00001",
+        "exp-a",
+        "mmbalance",
+        "train",
+    )
     assert run["config"]["update"]["objective"] == {"name": "mnl", "lam": 0.5}
     assert run["config"]["update"]["seed"] == 1
     assert sorted(data["history"]) == [0, 1, 2]
@@ -107,7 +135,9 @@ def test_online_without_key_falls_back_to_offline_with_one_line(tmp_path, capsys
     assert elapsed < 20
     assert tracker.mode == "offline"
     assert len(lines) == 1, lines
-    assert "no API key" in lines[0] and lines[0].endswith(f"(sync later with: wandb sync {tmp_path / 'trial_online' / 'wandb'})")
+    assert "no API key" in lines[0] and lines[0].endswith(
+        f"(sync later with: wandb sync {tmp_path / 'trial_online' / 'wandb'})"
+    )
     assert list((tmp_path / "trial_online" / "wandb").glob("offline-run-*/run-trial_online.wandb"))
 
 
@@ -125,8 +155,10 @@ def test_online_with_unreachable_server_falls_back_to_offline(tmp_path, monkeypa
 
 
 def test_disabled_and_nonzero_rank_write_nothing(tmp_path):
-    for tracker, run_dir in [(start(tmp_path / "off", mode="disabled"), tmp_path / "off"),
-                             (start(tmp_path / "rank1", rank=1), tmp_path / "rank1")]:
+    for tracker, run_dir in [
+        (start(tmp_path / "off", mode="disabled"), tmp_path / "off"),
+        (start(tmp_path / "rank1", rank=1), tmp_path / "rank1"),
+    ]:
         assert not tracker.active and tracker.sync_dir is None
         with tracker:
             tracker.log_epoch(epoch_metrics(0))
@@ -137,8 +169,12 @@ def test_disabled_and_nonzero_rank_write_nothing(tmp_path):
 def test_api_key_never_reaches_a_written_file(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     run_dir = tmp_path / "trial_secret"
-    config = {"seed": 1, "tracking": {"api_key": FAKE_KEY, "wandb": "offline"}, "notes": [f"key={FAKE_KEY}"],
-              "cluster": {"env": {"WANDB_API_KEY": FAKE_KEY, "HF_TOKEN": "hf_abc"}}}
+    config = {
+        "seed": 1,
+        "tracking": {"api_key": FAKE_KEY, "wandb": "offline"},
+        "notes": [f"key={FAKE_KEY}"],
+        "cluster": {"env": {"WANDB_API_KEY": FAKE_KEY, "HF_TOKEN": "hf_abc"}},
+    }
     with start(run_dir, config=config) as tracker:
         tracker.log_epoch(epoch_metrics(0))
         tracker.summary(RESULT)
@@ -157,10 +193,15 @@ def test_api_key_never_reaches_a_written_file(tmp_path, monkeypatch):
 
 def test_sanitize_and_flatten_are_pure():
     config = {"a": {"Secret_Thing": 1, "apiKey": 2, "b": [{"password": "x"}, "y"]}, "token_count": 3}
-    assert sanitize(config) == {"a": {"Secret_Thing": "<redacted>", "apiKey": "<redacted>", "b": [{"password": "<redacted>"}, "y"]},
-                                "token_count": "<redacted>"}
+    assert sanitize(config) == {
+        "a": {"Secret_Thing": "<redacted>", "apiKey": "<redacted>", "b": [{"password": "<redacted>"}, "y"]},
+        "token_count": "<redacted>",
+    }
     assert config["a"]["apiKey"] == 2  # input untouched
-    assert flatten_result({"test": {"tcp_per_modality": {"audio": 0.1}}, "flag": True}) == {"test/tcp_audio": 0.1, "flag": True}
+    assert flatten_result({"test": {"tcp_per_modality": {"audio": 0.1}}, "flag": True}) == {
+        "test/tcp_audio": 0.1,
+        "flag": True,
+    }
 
 
 def test_tracking_config_forbids_unknown_keys():

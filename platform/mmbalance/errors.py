@@ -22,7 +22,13 @@ from mmbalance.outputs import UnsafeOutput
 
 # Errors whose message already says what, where and what to do.
 MESSAGE_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, CorruptionError, ManifestError, ShardError, UnsafeOutput, FileExistsError, FileNotFoundError,
+    ConfigError,
+    CorruptionError,
+    ManifestError,
+    ShardError,
+    UnsafeOutput,
+    FileExistsError,
+    FileNotFoundError,
 )
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

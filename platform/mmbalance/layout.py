@@ -49,8 +49,20 @@ class RunDir:
     DRIVER_LOGGED = "wandb_logged.json"  # a search trial: the last epoch the driver passed to W&B
     RAY = "ray"
     # Top-level names a run owns (fnmatch patterns; "*" also owns the temp files of atomic writes).
-    ENTRIES = (CONFIG, METRICS, RESULT, CHECKPOINTS, WANDB_DIR, RAY, "eval-*.json", f"{RUN_ID}*", ENDED, FAILED,
-               TRACKING_OPEN, f"{DRIVER_LOGGED}*")
+    ENTRIES = (
+        CONFIG,
+        METRICS,
+        RESULT,
+        CHECKPOINTS,
+        WANDB_DIR,
+        RAY,
+        "eval-*.json",
+        f"{RUN_ID}*",
+        ENDED,
+        FAILED,
+        TRACKING_OPEN,
+        f"{DRIVER_LOGGED}*",
+    )
 
     def __init__(self, path: str | Path) -> None:
         object.__setattr__(self, "path", Path(path))
@@ -103,8 +115,17 @@ class SearchDir:
 
     TRIALS = "trials"
     TUNE_STATE = "tune"
-    ENTRIES = (RESULTS_FILE, "results.csv", "results.json", TRIALS, TUNE_STATE, "train", REPORT_DIR, WANDB_DIR,
-               f"{EXPERIMENT_ID_FILE}*")
+    ENTRIES = (
+        RESULTS_FILE,
+        "results.csv",
+        "results.json",
+        TRIALS,
+        TUNE_STATE,
+        "train",
+        REPORT_DIR,
+        WANDB_DIR,
+        f"{EXPERIMENT_ID_FILE}*",
+    )
 
     def __init__(self, path: str | Path) -> None:
         object.__setattr__(self, "path", Path(path))

@@ -97,9 +97,13 @@ def check_replaceable(directory: str | Path, layout: Layout, reads: Iterable[str
         raise UnsafeOutput(f"{root} is a file, not a {layout.kind} directory")
     foreign = foreign_entries(root, layout)
     if foreign:
-        shown = ", ".join(str(p) for p in foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
-        raise UnsafeOutput(f"{root} holds files that are not part of a {layout.kind} directory ({shown}); "
-                           f"refusing to replace it: move them or choose another output directory")
+        shown = ", ".join(str(p) for p in foreign[:SHOWN]) + (
+            f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
+        )
+        raise UnsafeOutput(
+            f"{root} holds files that are not part of a {layout.kind} directory ({shown}); "
+            f"refusing to replace it: move them or choose another output directory"
+        )
 
 
 def clear(directory: str | Path, layout: Layout, reads: Iterable[str | Path] = ()) -> None:

@@ -17,7 +17,11 @@ from pathlib import Path
 from mmbalance.config import ConfigError
 
 STUDY_PREFIX = "study_"
-FOLDERS = {"recipe": "trainables", "search space": "search_spaces", "study": "search_spaces"}  # studies sit beside spaces
+FOLDERS = {
+    "recipe": "trainables",
+    "search space": "search_spaces",
+    "study": "search_spaces",
+}  # studies sit beside spaces
 CHECKOUT = Path(__file__).resolve().parents[2]  # platform/mmbalance/shipped.py -> the repository root
 
 
@@ -53,8 +57,10 @@ def resolve(kind: str, text: str | Path) -> Path:
     if name in files:
         return files[name]
     allowed = ", ".join(files) or "none found"
-    raise ConfigError(f"{kind} {text} does not exist here, and no shipped {kind} has that name "
-                      f"(shipped: {allowed}; `mmbalance recipes` lists them)")
+    raise ConfigError(
+        f"{kind} {text} does not exist here, and no shipped {kind} has that name "
+        f"(shipped: {allowed}; `mmbalance recipes` lists them)"
+    )
 
 
 def purpose(path: Path) -> str:

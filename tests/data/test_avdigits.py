@@ -45,7 +45,9 @@ def test_labels_and_test_split_follow_pairs_csv(real):
         assert arrays.labels.tolist() == [int(pairs[i]["label"]) for i in arrays.sample_ids]
         expected_source = "test" if name == "test" else "train"
         assert {pairs[i]["split"] for i in arrays.sample_ids} == {expected_source}
-    assert len(splits["train"].sample_ids) + len(splits["val"].sample_ids) + len(splits["test"].sample_ids) == len(pairs)
+    assert len(splits["train"].sample_ids) + len(splits["val"].sample_ids) + len(splits["test"].sample_ids) == len(
+        pairs
+    )
 
 
 def test_val_and_test_ids_are_disjoint_from_train(real):
@@ -65,7 +67,13 @@ def test_shards_validate_and_manifest_records_every_parameter(real):
     pre = manifest.preprocessing
     spec = pre["spectrogram"]
     assert {k: spec[k] for k in ("sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels", "log_offset")} == {
-        "sample_rate": 8000, "clip_seconds": 1.0, "n_fft": 256, "hop_length": 128, "n_mels": 40, "log_offset": 1e-6}
+        "sample_rate": 8000,
+        "clip_seconds": 1.0,
+        "n_fft": 256,
+        "hop_length": 128,
+        "n_mels": 40,
+        "log_offset": 1e-6,
+    }
     assert pre["clip"]["samples"] == 8000
     assert pre["normalisation"]["audio"]["computed_on"] == "train"
     assert (pre["val_fraction"], pre["seed"], pre["split_source"]) == (0.1, 0, "pairs.csv split column")
@@ -83,7 +91,9 @@ def test_audio_normalisation_uses_train_only(real):
 
 def test_image_equals_mnist_pixels_over_255(real):
     _, _, splits, pairs = real
-    pixels = np.frombuffer(gzip.open(DATA / "image" / "t10k-images-idx3-ubyte.gz").read()[16:], np.uint8).reshape(-1, 28, 28)
+    pixels = np.frombuffer(gzip.open(DATA / "image" / "t10k-images-idx3-ubyte.gz").read()[16:], np.uint8).reshape(
+        -1, 28, 28
+    )
     for name in ("train", "test"):
         arrays = splits[name]
         row = 0
@@ -100,6 +110,7 @@ def test_second_conversion_is_byte_identical(real, tmp_path):
 
 
 # --- tiny trees written by the tests ---------------------------------------------------------
+
 
 def _write_wav(path: Path, samples: np.ndarray, rate: int = 8000) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,15 +133,18 @@ def tiny(tmp_path):
     root = tmp_path / "fsdd_mnist"
     rng = np.random.default_rng(0)
     rows = []
-    for pair_id, (label, split, take) in enumerate([(0, "train", 5), (0, "train", 6), (1, "train", 5),
-                                                    (1, "train", 6), (0, "test", 0), (1, "test", 0)]):
+    for pair_id, (label, split, take) in enumerate(
+        [(0, "train", 5), (0, "train", 6), (1, "train", 5), (1, "train", 6), (0, "test", 0), (1, "test", 0)]
+    ):
         audio_file = f"audio/recordings/{label}_tester_{take}.wav"
         length = 12000 if pair_id == 0 else 3000 + 500 * pair_id
         t = np.arange(length) / 8000
         _write_wav(root / audio_file, 8000 * np.sin(2 * np.pi * (300 + 200 * label) * t))
         rows.append([pair_id, split, label, audio_file, "tester", take, pair_id])
     with open(root / "pairs.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["pair_id", "split", "label", "audio_file", "speaker", "take", "mnist_t10k_index"], *rows])
+        csv.writer(handle).writerows(
+            [["pair_id", "split", "label", "audio_file", "speaker", "take", "mnist_t10k_index"], *rows]
+        )
     _write_idx(root / "image/t10k-images-idx3-ubyte.gz", 2051, rng.integers(0, 256, (6, 28, 28)))
     _write_idx(root / "image/t10k-labels-idx1-ubyte.gz", 2049, np.array([r[2] for r in rows]))
     return root

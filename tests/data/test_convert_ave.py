@@ -37,13 +37,16 @@ def make_tree(root: Path, videos: bool = True) -> dict[str, dict[str, str]]:
             for _ in range(count):
                 video_id = f"-x{k:02d}_Yt{k * 7 % 10}Q"  # YouTube-like: '-' and '_' included
                 if videos:
-                    write_video(root / "AVE" / f"{video_id}.mp4", frames=4, value=11 * k, audio_seconds=0.5,
-                                freq=200 + 60 * k)
+                    write_video(
+                        root / "AVE" / f"{video_id}.mp4", frames=4, value=11 * k, audio_seconds=0.5, freq=200 + 60 * k
+                    )
                 splits[split][video_id] = category
                 k += 1
     (root / "AVE").mkdir(parents=True, exist_ok=True)
     everything = [(c, v) for split in splits.values() for v, c in split.items()] + [("Dog", "unlistedClip")]
-    (root / "Annotations.txt").write_text(HEADER + "".join(row(c, v) for c, v in sorted(everything, key=lambda r: r[1])))
+    (root / "Annotations.txt").write_text(
+        HEADER + "".join(row(c, v) for c, v in sorted(everything, key=lambda r: r[1]))
+    )
     for split, name in SET_FILES.items():
         header = "" if split == "train" else HEADER  # the header line is optional
         (root / name).write_text(header + "".join(row(c, v) for v, c in splits[split].items()))
@@ -81,7 +84,11 @@ def test_round_trip_follows_the_set_files_and_rerun_is_byte_identical(tree, tmp_
     assert manifest.modalities["visual"].normalize.axis == 1
     pre = manifest.preprocessing
     assert pre["split_source"]["test"] == "testSet.txt" and set(pre["split_source"]["sha256"]) == {
-        "Annotations.txt", "trainSet.txt", "valSet.txt", "testSet.txt"}
+        "Annotations.txt",
+        "trainSet.txt",
+        "valSet.txt",
+        "testSet.txt",
+    }
     assert pre["dropped_by_listing"] == {"clips of Annotations.txt in no set file": 1}
     assert "whole clip" in pre["visual"] and pre["skipped_bad"]["count"] == 0
     # Frame i of a fixture clip is a flat grey value + 20 i: 2 of 4 frames -> frames 1 and 3, 40 apart.
@@ -106,24 +113,49 @@ def test_missing_and_corrupt_clips_are_listed_then_skipped_on_request(tmp_path):
     assert not (tmp_path / "out").exists()
     (root / "AVE" / f"{gone}.mp4").unlink()
     manifest = convert(converter(), root, tmp_path / "out", skip_bad=True, **QUIET)
-    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {"count": 2, "missing": 1, "corrupt": 1,
-                                                                       "files": None}
+    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {
+        "count": 2,
+        "missing": 1,
+        "corrupt": 1,
+        "files": None,
+    }
     _, labels = read_back(tmp_path / "out")
     assert gone not in labels["train"] and broken not in labels["test"]
     assert sum(len(v) for v in labels.values()) == 15 - 2
 
 
-@pytest.mark.parametrize("name, text, error", [
-    ("valSet.txt", HEADER + row("Dog", "notAnnotated"), r"valSet.txt line 2: VideoID 'notAnnotated' is not in Annotations.txt"),
-    ("testSet.txt", row("Cat", "-x04_Yt8Q"), r"testSet.txt line 1: category 'Cat' is not one of the 3 categories"),
-    ("testSet.txt", row("Dog", "-x04_Yt8Q"), r"testSet.txt line 1: category 'Dog' disagrees with Annotations.txt"),
-    ("valSet.txt", row("Race car, auto racing", "-x00_Yt0Q"),
-     r"valSet.txt line 1: VideoID '-x00_Yt0Q' is already listed at trainSet.txt line 1"),
-    ("trainSet.txt", row("Race car, auto racing", "-x00_Yt0Q") + row("Dog", "-x00_Yt0Q"),
-     r"trainSet.txt line 2: VideoID '-x00_Yt0Q' is already listed at trainSet.txt line 1"),
-    ("trainSet.txt", "Dog&-x00_Yt0Q&good&0\n", r"trainSet.txt line 1: .* is not 'Category&VideoID&Quality&StartTime&EndTime'"),
-    ("trainSet.txt", "Dog&-x00_Yt0Q&good&zero&10\n", r"trainSet.txt line 1: StartTime/EndTime 'zero'/'10' are not numbers"),
-])
+@pytest.mark.parametrize(
+    "name, text, error",
+    [
+        (
+            "valSet.txt",
+            HEADER + row("Dog", "notAnnotated"),
+            r"valSet.txt line 2: VideoID 'notAnnotated' is not in Annotations.txt",
+        ),
+        ("testSet.txt", row("Cat", "-x04_Yt8Q"), r"testSet.txt line 1: category 'Cat' is not one of the 3 categories"),
+        ("testSet.txt", row("Dog", "-x04_Yt8Q"), r"testSet.txt line 1: category 'Dog' disagrees with Annotations.txt"),
+        (
+            "valSet.txt",
+            row("Race car, auto racing", "-x00_Yt0Q"),
+            r"valSet.txt line 1: VideoID '-x00_Yt0Q' is already listed at trainSet.txt line 1",
+        ),
+        (
+            "trainSet.txt",
+            row("Race car, auto racing", "-x00_Yt0Q") + row("Dog", "-x00_Yt0Q"),
+            r"trainSet.txt line 2: VideoID '-x00_Yt0Q' is already listed at trainSet.txt line 1",
+        ),
+        (
+            "trainSet.txt",
+            "Dog&-x00_Yt0Q&good&0\n",
+            r"trainSet.txt line 1: .* is not 'Category&VideoID&Quality&StartTime&EndTime'",
+        ),
+        (
+            "trainSet.txt",
+            "Dog&-x00_Yt0Q&good&zero&10\n",
+            r"trainSet.txt line 1: StartTime/EndTime 'zero'/'10' are not numbers",
+        ),
+    ],
+)
 def test_malformed_index_files_fail_naming_the_line(tmp_path, name, text, error):
     root = tmp_path / "raw"
     make_tree(root, videos=False)

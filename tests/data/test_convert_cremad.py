@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.cremad_tree import SMALL, make_tree
 from helpers.convert import read_back, shard_digest, train_one_epoch
+from helpers.cremad_tree import SMALL, make_tree
 from helpers.media import corrupt, write_video
 from mmbalance.data.convert import build_converter
 from mmbalance.data.convert.cremad import EMOTIONS
@@ -27,8 +27,14 @@ def tree(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def test_round_trip_counts_labels_splits_and_rerun_checksums(tree, tmp_path):
     root, clips = tree
-    manifest = convert(converter(val_fraction=0.2, test_fraction=0.2), root, tmp_path / "a", engine="local",
-                       chunk_size=7, progress=lambda _: None)
+    manifest = convert(
+        converter(val_fraction=0.2, test_fraction=0.2),
+        root,
+        tmp_path / "a",
+        engine="local",
+        chunk_size=7,
+        progress=lambda _: None,
+    )
     manifest, labels = read_back(tmp_path / "a")
     assert manifest.classes == EMOTIONS
     seen = {sid: label for split in labels.values() for sid, label in split.items()}
@@ -43,16 +49,22 @@ def test_round_trip_counts_labels_splits_and_rerun_checksums(tree, tmp_path):
     assert manifest.preprocessing["params"]["frames"] == 2
     assert manifest.preprocessing["skipped_bad"]["count"] == 0
     # Rerun with another chunking: identical bytes, manifest included.
-    convert(converter(val_fraction=0.2, test_fraction=0.2), root, tmp_path / "b", engine="local", chunk_size=36,
-            progress=lambda _: None)
+    convert(
+        converter(val_fraction=0.2, test_fraction=0.2),
+        root,
+        tmp_path / "b",
+        engine="local",
+        chunk_size=36,
+        progress=lambda _: None,
+    )
     assert shard_digest(tmp_path / "a") == shard_digest(tmp_path / "b")
 
 
 def test_frames_are_sampled_uniformly_and_audio_differs_per_clip(tree, tmp_path):
     root, _ = tree
     convert(converter(frames=2), root, tmp_path / "s", engine="local", progress=lambda _: None)
-    from mmbalance.data.shards import load_split
     from mmbalance.data.manifest import read_manifest
+    from mmbalance.data.shards import load_split
 
     manifest = read_manifest(tmp_path / "s")
     arrays = load_split(tmp_path / "s", manifest, "train")
@@ -88,7 +100,12 @@ def test_missing_and_corrupt_files_are_listed_then_skipped_on_request(tmp_path):
     assert not (tmp_path / "out").exists()
     (root / "VideoFlash" / "1002_DFA_SAD_HI.flv").unlink()
     manifest = convert(converter(), root, tmp_path / "out", engine="local", skip_bad=True, progress=lambda _: None)
-    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {"count": 2, "missing": 1, "corrupt": 1, "files": None}
+    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {
+        "count": 2,
+        "missing": 1,
+        "corrupt": 1,
+        "files": None,
+    }
     assert sum(info.rows for info in manifest.splits.values()) == 36 - 2
 
 
@@ -117,9 +134,26 @@ def test_prepare_command_lists_missing_files_and_counts_skips(tmp_path, capsys):
     root = tmp_path / "raw"
     make_tree(root, actors=(1001, 1002))
     (root / "AudioWAV" / "1002_DFA_HAP_XX.wav").unlink()
-    common = ["prepare", "cremad", "--root", str(root), "--out", str(tmp_path / "out"), "--engine", "local",
-              "--set", "image.resize=36", "--set", "image.crop=32", "--set", "audio.clip_seconds=0.5",
-              "--set", "val_fraction=0.25", "--set", "test_fraction=0.25"]
+    common = [
+        "prepare",
+        "cremad",
+        "--root",
+        str(root),
+        "--out",
+        str(tmp_path / "out"),
+        "--engine",
+        "local",
+        "--set",
+        "image.resize=36",
+        "--set",
+        "image.crop=32",
+        "--set",
+        "audio.clip_seconds=0.5",
+        "--set",
+        "val_fraction=0.25",
+        "--set",
+        "test_fraction=0.25",
+    ]
     assert main(common) == 2
     err = capsys.readouterr().err
     assert "1 raw file(s) are missing" in err and "1002_DFA_HAP_XX.wav" in err and "--skip-bad" in err

@@ -11,9 +11,9 @@ import pytest
 
 from helpers.convert import read_back, shard_digest, train_one_epoch
 from helpers.media import corrupt, write_jpg
+from helpers.text import vocab_size, words_of, write_tokenizer
 from mmbalance.data.convert import build_converter
 from mmbalance.data.convert.pipeline import ConversionError, convert, work_dir_for
-from helpers.text import vocab_size, words_of, write_tokenizer
 
 SMALL = {"image": {"resize": 36, "crop": 32}, "max_length": 16, "val_fraction": 0.2}
 CLASSES = ["apple_pie", "baby_back_ribs", "caesar_salad"]
@@ -98,6 +98,7 @@ def test_round_trip_splits_tokens_and_rerun_checksums(tree, tokenizer, tmp_path)
     assert prep["tokenizer"]["word_replace"] == {"pad_id": 0, "replacement_id": 1, "keep_ids": [2, 3]}
 
     from transformers import AutoTokenizer
+
     from mmbalance.data.shards import load_split
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
@@ -128,8 +129,11 @@ def test_csv_and_folders_must_agree(tree, tokenizer, tmp_path):
     train_csv = root / "texts" / "train_titles.csv"
     good = train_csv.read_text()
     _rewrite_first_row(train_csv, "apple_pie_tr0.jpg,some pie,baby_back_ribs")
-    with pytest.raises(ValueError, match=r"train_titles.csv line 1: class 'baby_back_ribs' but apple_pie_tr0.jpg "
-                                         r"lies in .*images/train/apple_pie"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_titles.csv line 1: class 'baby_back_ribs' but apple_pie_tr0.jpg "
+        r"lies in .*images/train/apple_pie",
+    ):
         converter(tokenizer).list_samples(root)
     _rewrite_first_row(train_csv, "apple_pie/apple_pie_tr0.jpg,some pie,caesar_salad")
     with pytest.raises(ValueError, match=r"line 1: class 'caesar_salad' but the file is given as 'apple_pie/"):
@@ -154,8 +158,11 @@ def test_missing_and_corrupt_images_are_listed_then_skipped_on_request(tree, tok
     missing = root / "images" / "test" / "caesar_salad" / "caesar_salad_te1.jpg"
     missing.unlink()
     corrupt(root / "images" / "train" / "baby_back_ribs" / "baby_back_ribs_tr3.jpg", keep=40)
-    with pytest.raises(ConversionError, match=r"1 raw file\(s\) are missing:\n.*caesar_salad_te1.jpg "
-                                              r"\(sample test/caesar_salad_te1\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"1 raw file\(s\) are missing:\n.*caesar_salad_te1.jpg "
+        r"\(sample test/caesar_salad_te1\)",
+    ):
         convert(converter(tokenizer), root, tmp_path / "out", engine="local", progress=quiet)
     write_jpg(missing)
     with pytest.raises(ConversionError, match=r"1 raw file\(s\) could not be decoded:\n.*baby_back_ribs_tr3.jpg"):
@@ -163,8 +170,12 @@ def test_missing_and_corrupt_images_are_listed_then_skipped_on_request(tree, tok
     assert not (tmp_path / "out").exists()
     missing.unlink()
     manifest = convert(converter(tokenizer), root, tmp_path / "out", engine="local", skip_bad=True, progress=quiet)
-    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {"count": 2, "missing": 1, "corrupt": 1,
-                                                                      "files": None}
+    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {
+        "count": 2,
+        "missing": 1,
+        "corrupt": 1,
+        "files": None,
+    }
     assert sum(info.rows for info in manifest.splits.values()) == 22 - 2
 
 
@@ -181,9 +192,13 @@ def test_missing_tokenizer_fails_before_any_decoding(tree, tmp_path):
 def test_converted_fixture_trains_one_epoch(tree, tokenizer, tmp_path):
     root, _ = tree
     convert(converter(tokenizer), root, tmp_path / "shards", engine="local", progress=quiet)
-    encoders = {"image": {"encoder": "cnn", "params": {"channels": [4], "out_dim": 8}},
-                "text": {"encoder": "text", "params": {"vocab_size": vocab_size(tokenizer), "hidden_size": 16,
-                                                       "num_layers": 1, "num_heads": 2}}}
+    encoders = {
+        "image": {"encoder": "cnn", "params": {"channels": [4], "out_dim": 8}},
+        "text": {
+            "encoder": "text",
+            "params": {"vocab_size": vocab_size(tokenizer), "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+        },
+    }
     result = train_one_epoch(tmp_path / "shards", encoders, tmp_path)
     assert 0.0 <= result["test"]["acc"] <= 1.0
     assert set(result["test"]["acc_per_modality"]) == {"image", "text"}

@@ -42,8 +42,9 @@ def make_tree(root: Path, videos: bool = True, classes_txt: bool = True) -> dict
                 if label != OTHER:
                     clips[split][clip] = label
                     if videos:
-                        write_video(root / split / f"{clip}.mp4", frames=4, value=11 * k, audio_seconds=0.5,
-                                    freq=200 + 50 * k)
+                        write_video(
+                            root / split / f"{clip}.mp4", frames=4, value=11 * k, audio_seconds=0.5, freq=200 + 50 * k
+                        )
                 k += 1
     lines["train"].append(lines["train"][0])  # an exact duplicate row
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -84,8 +85,11 @@ def test_round_trip_classes_txt_filters_val_is_carved_and_kinetics_val_is_test(t
     assert carved == {c: index[label] for c, label in clips["train"].items()}
     assert sorted(labels["val"].values()) == [0, 1, 2]  # round(0.2 * 5) = 1 per class
     pre = manifest.preprocessing
-    assert pre["dropped_by_listing"] == {TRAIN_DROPS: 1, "annotations/val.csv rows whose label is not in "
-                                         "classes.txt": 1, "annotations/train.csv duplicate rows": 1}
+    assert pre["dropped_by_listing"] == {
+        TRAIN_DROPS: 1,
+        "annotations/val.csv rows whose label is not in classes.txt": 1,
+        "annotations/train.csv duplicate rows": 1,
+    }
     assert pre["provenance"]["class_list"]["sha256"] == hashlib.sha256((root / "classes.txt").read_bytes()).hexdigest()
     assert pre["split_source"]["test"] == "annotations/val.csv (the Kinetics validation set)"
     assert pre["split_source"]["val"] == "0.2 of annotations/train.csv per class, seed 0"
@@ -107,8 +111,10 @@ def test_without_classes_txt_the_train_labels_are_the_classes(tmp_path):
         handle.write("ironing,zzzzzzzzzzz,0,10,validate\n")  # a label train.csv lacks
     listing = converter().list_samples(root)
     assert listing.classes == sorted((*KS, OTHER))
-    assert listing.dropped == {"annotations/validate.csv rows whose label is not in annotations/train.csv's labels": 1,
-                               "annotations/train.csv duplicate rows": 1}
+    assert listing.dropped == {
+        "annotations/validate.csv rows whose label is not in annotations/train.csv's labels": 1,
+        "annotations/train.csv duplicate rows": 1,
+    }
     assert {s.split for s in listing.samples} == {"train", "val", "test"}
     assert len(missing_files(listing.samples)) == len(listing.samples) == 3 * 7 + 2  # no videos written: all missing
     (root / "annotations" / "val.csv").write_text(HEADER)
@@ -116,22 +122,38 @@ def test_without_classes_txt_the_train_labels_are_the_classes(tmp_path):
         converter().list_samples(root)
 
 
-@pytest.mark.parametrize("edit, error", [
-    (lambda r: (r / "classes.txt").write_text("playing bagpipes\nchoping wood\n"),
-     r"1 label\(s\) have no row in annotations/train.csv: 'choping wood' \(close: \['chopping wood'\]\)"),
-    (lambda r: (r / "classes.txt").write_text("chopping wood\nplaying bagpipes\nchopping wood\n"),
-     r"classes.txt line 3: 'chopping wood' is already listed at line 1"),
-    (lambda r: (r / "classes.txt").write_text("chopping wood\n"), r"holds 1 label\(s\); need at least 2"),
-    (lambda r: (r / "annotations" / "train.csv").write_text("label,youtube_id,start,end\n"),
-     r"train.csv: header .* lacks column\(s\) \['time_start', 'time_end'\]"),
-    (lambda r: (r / "annotations" / "val.csv").write_text(HEADER + "chopping wood,abc,1.5,11.5,val\n"),
-     r"val.csv line 2: time_start '1.5' is not a whole number of seconds"),
-    (lambda r: (r / "annotations" / "val.csv").write_text(HEADER + "chopping wood,,1,11,val\n"),
-     r"val.csv line 2: empty label or youtube_id"),
-    (lambda r: (r / "annotations" / "val.csv").write_text(HEADER + "chopping wood,-k00_Yt0Z,0,10,val\n"),
-     r"val.csv line 2: clip -k00_Yt0Z_000000_000010 is also listed at train.csv line 2 \(label 'playing bagpipes'\)"),
-    (lambda r: (r / "annotations" / "val.csv").unlink(), r"val.csv: missing; the Kinetics validation annotations"),
-])
+@pytest.mark.parametrize(
+    "edit, error",
+    [
+        (
+            lambda r: (r / "classes.txt").write_text("playing bagpipes\nchoping wood\n"),
+            r"1 label\(s\) have no row in annotations/train.csv: 'choping wood' \(close: \['chopping wood'\]\)",
+        ),
+        (
+            lambda r: (r / "classes.txt").write_text("chopping wood\nplaying bagpipes\nchopping wood\n"),
+            r"classes.txt line 3: 'chopping wood' is already listed at line 1",
+        ),
+        (lambda r: (r / "classes.txt").write_text("chopping wood\n"), r"holds 1 label\(s\); need at least 2"),
+        (
+            lambda r: (r / "annotations" / "train.csv").write_text("label,youtube_id,start,end\n"),
+            r"train.csv: header .* lacks column\(s\) \['time_start', 'time_end'\]",
+        ),
+        (
+            lambda r: (r / "annotations" / "val.csv").write_text(HEADER + "chopping wood,abc,1.5,11.5,val\n"),
+            r"val.csv line 2: time_start '1.5' is not a whole number of seconds",
+        ),
+        (
+            lambda r: (r / "annotations" / "val.csv").write_text(HEADER + "chopping wood,,1,11,val\n"),
+            r"val.csv line 2: empty label or youtube_id",
+        ),
+        (
+            lambda r: (r / "annotations" / "val.csv").write_text(HEADER + "chopping wood,-k00_Yt0Z,0,10,val\n"),
+            r"val.csv line 2: clip -k00_Yt0Z_000000_000010 is also listed at train.csv line 2 "
+            r"\(label 'playing bagpipes'\)",
+        ),
+        (lambda r: (r / "annotations" / "val.csv").unlink(), r"val.csv: missing; the Kinetics validation annotations"),
+    ],
+)
 def test_malformed_annotations_fail_clearly(tmp_path, edit, error):
     root = tmp_path / "raw"
     make_tree(root, videos=False)
@@ -154,8 +176,12 @@ def test_taken_down_and_corrupt_clips_are_listed_then_skipped_on_request(tmp_pat
     assert not (tmp_path / "out").exists()
     (root / "train" / f"{gone}.mp4").unlink()
     manifest = convert(converter(), root, tmp_path / "out", skip_bad=True, **QUIET)
-    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {"count": 2, "missing": 1, "corrupt": 1,
-                                                                       "files": None}
+    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {
+        "count": 2,
+        "missing": 1,
+        "corrupt": 1,
+        "files": None,
+    }
     _, labels = read_back(tmp_path / "out")
     seen = {c for split in labels.values() for c in split}
     assert seen == (set(clips["train"]) | set(clips["val"])) - {gone, broken}

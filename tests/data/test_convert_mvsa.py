@@ -12,13 +12,13 @@ import pytest
 
 from helpers.convert import read_back, shard_digest, train_one_epoch
 from helpers.media import corrupt, write_jpg
+from helpers.text import vocab_size, words_of, write_tokenizer
 from mmbalance.data.convert import build_converter
+from mmbalance.data.convert import text as text_module
 from mmbalance.data.convert.base import RawSample
 from mmbalance.data.convert.media import IMAGENET_MEAN, IMAGENET_STD
 from mmbalance.data.convert.mvsa import CLASSES, read_mvsa_text
 from mmbalance.data.convert.pipeline import ConversionError, convert, work_dir_for
-from mmbalance.data.convert import text as text_module
-from helpers.text import vocab_size, words_of, write_tokenizer
 
 SMALL = {"image": {"resize": 36, "crop": 32}, "max_length": 16}
 WORDS = ["sunny", "rainy", "happy", "sad", "cat", "dog", "tree", "bus", "late", "lunch", "great", "awful", "park"]
@@ -114,6 +114,7 @@ def test_jsonl_round_trip_tokens_and_rerun_checksums(jsonl_tree, tokenizer, tmp_
     assert prep["skipped_bad"]["count"] == 0
 
     from transformers import AutoTokenizer
+
     from mmbalance.data.shards import load_split
 
     arrays = load_split(tmp_path / "a", manifest, "test")
@@ -144,6 +145,7 @@ def test_original_layout_merges_labels_drops_conflicts_and_carves_splits(tokeniz
     assert source["layout"] == "original" and "seed 0" in source["test"]
     # The Windows-1252 file decodes to the same ids as its Unicode text.
     from transformers import AutoTokenizer
+
     from mmbalance.data.shards import load_split
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
@@ -162,7 +164,12 @@ def test_layout_detection_and_errors_name_file_and_line(jsonl_tree, tokenizer, t
     shutil.copytree(jsonl_tree[0], both)
     make_original_tree(both)
     assert converter(tokenizer).list_samples(both).split_source["layout"] == "jsonl"
-    assert converter(tokenizer, layout="original", val_fraction=0.2, test_fraction=0.2).list_samples(both).split_source["layout"] == "original"
+    assert (
+        converter(tokenizer, layout="original", val_fraction=0.2, test_fraction=0.2)
+        .list_samples(both)
+        .split_source["layout"]
+        == "original"
+    )
     with pytest.raises(FileNotFoundError, match="neither train.jsonl"):
         converter(tokenizer).list_samples(tmp_path)
 
@@ -223,8 +230,12 @@ def test_missing_and_corrupt_images_are_listed_then_skipped_on_request(tokenizer
     assert not (tmp_path / "out").exists()
     (root / "data" / "1002.jpg").unlink()
     manifest = convert(converter(tokenizer), root, tmp_path / "out", engine="local", skip_bad=True, progress=quiet)
-    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {"count": 2, "missing": 1, "corrupt": 1,
-                                                                      "files": None}
+    assert manifest.preprocessing["skipped_bad"] | {"files": None} == {
+        "count": 2,
+        "missing": 1,
+        "corrupt": 1,
+        "files": None,
+    }
     assert sum(info.rows for info in manifest.splits.values()) == 15 - 2
 
 
@@ -270,9 +281,13 @@ def test_converter_pickles_truncates_and_checks_the_tokenizer_in_workers(jsonl_t
 def test_converted_fixture_trains_one_epoch(jsonl_tree, tokenizer, tmp_path):
     root, _ = jsonl_tree
     convert(converter(tokenizer), root, tmp_path / "shards", engine="local", progress=quiet)
-    encoders = {"image": {"encoder": "cnn", "params": {"channels": [4], "out_dim": 8}},
-                "text": {"encoder": "text", "params": {"vocab_size": vocab_size(tokenizer), "hidden_size": 16,
-                                                       "num_layers": 1, "num_heads": 2}}}
+    encoders = {
+        "image": {"encoder": "cnn", "params": {"channels": [4], "out_dim": 8}},
+        "text": {
+            "encoder": "text",
+            "params": {"vocab_size": vocab_size(tokenizer), "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+        },
+    }
     result = train_one_epoch(tmp_path / "shards", encoders, tmp_path)
     assert 0.0 <= result["test"]["acc"] <= 1.0
     assert set(result["test"]["acc_per_modality"]) == {"image", "text"}

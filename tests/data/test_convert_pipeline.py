@@ -43,9 +43,12 @@ class ToyConverter:
         return Listing(classes=["x", "y"], samples=samples, split_source={"all": "index.csv"})
 
     def outputs(self) -> dict[str, ModalityOutput]:
-        return {"a": ModalityOutput(ModalitySpec(dtype="float32", shape=[2]), "train_stats", axis=0),
-                "b": ModalityOutput(ModalitySpec(dtype="uint8", shape=[3, 2, 2]), ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]),
-                                    axis=0, source="fixed")}
+        return {
+            "a": ModalityOutput(ModalitySpec(dtype="float32", shape=[2]), "train_stats", axis=0),
+            "b": ModalityOutput(
+                ModalitySpec(dtype="uint8", shape=[3, 2, 2]), ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), axis=0, source="fixed"
+            ),
+        }
 
     def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
         if sample.sample_id == self.interrupt_at:
@@ -78,8 +81,9 @@ def test_round_trip_and_train_statistics(tmp_path):
     manifest = convert(ToyConverter(), tmp_path / "raw", tmp_path / "out", engine="local", chunk_size=3, **QUIET)
     for split, info in manifest.splits.items():
         arrays = load_split(tmp_path / "out", manifest, split)
-        assert {sid: (int(label), split) for sid, label in zip(arrays.sample_ids, arrays.labels)} == \
-            {sid: t for sid, t in truth.items() if t[1] == split}
+        assert {sid: (int(label), split) for sid, label in zip(arrays.sample_ids, arrays.labels)} == {
+            sid: t for sid, t in truth.items() if t[1] == split
+        }
     train = load_split(tmp_path / "out", manifest, "train").modalities["a"].astype(np.float64)
     norm = manifest.modalities["a"].normalize
     assert norm.axis == 0 and norm.source == "train split"
@@ -124,7 +128,9 @@ def test_interrupted_conversion_resumes_without_redoing_finished_chunks(tmp_path
 def test_changed_parameters_discard_the_partial_work(tmp_path):
     make_toy(tmp_path / "raw", n=12)
     with pytest.raises(KeyboardInterrupt):
-        convert(ToyConverter(interrupt_at="s008"), tmp_path / "raw", tmp_path / "out", engine="local", chunk_size=4, **QUIET)
+        convert(
+            ToyConverter(interrupt_at="s008"), tmp_path / "raw", tmp_path / "out", engine="local", chunk_size=4, **QUIET
+        )
     lines = []
     changed = ToyConverter(ToyParams(scale=3.0))
     convert(changed, tmp_path / "raw", tmp_path / "out", engine="local", chunk_size=4, progress=lines.append)
@@ -176,9 +182,37 @@ def test_listing_text_names_at_most_twenty_items():
 
 
 def test_prepare_command_reports_bad_settings_and_bad_trees(tmp_path, capsys):
-    assert main(["prepare", "cremad", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "--engine", "local",
-                 "--set", "frames=0"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "cremad",
+                "--root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--engine",
+                "local",
+                "--set",
+                "frames=0",
+            ]
+        )
+        == 2
+    )
     assert "cremad settings: frames: Input should be greater than or equal to 1" in capsys.readouterr().err
-    assert main(["prepare", "cremad", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
-                 "--engine", "local"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "cremad",
+                "--root",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "o"),
+                "--engine",
+                "local",
+            ]
+        )
+        == 2
+    )
     assert "dataset root does not exist" in capsys.readouterr().err

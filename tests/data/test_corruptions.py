@@ -38,8 +38,14 @@ def _plan(name: str, modality: str, level: float, seed: int = 0, **fields) -> Co
     return CorruptionPlan(seed=seed, corruptions=[make_spec(name, modality=modality, level=level, **fields)])
 
 
-MODALITY = {"gaussian": "visual", "salt_pepper": "visual", "word_replace": "text", "audio_snr": "audio", "missing": "audio",
-            "feature_noise": "audio"}
+MODALITY = {
+    "gaussian": "visual",
+    "salt_pepper": "visual",
+    "word_replace": "text",
+    "audio_snr": "audio",
+    "missing": "audio",
+    "feature_noise": "audio",
+}
 SOME_LEVEL = {"gaussian": 5, "salt_pepper": 5, "word_replace": 5, "audio_snr": 10, "missing": 1, "feature_noise": 1}
 FIELDS = {"feature_noise": {"std": [0.5]}}  # a resolved spec: one std for every feature
 
@@ -81,9 +87,16 @@ def test_gaussian_on_uint8_uses_pixel_units_and_pixel_range_rescales_floats():
 
 def test_gaussian_result_is_clipped_to_the_pixel_range():
     batch = _batch(200)
-    out = apply_corruption(batch, IDS[:200], CorruptionPlan(corruptions=[
-        make_spec("gaussian", modality="visual", level=30, p=1.0),
-        make_spec("gaussian", modality="photo", level=30, p=1.0)]))
+    out = apply_corruption(
+        batch,
+        IDS[:200],
+        CorruptionPlan(
+            corruptions=[
+                make_spec("gaussian", modality="visual", level=30, p=1.0),
+                make_spec("gaussian", modality="photo", level=30, p=1.0),
+            ]
+        ),
+    )
     assert out["visual"].min() == 0.0 and out["visual"].max() == 1.0
     assert out["photo"].min() == 0 and out["photo"].max() == 255
 
@@ -126,8 +139,9 @@ def test_word_replacement_rate_is_epsilon_over_ten_and_pads_stay():
 
 def test_word_replace_honours_replacement_and_kept_ids():
     tokens = np.tile(np.array([[101, 7, 8, 9, 102, 0]]), (200, 1))
-    out = apply_corruption({"t": tokens}, IDS[:200],
-                           _plan("word_replace", "t", 10, p=1.0, replacement_id=1, keep_ids=(101, 102)))
+    out = apply_corruption(
+        {"t": tokens}, IDS[:200], _plan("word_replace", "t", 10, p=1.0, replacement_id=1, keep_ids=(101, 102))
+    )
     np.testing.assert_array_equal(out["t"], np.tile(np.array([[101, 1, 1, 1, 102, 0]]), (200, 1)))
 
 
@@ -146,8 +160,11 @@ def test_audio_snr_matches_the_requested_level():
 
 def test_missing_zeroes_the_modality_exactly():
     batch = _batch(64)
-    out = apply_corruption(batch, IDS[:64], CorruptionPlan(corruptions=[
-        make_spec("missing", modality="audio"), make_spec("missing", modality="text")]))
+    out = apply_corruption(
+        batch,
+        IDS[:64],
+        CorruptionPlan(corruptions=[make_spec("missing", modality="audio"), make_spec("missing", modality="text")]),
+    )
     assert not out["audio"].any() and not out["text"].any()
     assert out["audio"].dtype == np.float32 and out["text"].dtype == np.int64
     assert out["visual"] is batch["visual"]
@@ -158,8 +175,10 @@ def test_two_workers_apply_the_same_noise_to_the_same_sample_id(name):
     batch, modality = _batch(40), MODALITY[name]
     plan = _plan(name, modality, SOME_LEVEL[name], seed=3, p=0.5, **FIELDS.get(name, {}))
     whole = apply_corruption(batch, IDS[:40], plan)[modality]
-    halves = [apply_corruption({modality: batch[modality][part]}, [IDS[i] for i in part], plan)[modality]
-              for part in (np.arange(0, 40, 2), np.arange(1, 40, 2))]
+    halves = [
+        apply_corruption({modality: batch[modality][part]}, [IDS[i] for i in part], plan)[modality]
+        for part in (np.arange(0, 40, 2), np.arange(1, 40, 2))
+    ]
     np.testing.assert_array_equal(halves[0], whole[0::2])
     np.testing.assert_array_equal(halves[1], whole[1::2])
     order = np.random.default_rng(1).permutation(40)
@@ -183,8 +202,13 @@ def test_different_ids_and_seeds_get_different_noise():
 def test_inputs_are_never_mutated():
     batch = _batch(64)
     before = {k: v.copy() for k, v in batch.items()}
-    plan = CorruptionPlan(seed=2, corruptions=[make_spec(name, modality=MODALITY[name], level=SOME_LEVEL[name], p=1.0,
-                                                         **FIELDS.get(name, {})) for name in sorted(CORRUPTIONS)])
+    plan = CorruptionPlan(
+        seed=2,
+        corruptions=[
+            make_spec(name, modality=MODALITY[name], level=SOME_LEVEL[name], p=1.0, **FIELDS.get(name, {}))
+            for name in sorted(CORRUPTIONS)
+        ],
+    )
     apply_corruption(batch, IDS[:64], plan)
     for key, value in before.items():
         np.testing.assert_array_equal(batch[key], value)
@@ -194,7 +218,9 @@ def test_corrupt_batch_reads_ids_from_the_batch_column():
     batch = _batch(16)
     batch["sample_id"] = np.array(IDS[:16], dtype=object)
     plan = _plan("gaussian", "visual", 5, p=1.0)
-    np.testing.assert_array_equal(corrupt_batch(batch, plan)["visual"], apply_corruption(batch, IDS[:16], plan)["visual"])
+    np.testing.assert_array_equal(
+        corrupt_batch(batch, plan)["visual"], apply_corruption(batch, IDS[:16], plan)["visual"]
+    )
     del batch["sample_id"]
     with pytest.raises(CorruptionError, match="no 'sample_id' column"):
         corrupt_batch(batch, plan)
@@ -208,16 +234,23 @@ def test_parse_levels_reads_the_cli_form():
     assert [p.corruptions[0].level for p in plans] == [0.0, 5.0] and plans[1].seed == 4
 
 
-@pytest.mark.parametrize("text, message", [
-    ("blur:1", "unknown corruption 'blur'; allowed: audio_snr, feature_noise, gaussian, missing, salt_pepper, word_replace"),
-    ("gaussian", "expected NAME:LEVEL"),
-    ("gaussian:1,x", "level 'x' is not a number"),
-    ("gaussian:-1", "greater than or equal to 0"),
-    ("salt_pepper:150", r"salt_pepper level must be in \[0, 100\]"),
-    ("word_replace:11", r"word_replace level must be in \[0, 10\]"),
-    ("missing:0.5", "missing level must be 0"),
-    ("feature_noise:0,-1", "greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "blur:1",
+            "unknown corruption 'blur'; allowed: audio_snr, feature_noise, gaussian, missing, salt_pepper, "
+            "word_replace",
+        ),
+        ("gaussian", "expected NAME:LEVEL"),
+        ("gaussian:1,x", "level 'x' is not a number"),
+        ("gaussian:-1", "greater than or equal to 0"),
+        ("salt_pepper:150", r"salt_pepper level must be in \[0, 100\]"),
+        ("word_replace:11", r"word_replace level must be in \[0, 10\]"),
+        ("missing:0.5", "missing level must be 0"),
+        ("feature_noise:0,-1", "greater than or equal to 0"),
+    ],
+)
 def test_bad_level_strings_are_refused_with_a_clear_message(text, message):
     with pytest.raises(CorruptionError, match=message):
         parse_levels(text)
@@ -253,8 +286,11 @@ def test_missing_fills_the_value_the_models_normalisation_maps_to_zero():
     from mmbalance.data.manifest import ModalitySpec
     from mmbalance.models.normalize import NormalizedEncoder
 
-    frames = ModalitySpec(dtype="uint8", shape=[2, 3, 4, 4],
-                          normalize={"mean": [123.675, 116.28, 103.53], "std": [58.4, 57.1, 57.4], "axis": 1})
+    frames = ModalitySpec(
+        dtype="uint8",
+        shape=[2, 3, 4, 4],
+        normalize={"mean": [123.675, 116.28, 103.53], "std": [58.4, 57.1, 57.4], "axis": 1},
+    )
     spec = for_modality(make_spec("missing", modality="visual", level=1), frames)
     x = np.random.default_rng(0).integers(0, 256, (5, 2, 3, 4, 4)).astype(np.uint8)
     y = apply_corruption({"visual": x}, list("abcde"), {"corruptions": [spec], "seed": 0})["visual"]
@@ -263,7 +299,9 @@ def test_missing_fills_the_value_the_models_normalisation_maps_to_zero():
 
     spectrogram = ModalitySpec(dtype="float32", shape=[5, 7], normalize={"mean": [-9.1], "std": [3.1]})
     spec = for_modality(make_spec("missing", modality="audio", level=1), spectrogram)
-    y = apply_corruption({"audio": np.ones((3, 5, 7), np.float32)}, [1, 2, 3], {"corruptions": [spec], "seed": 0})["audio"]
+    y = apply_corruption({"audio": np.ones((3, 5, 7), np.float32)}, [1, 2, 3], {"corruptions": [spec], "seed": 0})[
+        "audio"
+    ]
     identity = torch.nn.Identity()
     identity.out_dim = 35
     probe = NormalizedEncoder(identity, (5, 7), [-9.1], [3.1], None)
@@ -283,23 +321,33 @@ def test_train_and_eval_missing_use_the_manifest_fill(small_shards):
     from mmbalance.engine.augment import TrainCorruptor
     from mmbalance.engine.evaluation import robustness_transforms
 
-    manifest = Manifest(dataset="t", classes=["a", "b"], splits={}, modalities={
-        "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [2.5], "std": [1.0]}},
-        "visual": {"dtype": "float32", "shape": [8]}})
+    manifest = Manifest(
+        dataset="t",
+        classes=["a", "b"],
+        splits={},
+        modalities={
+            "audio": {"dtype": "float32", "shape": [8], "normalize": {"mean": [2.5], "std": [1.0]}},
+            "visual": {"dtype": "float32", "shape": [8]},
+        },
+    )
     tree = recipe_dict(small_shards)
     tree["data"]["train_corruptions"] = [{"modality": "audio", "name": "missing", "level": 1, "p": 1.0}]
     recipe = validate_recipe(tree)
     corruptor = TrainCorruptor.from_recipe(recipe, manifest)
-    batch = corruptor.apply({"audio": np.zeros((2, 8), np.float32), "visual": np.ones((2, 8), np.float32)}, ["x", "y"], 0)
+    batch = corruptor.apply(
+        {"audio": np.zeros((2, 8), np.float32), "visual": np.ones((2, 8), np.float32)}, ["x", "y"], 0
+    )
     assert (batch["audio"] == 2.5).all() and (batch["visual"] == 1).all()
-    arrays = SplitArrays(["x", "y"], np.array([0, 1]), {"audio": np.ones((2, 8), np.float32),
-                                                        "visual": np.ones((2, 8), np.float32)})
+    arrays = SplitArrays(
+        ["x", "y"], np.array([0, 1]), {"audio": np.ones((2, 8), np.float32), "visual": np.ones((2, 8), np.float32)}
+    )
     transforms = robustness_transforms(recipe, manifest)
     assert (transforms["missing_audio"](arrays).modalities["audio"] == 2.5).all()
     assert (transforms["missing_visual"](arrays).modalities["visual"] == 0).all()
 
 
 # feature_noise: x + level * std_train[feature] * N(0, 1), per sample with probability p, unclipped.
+
 
 def _tiny_shards(root, rows_per_file: int = 1):
     """Hand-checkable shards: feature f has train std [1, 0, 2] (rows [0, 5, 10] and [2, 5, 14]),
@@ -309,16 +357,36 @@ def _tiny_shards(root, rows_per_file: int = 1):
 
     def split(f, prefix):
         n = len(f)
-        return SplitArrays([f"{prefix}{i}" for i in range(n)], np.arange(n) % 2, {
-            "f": np.asarray(f, np.float32), "tok": np.arange(n * 2, dtype=np.int64).reshape(n, 2),
-            "pix": np.full((n, 2), 7, np.uint8)})
+        return SplitArrays(
+            [f"{prefix}{i}" for i in range(n)],
+            np.arange(n) % 2,
+            {
+                "f": np.asarray(f, np.float32),
+                "tok": np.arange(n * 2, dtype=np.int64).reshape(n, 2),
+                "pix": np.full((n, 2), 7, np.uint8),
+            },
+        )
 
-    modalities = {"f": ModalitySpec(dtype="float32", shape=[3]), "tok": ModalitySpec(dtype="int64", shape=[2]),
-                  "pix": ModalitySpec(dtype="uint8", shape=[2])}
-    splits = {"train": split([[0, 5, 10], [2, 5, 14]], "tr"), "val": split([[1, 5, 12], [1, 5, 12]], "va"),
-              "test": split([[100, -50, 0], [-100, 50, 0]], "te")}
-    return write_shards(root, dataset="tiny", classes=["a", "b"], modalities=modalities, splits=splits,
-                        generator={}, preprocessing={}, rows_per_file=rows_per_file)
+    modalities = {
+        "f": ModalitySpec(dtype="float32", shape=[3]),
+        "tok": ModalitySpec(dtype="int64", shape=[2]),
+        "pix": ModalitySpec(dtype="uint8", shape=[2]),
+    }
+    splits = {
+        "train": split([[0, 5, 10], [2, 5, 14]], "tr"),
+        "val": split([[1, 5, 12], [1, 5, 12]], "va"),
+        "test": split([[100, -50, 0], [-100, 50, 0]], "te"),
+    }
+    return write_shards(
+        root,
+        dataset="tiny",
+        classes=["a", "b"],
+        modalities=modalities,
+        splits=splits,
+        generator={},
+        preprocessing={},
+        rows_per_file=rows_per_file,
+    )
 
 
 def test_feature_std_is_the_train_splits_per_feature_population_std(tmp_path):
@@ -332,10 +400,16 @@ def test_feature_std_is_the_train_splits_per_feature_population_std(tmp_path):
     x = np.random.default_rng(0).normal(3.0, [0.5, 2.0, 7.0, 0.0], size=(1001, 4)).astype(np.float32)
     x[:, 3] = 0.1
     arrays = SplitArrays([str(i) for i in range(len(x))], np.zeros(len(x), np.int64), {"g": x})
-    many = write_shards(tmp_path / "many", dataset="m", classes=["a", "b"], modalities={"g": ModalitySpec(
-        dtype="float32", shape=[2, 2])}, splits={"train": SplitArrays(arrays.sample_ids, arrays.labels,
-                                                                       {"g": x.reshape(-1, 2, 2)})},
-        generator={}, preprocessing={}, rows_per_file=97)
+    many = write_shards(
+        tmp_path / "many",
+        dataset="m",
+        classes=["a", "b"],
+        modalities={"g": ModalitySpec(dtype="float32", shape=[2, 2])},
+        splits={"train": SplitArrays(arrays.sample_ids, arrays.labels, {"g": x.reshape(-1, 2, 2)})},
+        generator={},
+        preprocessing={},
+        rows_per_file=97,
+    )
     std = feature_std(tmp_path / "many", many, "train", "g")
     assert std.shape == (2, 2) and std[1, 1] == 0.0
     np.testing.assert_allclose(std, x.astype(np.float64).std(axis=0).reshape(2, 2), rtol=1e-12, atol=1e-15)
@@ -346,8 +420,9 @@ def test_feature_noise_is_level_times_train_std_times_a_per_sample_normal(tmp_pa
     from mmbalance.data.shards import load_split
 
     manifest = _tiny_shards(tmp_path / "tiny")
-    spec = for_data([make_spec("feature_noise", modality="f", level=0.5, p=1.0)], tmp_path / "tiny", manifest,
-                    "train")[0]
+    spec = for_data([make_spec("feature_noise", modality="f", level=0.5, p=1.0)], tmp_path / "tiny", manifest, "train")[
+        0
+    ]
     assert spec.std == [1.0, 0.0, 2.0]  # the train split's, not the test split's [100, 50, 0]
     test = load_split(tmp_path / "tiny", manifest, "test")
     out = apply_corruption(test.modalities, test.sample_ids, CorruptionPlan(corruptions=[spec], seed=9))["f"]
@@ -417,8 +492,10 @@ def test_feature_noise_on_a_non_float_modality_fails_before_any_work_with_the_ke
     manifest = _tiny_shards(tmp_path / "tiny")
     tree = recipe_dict(tmp_path / "tiny", modalities=("f", "tok", "pix"))
     tree["schedule"]["batch_size"] = 1
-    tree["eval"]["corruptions"] = [{"modality": "tok", "name": "feature_noise", "levels": [0, 1]},
-                                   {"modality": "f", "name": "feature_noise", "levels": [0, 1]}]
+    tree["eval"]["corruptions"] = [
+        {"modality": "tok", "name": "feature_noise", "levels": [0, 1]},
+        {"modality": "f", "name": "feature_noise", "levels": [0, 1]},
+    ]
     tree["data"]["train_corruptions"] = [{"modality": "pix", "name": "feature_noise", "level": 1}]
     recipe = validate_recipe(tree)
     with pytest.raises(ConfigError) as info:
@@ -428,7 +505,9 @@ def test_feature_noise_on_a_non_float_modality_fails_before_any_work_with_the_ke
     assert "data.train_corruptions.0.name: feature_noise cannot corrupt 'pix' of dtype uint8" in message
     assert "eval.corruptions.1" not in message
     # `mmbalance eval --corrupt tok=feature_noise:1`: refused by sweep's check, before the model is loaded
-    with pytest.raises(CorruptionError, match="feature_noise:1 on tok: feature_noise cannot corrupt 'tok' of dtype int64"):
+    with pytest.raises(
+        CorruptionError, match="feature_noise:1 on tok: feature_noise cannot corrupt 'tok' of dtype int64"
+    ):
         for_run({"feature_noise:1 on tok": corrupted("tok", "feature_noise", 1, 0.5, 0)}, recipe, manifest)
     with pytest.raises(CorruptionError, match="'depth' is not a modality of this run"):
         for_run({"x": corrupted("depth", "feature_noise", 1, 0.5, 0)}, recipe, manifest)

@@ -18,8 +18,9 @@ def test_copy_corrupts_only_the_named_splits_and_records_it(small_shards, tmp_pa
     out = write_corrupted_copy(small_shards, tmp_path / "noisy", [noise], splits=["test"])
     validate_shards(tmp_path / "noisy")
     for split in ("train", "val"):
-        np.testing.assert_array_equal(_arrays(tmp_path / "noisy", split).modalities["visual"],
-                                      _arrays(small_shards, split).modalities["visual"])
+        np.testing.assert_array_equal(
+            _arrays(tmp_path / "noisy", split).modalities["visual"], _arrays(small_shards, split).modalities["visual"]
+        )
     clean, noisy = _arrays(small_shards, "test"), _arrays(tmp_path / "noisy", "test")
     assert noisy.sample_ids == clean.sample_ids and (noisy.labels == clean.labels).all()
     np.testing.assert_array_equal(noisy.modalities["audio"], clean.modalities["audio"])

@@ -7,12 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import small_spec
 from mmbalance.data import shards as shards_module
 from mmbalance.data.manifest import read_manifest
 from mmbalance.data.shards import ShardError, load_split, sha256_of, validate_shards
 from mmbalance.data.synthetic import SyntheticSpec, generate, prepare_synthetic
-
-from helpers import small_spec
 
 
 @pytest.fixture

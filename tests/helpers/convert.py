@@ -16,8 +16,11 @@ def shard_digest(out: Path) -> dict[str, str]:
     """Relative path -> sha256 for every file a conversion wrote (manifest included)."""
     import hashlib
 
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_back(out: Path) -> tuple[Manifest, dict[str, dict[str, int]]]:

@@ -8,8 +8,13 @@ from pathlib import Path
 from helpers.media import write_video, write_wav
 from mmbalance.data.convert.cremad import EMOTIONS
 
-SMALL = {"image": {"resize": 36, "crop": 32}, "audio": {"clip_seconds": 0.5}, "frames": 2,
-         "val_fraction": 0.2, "test_fraction": 0.2}
+SMALL = {
+    "image": {"resize": 36, "crop": 32},
+    "audio": {"clip_seconds": 0.5},
+    "frames": 2,
+    "val_fraction": 0.2,
+    "test_fraction": 0.2,
+}
 ACTORS = (1001, 1002, 1003)
 
 

@@ -37,8 +37,17 @@ def write_jpg(path: Path, *, value: int = 128, size: tuple[int, int] = (40, 30))
     return path
 
 
-def write_video(path: Path, *, frames: int = 8, fps: int = 8, size: tuple[int, int] = (48, 40), value: int = 0,
-                audio_rate: int | None = 16000, audio_seconds: float = 1.0, freq: float = 440.0) -> Path:
+def write_video(
+    path: Path,
+    *,
+    frames: int = 8,
+    fps: int = 8,
+    size: tuple[int, int] = (48, 40),
+    value: int = 0,
+    audio_rate: int | None = 16000,
+    audio_seconds: float = 1.0,
+    freq: float = 440.0,
+) -> Path:
     """A clip whose container follows the suffix: ``.mp4`` (MPEG-4 + AAC) or ``.flv`` (FLV1 + MP3).
     Frame ``i`` is a flat colour ``(value + 20 i) % 256`` so frame sampling is checkable."""
     import av
@@ -61,7 +70,7 @@ def write_video(path: Path, *, frames: int = 8, fps: int = 8, size: tuple[int, i
         fmt = audio.codec_context.format.name
         step = audio.codec_context.frame_size or 1024
         for start in range(0, len(wave_), step):
-            piece = wave_[start:start + step].reshape(1, -1)
+            piece = wave_[start : start + step].reshape(1, -1)
             if fmt.startswith("flt"):
                 frame = av.AudioFrame.from_ndarray(piece, format=fmt, layout="mono")
             else:

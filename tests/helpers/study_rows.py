@@ -25,9 +25,18 @@ def run_rows(tmp_path, name, seeds, test, visual, val_visual, best_val, alone=No
         run_dir.mkdir(parents=True)
         key = "val/acc_fused" if alone else "val/acc_visual"
         run_dir.joinpath("metrics.jsonl").write_text(
-            "".join(json.dumps({"epoch": e, key: val_visual[i] - 0.1 * (1 - e)}) + "\n" for e in (0, 1)))
-        row = {"method": name, "phase": "final", "seed": seed, "best_val": best_val[i], "test_acc": test[i],
-               "run_dir": str(run_dir), "epochs_run": 2, "stop_reason": "completed"}
+            "".join(json.dumps({"epoch": e, key: val_visual[i] - 0.1 * (1 - e)}) + "\n" for e in (0, 1))
+        )
+        row = {
+            "method": name,
+            "phase": "final",
+            "seed": seed,
+            "best_val": best_val[i],
+            "test_acc": test[i],
+            "run_dir": str(run_dir),
+            "epochs_run": 2,
+            "stop_reason": "completed",
+        }
         if alone is None:
             row.update({"test_acc_audio": test[i] - 0.05, "test_acc_visual": visual[i]})
         else:
@@ -38,12 +47,15 @@ def run_rows(tmp_path, name, seeds, test, visual, val_visual, best_val, alone=No
 
 def final_rows(tmp_path) -> list[dict]:
     visual = [0.40, 0.41, 0.39, 0.40, 0.42]
-    rows = (run_rows(tmp_path, "lf", SEEDS, LF, visual, [0.40] * 5, [0.80, 0.81, 0.79, 0.80, 0.80])
-            + run_rows(tmp_path, "lf_again", SEEDS, LF, visual, [0.40] * 5, [0.79, 0.80, 0.80, 0.79, 0.80])
-            + run_rows(tmp_path, "broken", SEEDS, BROKEN, [0.10] * 5, [0.10] * 5, [0.1] * 5)
-            + run_rows(tmp_path, "alone:visual", SEEDS, [0.60, 0.62, 0.61, 0.59, 0.63], None, [0.61] * 5, [0.6] * 5,
-                    alone="visual")
-            + run_rows(tmp_path, "alone:audio", SEEDS, [0.70] * 5, None, [0.7] * 5, [0.55] * 5, alone="audio"))
+    rows = (
+        run_rows(tmp_path, "lf", SEEDS, LF, visual, [0.40] * 5, [0.80, 0.81, 0.79, 0.80, 0.80])
+        + run_rows(tmp_path, "lf_again", SEEDS, LF, visual, [0.40] * 5, [0.79, 0.80, 0.80, 0.79, 0.80])
+        + run_rows(tmp_path, "broken", SEEDS, BROKEN, [0.10] * 5, [0.10] * 5, [0.1] * 5)
+        + run_rows(
+            tmp_path, "alone:visual", SEEDS, [0.60, 0.62, 0.61, 0.59, 0.63], None, [0.61] * 5, [0.6] * 5, alone="visual"
+        )
+        + run_rows(tmp_path, "alone:audio", SEEDS, [0.70] * 5, None, [0.7] * 5, [0.55] * 5, alone="audio")
+    )
     for i, row in enumerate(rows):
         row["trial_id"] = f"final{i}"
         row["robust_missing_audio"] = row["test_acc"] - 0.3
@@ -57,9 +69,18 @@ def search_rows(trials: dict[str, int]) -> list[dict]:
     rows = []
     for name, count in trials.items():
         for i in range(count):
-            row = {"method": name, "phase": "search", "trial_id": f"{name}-{i}", "seed": 0, "optim.lr": 1e-3 * (i + 1),
-                   "epochs_run": 8 if i % 2 == 0 else 2, "stop_reason": "completed" if i % 2 == 0 else "stopped_early",
-                   "run_dir": "unused", "best_val": 0.5 + 0.01 * i, "test_acc": 0.5}
+            row = {
+                "method": name,
+                "phase": "search",
+                "trial_id": f"{name}-{i}",
+                "seed": 0,
+                "optim.lr": 1e-3 * (i + 1),
+                "epochs_run": 8 if i % 2 == 0 else 2,
+                "stop_reason": "completed" if i % 2 == 0 else "stopped_early",
+                "run_dir": "unused",
+                "best_val": 0.5 + 0.01 * i,
+                "test_acc": 0.5,
+            }
             if name == "lf_again":
                 row["objective.lam"] = LAMS[i]
             rows.append(row)
@@ -70,8 +91,10 @@ def study_dir(tmp_path, trials: dict[str, int] | None = None):
     names = [*FUSED, "alone:visual", "alone:audio"]
     frame = pd.DataFrame(final_rows(tmp_path) + search_rows(trials or {n: 4 for n in names}))
     study = Study.model_validate({"methods": {n: {"set": {"objective.name": "lf"}} for n in FUSED}, "seeds": SEEDS})
-    methods = {**study.methods, **{f"alone:{m}": Method(set={"objective.name": "lf"}, modalities=[m])
-                                   for m in ("visual", "audio")}}
+    methods = {
+        **study.methods,
+        **{f"alone:{m}": Method(set={"objective.name": "lf"}, modalities=[m]) for m in ("visual", "audio")},
+    }
     chosen = {n: {"configuration": {"optim.lr": 0.002}, "search_best_val": 0.51} for n in names}
     out = tmp_path / "study"
     out.mkdir()

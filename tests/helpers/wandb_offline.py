@@ -27,8 +27,13 @@ def no_credentials(tmp_path, monkeypatch):
 def read_offline_run(sync_dir: Path) -> dict:
     """Parse a run's ``.wandb`` log with wandb's own reader; returns the run record, the
     history rows by step and the merged summary."""
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(sync_dir)],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(sync_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     run = next(r["run"] for r in records if r["type"] == "run")
     history = {r["history"]["step"].get("num", 0): r["history"]["item"] for r in records if r["type"] == "history"}

@@ -96,12 +96,18 @@ def prepare_avdigits(
     splits = {}
     for split in ("train", "val", "test"):
         idx = np.flatnonzero(split_of == split)  # pairs.csv order, i.e. by pair_id
-        splits[split] = SplitArrays(sample_ids=[str(rows[i]["pair_id"]) for i in idx], labels=labels[idx],
-                                    modalities={"audio": audio[idx], "image": images[idx]})
+        splits[split] = SplitArrays(
+            sample_ids=[str(rows[i]["pair_id"]) for i in idx],
+            labels=labels[idx],
+            modalities={"audio": audio[idx], "image": images[idx]},
+        )
     preprocessing = {
         "spectrogram": {**params.model_dump(mode="json"), **FIXED_MEL},
-        "clip": {"samples": params.clip_samples, "policy": "centre: zero-pad evenly both sides, crop centre",
-                 "pcm_scale": "int16 / 32768"},
+        "clip": {
+            "samples": params.clip_samples,
+            "policy": "centre: zero-pad evenly both sides, crop centre",
+            "pcm_scale": "int16 / 32768",
+        },
         "normalisation": {"audio": {"mean": mean, "std": std, "computed_on": "train"}, "image": "uint8 / 255"},
         "val_fraction": val_fraction,
         "seed": seed,
@@ -109,10 +115,20 @@ def prepare_avdigits(
         "val_source": "stratified per label from the pairs.csv train split, numpy default_rng(seed)",
         "pairs_csv_sha256": hashlib.sha256((root / "pairs.csv").read_bytes()).hexdigest(),
     }
-    modalities = {"audio": ModalitySpec(dtype="float32", shape=[params.n_mels, params.frames]),
-                  "image": ModalitySpec(dtype="float32", shape=[28, 28])}
-    return write_shards(out, dataset="avdigits", classes=CLASSES, modalities=modalities, splits=splits,
-                        generator=dict(GENERATOR), preprocessing=preprocessing, overwrite=overwrite)
+    modalities = {
+        "audio": ModalitySpec(dtype="float32", shape=[params.n_mels, params.frames]),
+        "image": ModalitySpec(dtype="float32", shape=[28, 28]),
+    }
+    return write_shards(
+        out,
+        dataset="avdigits",
+        classes=CLASSES,
+        modalities=modalities,
+        splits=splits,
+        generator=dict(GENERATOR),
+        preprocessing=preprocessing,
+        overwrite=overwrite,
+    )
 
 
 def _check_files_exist(root: Path, paths: list[Path]) -> None:
@@ -135,13 +151,20 @@ def _read_pairs(root: Path) -> list[dict]:
         rows, bad = [], []
         for line, raw in enumerate(reader, start=2):
             try:
-                row = {"pair_id": int(raw["pair_id"]), "split": raw["split"], "label": int(raw["label"]),
-                       "audio_file": raw["audio_file"], "mnist_t10k_index": int(raw["mnist_t10k_index"])}
+                row = {
+                    "pair_id": int(raw["pair_id"]),
+                    "split": raw["split"],
+                    "label": int(raw["label"]),
+                    "audio_file": raw["audio_file"],
+                    "mnist_t10k_index": int(raw["mnist_t10k_index"]),
+                }
             except (TypeError, ValueError):
                 bad.append(f"line {line}: unparseable {raw}")
                 continue
             if row["split"] not in ("train", "test") or not 0 <= row["label"] < len(CLASSES):
-                bad.append(f"line {line}: split must be train/test and label 0..9, got {row['split']!r}, {row['label']}")
+                bad.append(
+                    f"line {line}: split must be train/test and label 0..9, got {row['split']!r}, {row['label']}"
+                )
             rows.append(row)
     ids = [r["pair_id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -156,7 +179,9 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     header = 4 * (1 + ndim)
     got, *dims = struct.unpack(f">{1 + ndim}I", data[:header])
     if got != magic or len(data) != header + int(np.prod(dims)):
-        raise ValueError(f"{path}: not an idx file with magic {magic} (got magic {got}, dims {dims}, {len(data)} bytes)")
+        raise ValueError(
+            f"{path}: not an idx file with magic {magic} (got magic {got}, dims {dims}, {len(data)} bytes)"
+        )
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
@@ -164,15 +189,21 @@ def _read_images(root: Path, index: np.ndarray, labels: np.ndarray, rows: list[d
     pixels = _read_idx(root / IMAGES_FILE, 2051, 3)  # [10000, 28, 28] uint8
     mnist_labels = _read_idx(root / LABELS_FILE, 2049, 1)  # [10000] uint8
     if pixels.shape[1:] != (28, 28) or len(mnist_labels) != len(pixels):
-        raise ValueError(f"{root / IMAGES_FILE}: expected N x 28 x 28 images matching {LABELS_FILE}, got {pixels.shape}")
+        raise ValueError(
+            f"{root / IMAGES_FILE}: expected N x 28 x 28 images matching {LABELS_FILE}, got {pixels.shape}"
+        )
     out_of_range = np.flatnonzero((index < 0) | (index >= len(pixels)))
     if out_of_range.size:
-        raise ValueError(f"{root / 'pairs.csv'}: mnist_t10k_index outside [0, {len(pixels)}) for pair_id(s) "
-                         f"{[rows[i]['pair_id'] for i in out_of_range[:MAX_LISTED]]}")
+        raise ValueError(
+            f"{root / 'pairs.csv'}: mnist_t10k_index outside [0, {len(pixels)}) for pair_id(s) "
+            f"{[rows[i]['pair_id'] for i in out_of_range[:MAX_LISTED]]}"
+        )
     wrong = np.flatnonzero(mnist_labels[index] != labels)
     if wrong.size:  # the pairing is by label; a mismatch means pairs.csv and the idx files disagree
-        raise ValueError(f"{root / 'pairs.csv'}: label differs from the MNIST label for pair_id(s) "
-                         f"{[rows[i]['pair_id'] for i in wrong[:MAX_LISTED]]}")
+        raise ValueError(
+            f"{root / 'pairs.csv'}: label differs from the MNIST label for pair_id(s) "
+            f"{[rows[i]['pair_id'] for i in wrong[:MAX_LISTED]]}"
+        )
     return pixels[index].astype(np.float32) / np.float32(255.0)
 
 
@@ -207,10 +238,19 @@ def _log_mel(clips: np.ndarray, params: SpectrogramParams) -> np.ndarray:
     import torchaudio
 
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=params.sample_rate, n_fft=params.n_fft, hop_length=params.hop_length, n_mels=params.n_mels,
-        f_min=params.f_min, f_max=params.f_max, window_fn=torch.hann_window, power=FIXED_MEL["power"],
-        center=FIXED_MEL["center"], pad_mode=FIXED_MEL["pad_mode"], mel_scale=FIXED_MEL["mel_scale"],
-        norm=FIXED_MEL["norm"]).double()
+        sample_rate=params.sample_rate,
+        n_fft=params.n_fft,
+        hop_length=params.hop_length,
+        n_mels=params.n_mels,
+        f_min=params.f_min,
+        f_max=params.f_max,
+        window_fn=torch.hann_window,
+        power=FIXED_MEL["power"],
+        center=FIXED_MEL["center"],
+        pad_mode=FIXED_MEL["pad_mode"],
+        mel_scale=FIXED_MEL["mel_scale"],
+        norm=FIXED_MEL["norm"],
+    ).double()
     with torch.no_grad():
         spec = mel(torch.from_numpy(clips).double())  # [N, n_mels, frames]
         return torch.log(spec + params.log_offset).float().numpy()
@@ -249,5 +289,6 @@ class AvdigitsWriter:
         self.params = params
 
     def write(self, root: Path | None, out: str | Path, *, overwrite: bool = False) -> Manifest:
-        return prepare_avdigits(root, out, val_fraction=self.params.val_fraction, seed=self.params.seed,
-                                overwrite=overwrite)
+        return prepare_avdigits(
+            root, out, val_fraction=self.params.val_fraction, seed=self.params.seed, overwrite=overwrite
+        )

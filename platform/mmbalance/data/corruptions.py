@@ -94,7 +94,9 @@ class SaltPepperSpec(CorruptionSpec):
     max_level: ClassVar[float | None] = 100.0
     accepts: ClassVar[tuple[str, ...]] = ("uint8", "f")
     pixel_range: float | None = Field(None, gt=0.0, description="max pixel value; null: 255 for uint8, 1.0 for floats")
-    channel_axis: int | None = Field(None, description="axis of the per-sample shape sharing one mask (0 for [C, H, W])")
+    channel_axis: int | None = Field(
+        None, description="axis of the per-sample shape sharing one mask (0 for [C, H, W])"
+    )
 
 
 class WordReplaceSpec(CorruptionSpec):
@@ -114,9 +116,13 @@ class AudioSNRSpec(CorruptionSpec):
 class FeatureNoiseSpec(CorruptionSpec):
     name: Literal["feature_noise"] = "feature_noise"
     accepts: ClassVar[tuple[str, ...]] = ("f",)
-    std: list[float] | None = Field(None, min_length=1, description="the train split's std per feature: one per "
-                                    "element of the per-sample shape (row-major), one per channel along std_axis, or "
-                                    "one for all; null until for_data fills it in from the train split")
+    std: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="the train split's std per feature: one per "
+        "element of the per-sample shape (row-major), one per channel along std_axis, or "
+        "one for all; null until for_data fills it in from the train split",
+    )
     std_axis: int | None = Field(None, description="axis of the per-sample shape that std runs along (needs std)")
 
     @model_validator(mode="after")
@@ -134,13 +140,16 @@ class FeatureNoiseSpec(CorruptionSpec):
             raise CorruptionError(
                 f"feature_noise on {self.modality!r} has no std: it is the train split's, filled in from the shards "
                 "by corruptions.for_data (eval.corruptions, data.train_corruptions and `mmbalance eval` do this); "
-                "give it explicitly as params.std")
+                "give it explicitly as params.std"
+            )
         std = np.asarray(self.std, dtype=np.float64)
         shape = tuple(sample_shape)
         if self.std_axis is not None:
             if not -len(shape) <= self.std_axis < len(shape) or shape[self.std_axis] != std.size:
-                raise CorruptionError(f"feature_noise on {self.modality!r}: {std.size} std values along axis "
-                                      f"{self.std_axis} do not fit samples of shape {shape}")
+                raise CorruptionError(
+                    f"feature_noise on {self.modality!r}: {std.size} std values along axis "
+                    f"{self.std_axis} do not fit samples of shape {shape}"
+                )
             view = [1] * len(shape)
             view[self.std_axis] = std.size
             std = std.reshape(view)
@@ -149,8 +158,10 @@ class FeatureNoiseSpec(CorruptionSpec):
         elif std.size == math.prod(shape):
             std = std.reshape(shape)
         else:
-            raise CorruptionError(f"feature_noise on {self.modality!r}: {std.size} std values do not fit samples of "
-                                  f"shape {shape} (one per element, {math.prod(shape)}, or set std_axis)")
+            raise CorruptionError(
+                f"feature_noise on {self.modality!r}: {std.size} std values do not fit samples of "
+                f"shape {shape} (one per element, {math.prod(shape)}, or set std_axis)"
+            )
         return self.level * std
 
 
@@ -159,8 +170,11 @@ class MissingSpec(CorruptionSpec):
     max_level: ClassVar[float | None] = 1.0
     level: float = Field(1.0, ge=0.0, allow_inf_nan=False)
     p: float = Field(1.0, ge=0.0, le=1.0, description="probability that a sample's modality is dropped")
-    fill: list[float] | None = Field(None, description="raw value(s) meaning 'no signal': the manifest's "
-                                     "normalisation mean (per channel along fill_axis); null fills zeros")
+    fill: list[float] | None = Field(
+        None,
+        description="raw value(s) meaning 'no signal': the manifest's "
+        "normalisation mean (per channel along fill_axis); null fills zeros",
+    )
     fill_axis: int | None = None
 
     @model_validator(mode="after")
@@ -201,7 +215,9 @@ def _salt_pepper(x: np.ndarray, rng: np.random.Generator, spec: SaltPepperSpec) 
     view = out[..., None]  # [*shape, 1]: channel_axis None makes every element a pixel
     if spec.channel_axis is not None:
         if not -x.ndim <= spec.channel_axis < x.ndim:
-            raise CorruptionError(f"salt_pepper channel_axis {spec.channel_axis} is out of range for samples of shape {x.shape}")
+            raise CorruptionError(
+                f"salt_pepper channel_axis {spec.channel_axis} is out of range for samples of shape {x.shape}"
+            )
         view = np.moveaxis(out, spec.channel_axis, -1)  # [*pixels, C], a writable view of out
     n = math.prod(view.shape[:-1])
     k = int(math.floor(spec.level / 100.0 * n + 0.5))
@@ -259,8 +275,9 @@ def neutral_fill(modality: Any) -> dict[str, Any]:
     return {} if norm is None else {"fill": list(norm.mean), "fill_axis": norm.axis}
 
 
-def for_modality(spec: "CorruptionSpec", modality: Any,
-                 train_std: "Callable[[], np.ndarray] | np.ndarray | None" = None) -> "CorruptionSpec":
+def for_modality(
+    spec: "CorruptionSpec", modality: Any, train_std: "Callable[[], np.ndarray] | np.ndarray | None" = None
+) -> "CorruptionSpec":
     """``spec`` adapted to the data it corrupts: a ``missing`` without an explicit fill gets
     ``neutral_fill(modality)``; a ``feature_noise`` without an explicit std gets ``train_std``
     (the train split's std per element of the per-sample shape, or a function returning it, called
@@ -271,14 +288,20 @@ def for_modality(spec: "CorruptionSpec", modality: Any,
         std = np.asarray(train_std() if callable(train_std) else train_std, dtype=np.float64)
         shape = tuple(getattr(modality, "shape", std.shape))
         if std.shape != shape:
-            raise CorruptionError(f"feature_noise on {spec.modality!r}: train std of shape {std.shape} for samples "
-                                  f"of shape {shape}")
+            raise CorruptionError(
+                f"feature_noise on {spec.modality!r}: train std of shape {std.shape} for samples of shape {shape}"
+            )
         return spec.model_copy(update={"std": std.ravel().tolist()})
     return spec
 
 
-def for_data(specs: Sequence["CorruptionSpec"], shard_dir: Any, manifest: Any, train_split: str,
-             cache: dict[str, np.ndarray] | None = None) -> list["CorruptionSpec"]:
+def for_data(
+    specs: Sequence["CorruptionSpec"],
+    shard_dir: Any,
+    manifest: Any,
+    train_split: str,
+    cache: dict[str, np.ndarray] | None = None,
+) -> list["CorruptionSpec"]:
     """``for_modality`` of each spec on the shards at ``shard_dir``: ``feature_noise``'s std is the
     ``train_split``'s (``shards.feature_std``, read only when a spec needs it, and at most once per
     modality; ``cache``, modality -> std, shares that across calls). Pass the recipe's
@@ -295,8 +318,10 @@ def for_data(specs: Sequence["CorruptionSpec"], shard_dir: Any, manifest: Any, t
     out = []
     for spec in specs:
         if spec.modality not in manifest.modalities:
-            raise CorruptionError(f"{spec.name}: modality {spec.modality!r} is not in the data at {shard_dir}; "
-                                  f"allowed: {sorted(manifest.modalities)}")
+            raise CorruptionError(
+                f"{spec.name}: modality {spec.modality!r} is not in the data at {shard_dir}; "
+                f"allowed: {sorted(manifest.modalities)}"
+            )
         out.append(for_modality(spec, manifest.modalities[spec.modality], lambda m=spec.modality: std_of(m)))
     return out
 
@@ -368,8 +393,9 @@ def _first_error(err: ValueError) -> str:
 def sweep_plans(modality: str, text: str, seed: int = 0, **fields: Any) -> list[CorruptionPlan]:
     """One plan per level of ``text`` (``"gaussian:0,5,10"``) on ``modality``; ``fields`` go to the spec."""
     name, levels = parse_levels(text)
-    return [CorruptionPlan(seed=seed, corruptions=[make_spec(name, modality=modality, level=lv, **fields)])
-            for lv in levels]
+    return [
+        CorruptionPlan(seed=seed, corruptions=[make_spec(name, modality=modality, level=lv, **fields)]) for lv in levels
+    ]
 
 
 def _id_text(sample_id: Any) -> str:
@@ -402,13 +428,16 @@ def _checked_input(arrays: dict[str, np.ndarray], spec: CorruptionSpec, rows: in
     if x.ndim == 0 or x.shape[0] != rows:
         raise CorruptionError(f"{spec.modality}: {x.shape[:1]} rows for {rows} sample ids")
     if not accepts_dtype(spec, x.dtype):
-        raise CorruptionError(f"{spec.name} cannot corrupt {spec.modality!r} of dtype {x.dtype}; "
-                              f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
+        raise CorruptionError(
+            f"{spec.name} cannot corrupt {spec.modality!r} of dtype {x.dtype}; "
+            f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)"
+        )
     return x
 
 
-def apply_corruption(arrays: dict[str, np.ndarray], sample_ids: Sequence[Any],
-                     plan: CorruptionPlan | dict[str, Any]) -> dict[str, np.ndarray]:
+def apply_corruption(
+    arrays: dict[str, np.ndarray], sample_ids: Sequence[Any], plan: CorruptionPlan | dict[str, Any]
+) -> dict[str, np.ndarray]:
     """Corrupt the modalities named in ``plan``; the input arrays are never modified.
 
     Returns a new dict: each corrupted modality is a fresh array (a copy even at level 0 or
@@ -435,7 +464,9 @@ def apply_corruption(arrays: dict[str, np.ndarray], sample_ids: Sequence[Any],
     return out
 
 
-def corrupt_batch(batch: dict[str, np.ndarray], plan: CorruptionPlan, id_key: str = "sample_id") -> dict[str, np.ndarray]:
+def corrupt_batch(
+    batch: dict[str, np.ndarray], plan: CorruptionPlan, id_key: str = "sample_id"
+) -> dict[str, np.ndarray]:
     """``ds.map_batches(corrupt_batch, fn_kwargs={"plan": plan})``: ids come from the batch's ``id_key`` column."""
     if id_key not in batch:
         raise CorruptionError(f"batch has no {id_key!r} column; select it when reading the shards")

@@ -17,8 +17,14 @@ from mmbalance.data.manifest import Manifest, read_manifest
 from mmbalance.data.shards import SplitArrays, load_split, write_shards
 
 
-def write_corrupted_copy(source: str | Path, out: str | Path, corruptions: Sequence[CorruptionSpec],
-                         splits: Sequence[str] | None = None, seed: int = 0, overwrite: bool = False) -> Manifest:
+def write_corrupted_copy(
+    source: str | Path,
+    out: str | Path,
+    corruptions: Sequence[CorruptionSpec],
+    splits: Sequence[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Manifest:
     """Copy ``source`` to ``out`` with ``corruptions`` applied to ``splits`` (default: all).
 
     Splits not named are copied unchanged, so a "noisy test only" copy keeps a clean val split
@@ -33,10 +39,23 @@ def write_corrupted_copy(source: str | Path, out: str | Path, corruptions: Seque
     for split in manifest.splits:
         arrays = load_split(source, manifest, split)
         if split in targets:
-            arrays = SplitArrays(arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, plan))
+            arrays = SplitArrays(
+                arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, plan)
+            )
         data[split] = arrays
-    record = {"source": manifest.dataset, "corrupted_splits": targets, "plan": plan.model_dump(mode="json"),
-              "source_preprocessing": manifest.preprocessing}
-    return write_shards(out, dataset=f"{manifest.dataset}+corrupted", classes=manifest.classes,
-                        modalities=manifest.modalities, splits=data, generator=manifest.generator,
-                        preprocessing={"derived_from": record}, overwrite=overwrite)
+    record = {
+        "source": manifest.dataset,
+        "corrupted_splits": targets,
+        "plan": plan.model_dump(mode="json"),
+        "source_preprocessing": manifest.preprocessing,
+    }
+    return write_shards(
+        out,
+        dataset=f"{manifest.dataset}+corrupted",
+        classes=manifest.classes,
+        modalities=manifest.modalities,
+        splits=data,
+        generator=manifest.generator,
+        preprocessing={"derived_from": record},
+        overwrite=overwrite,
+    )

@@ -68,7 +68,9 @@ class ModalitySpec(_Strict):
         norm = self.normalize
         if norm is not None and norm.axis is not None:
             if not 0 <= norm.axis < len(self.shape) or self.shape[norm.axis] != len(norm.mean):
-                raise ValueError(f"normalize: axis {norm.axis} of shape {self.shape} must have {len(norm.mean)} entries")
+                raise ValueError(
+                    f"normalize: axis {norm.axis} of shape {self.shape} must have {len(norm.mean)} entries"
+                )
         return self
 
     @property
@@ -107,7 +109,9 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "Manifest":
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"format_version {self.format_version} is not supported (this mmbalance reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"format_version {self.format_version} is not supported (this mmbalance reads {FORMAT_VERSION})"
+            )
         reserved = {"sample_id", "label", "split"} & set(self.modalities)
         if reserved:
             raise ValueError(f"modality names {sorted(reserved)} clash with reserved columns sample_id/label/split")
@@ -145,7 +149,11 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
     try:
         return Manifest.model_validate(tree)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in err.errors())
-        raise ManifestError(f"{path}: invalid manifest ({problems}); rewrite it with `mmbalance prepare` or fix "
-                            "those keys (docs/data-format.md)") from None
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise ManifestError(
+            f"{path}: invalid manifest ({problems}); rewrite it with `mmbalance prepare` or fix "
+            "those keys (docs/data-format.md)"
+        ) from None

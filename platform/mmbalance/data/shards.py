@@ -57,8 +57,13 @@ def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def rows_table(sample_ids: Sequence[str], labels: Sequence[int], splits: Sequence[str],
-               arrays: dict[str, np.ndarray], modalities: dict[str, ModalitySpec]) -> pa.Table:
+def rows_table(
+    sample_ids: Sequence[str],
+    labels: Sequence[int],
+    splits: Sequence[str],
+    arrays: dict[str, np.ndarray],
+    modalities: dict[str, ModalitySpec],
+) -> pa.Table:
     """Rows (``arrays[m]`` of shape ``[N, *spec.shape]``) as an Arrow table of the shard schema."""
     n = len(sample_ids)
     columns: dict[str, pa.Array] = {
@@ -98,13 +103,25 @@ def write_shards(
     def tables(split: str, arrays: SplitArrays):
         for lo in range(0, len(arrays), rows_per_file):
             hi = min(lo + rows_per_file, len(arrays))
-            yield rows_table(arrays.sample_ids[lo:hi], arrays.labels[lo:hi], [split] * (hi - lo),
-                             {m: arrays.modalities[m][lo:hi] for m in modalities}, modalities)
+            yield rows_table(
+                arrays.sample_ids[lo:hi],
+                arrays.labels[lo:hi],
+                [split] * (hi - lo),
+                {m: arrays.modalities[m][lo:hi] for m in modalities},
+                modalities,
+            )
 
-    return write_split_tables(out_dir, dataset=dataset, classes=classes, modalities=modalities,
-                              split_tables={split: tables(split, arrays) for split, arrays in splits.items()},
-                              generator=generator, preprocessing=preprocessing, rows_per_file=rows_per_file,
-                              overwrite=overwrite)
+    return write_split_tables(
+        out_dir,
+        dataset=dataset,
+        classes=classes,
+        modalities=modalities,
+        split_tables={split: tables(split, arrays) for split, arrays in splits.items()},
+        generator=generator,
+        preprocessing=preprocessing,
+        rows_per_file=rows_per_file,
+        overwrite=overwrite,
+    )
 
 
 class _SplitFileWriter:
@@ -174,8 +191,14 @@ def write_split_tables(
                 _check_table(split, table, len(classes))
                 writer.add(table)
             split_infos[split] = writer.close()
-        manifest = Manifest(dataset=dataset, classes=classes, modalities=modalities, splits=split_infos,
-                            generator=generator, preprocessing=preprocessing)
+        manifest = Manifest(
+            dataset=dataset,
+            classes=classes,
+            modalities=modalities,
+            splits=split_infos,
+            generator=generator,
+            preprocessing=preprocessing,
+        )
         manifest.dump(tmp / MANIFEST_NAME)
         _replace(tmp, out)
         return manifest
@@ -234,7 +257,9 @@ def validate_shards(shard_dir: str | Path, *, checksums: bool = True, values: bo
     return manifest
 
 
-def _validate_file(path: str, entry: ShardFile, expected: pa.Schema, manifest: Manifest, *, checksums: bool, values: bool) -> None:
+def _validate_file(
+    path: str, entry: ShardFile, expected: pa.Schema, manifest: Manifest, *, checksums: bool, values: bool
+) -> None:
     if not storage.exists(path):
         raise ShardError(f"{path}: listed in manifest.json but missing")
     if checksums and sha256_of(path) != entry.sha256:
@@ -248,7 +273,9 @@ def _validate_file(path: str, entry: ShardFile, expected: pa.Schema, manifest: M
         if field.name not in schema.names:
             raise ShardError(f"{path}: column {field.name!r} is missing (manifest expects {field.type})")
         if schema.field(field.name).type != field.type:
-            raise ShardError(f"{path}: column {field.name!r} has type {schema.field(field.name).type}, manifest expects {field.type}")
+            raise ShardError(
+                f"{path}: column {field.name!r} has type {schema.field(field.name).type}, manifest expects {field.type}"
+            )
     extra = set(schema.names) - set(expected.names)
     if extra:
         raise ShardError(f"{path}: columns {sorted(extra)} are not in the manifest")
@@ -262,7 +289,9 @@ def _validate_values(path: str, table: pa.Table, manifest: Manifest) -> None:
     labels = table.column("label").to_numpy()
     bad = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
     if bad.size:
-        raise ShardError(f"{path}: column 'label' row {bad[0]} has value {labels[bad[0]]}, outside [0, {manifest.num_classes})")
+        raise ShardError(
+            f"{path}: column 'label' row {bad[0]} has value {labels[bad[0]]}, outside [0, {manifest.num_classes})"
+        )
     for m, spec in manifest.modalities.items():
         if spec.dtype != "float32":
             continue
@@ -278,12 +307,17 @@ def load_split(shard_dir: str | Path, manifest: Manifest, split: str, columns: l
         raise KeyError(f"split {split!r} not in {shard_dir} (has {sorted(manifest.splits)})")
     mods = columns or list(manifest.modalities)
     fs, root = storage.resolve(shard_dir)
-    tables = [pq.read_table(storage.join(root, f.path), columns=["sample_id", "label", *mods], filesystem=fs)
-              for f in manifest.splits[split].files]
+    tables = [
+        pq.read_table(storage.join(root, f.path), columns=["sample_id", "label", *mods], filesystem=fs)
+        for f in manifest.splits[split].files
+    ]
     table = pa.concat_tables(tables)
     arrays = {m: column_tensor(table, m, manifest.modalities[m].dtype, manifest.modalities[m].shape) for m in mods}
-    return SplitArrays(sample_ids=table.column("sample_id").to_pylist(),
-                       labels=table.column("label").to_numpy().astype(np.int64), modalities=arrays)
+    return SplitArrays(
+        sample_ids=table.column("sample_id").to_pylist(),
+        labels=table.column("label").to_numpy().astype(np.int64),
+        modalities=arrays,
+    )
 
 
 def feature_std(shard_dir: str | Path, manifest: Manifest, split: str, modality: str) -> np.ndarray:

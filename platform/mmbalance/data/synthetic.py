@@ -46,7 +46,9 @@ class SyntheticModality(BaseModel):
     signal: float = Field(ge=0.0, description="scale of the class signal (prototype or XOR-code coordinates)")
     noise: float = Field(1.0, gt=0.0, description="std of the isotropic Gaussian noise")
     blank: float = Field(0.0, ge=0.0, lt=1.0, description="probability a sample carries no class signal")
-    xor_pairs: int | None = Field(None, ge=1, le=30, description="coordinate pairs carrying an XOR class code; null: a linear prototype")
+    xor_pairs: int | None = Field(
+        None, ge=1, le=30, description="coordinate pairs carrying an XOR class code; null: a linear prototype"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "SyntheticModality":
@@ -59,7 +61,9 @@ class SyntheticModality(BaseModel):
         update: dict = {"dim": dim}
         if self.xor_pairs is not None:
             if dim < 2:
-                raise ValueError(f"an XOR-coded modality needs dim >= 2, got {dim}; generator version 1 has prototype signals only")
+                raise ValueError(
+                    f"an XOR-coded modality needs dim >= 2, got {dim}; generator version 1 has prototype signals only"
+                )
             update["xor_pairs"] = min(self.xor_pairs, dim // 2)
         return self.model_validate(self.model_dump() | update)
 
@@ -76,7 +80,8 @@ class SyntheticSpec(BaseModel):
     samples: dict[str, int] = Field(default_factory=lambda: {"train": 4000, "val": 1000, "test": 1000})
     classes: int = Field(10, ge=2)
     modalities: dict[str, SyntheticModality] = Field(
-        default_factory=lambda data: default_modalities(data.get("version", GENERATOR_VERSION)))
+        default_factory=lambda data: default_modalities(data.get("version", GENERATOR_VERSION))
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -89,11 +94,15 @@ class SyntheticSpec(BaseModel):
             raise ValueError("a multimodal dataset needs at least 2 modalities")
         for m, mod in self.modalities.items():
             if mod.xor_pairs is not None and self.version == 1:
-                raise ValueError(f"modality {m!r}: xor_pairs needs generator version 2 (version 1 has prototype signals only)")
+                raise ValueError(
+                    f"modality {m!r}: xor_pairs needs generator version 2 (version 1 has prototype signals only)"
+                )
             if mod.xor_pairs is not None and 2**mod.xor_pairs < self.classes:
-                raise ValueError(f"modality {m!r}: xor_pairs={mod.xor_pairs} (dim {mod.dim}) gives {2**mod.xor_pairs} "
-                                 f"distinct codes for {self.classes} classes; raise dim and xor_pairs, lower classes, "
-                                 "or use generator version 1 (prototype signals)")
+                raise ValueError(
+                    f"modality {m!r}: xor_pairs={mod.xor_pairs} (dim {mod.dim}) gives {2**mod.xor_pairs} "
+                    f"distinct codes for {self.classes} classes; raise dim and xor_pairs, lower classes, "
+                    "or use generator version 1 (prototype signals)"
+                )
         return self
 
 
@@ -112,8 +121,8 @@ def _signal(rng: np.random.Generator, mod: SyntheticModality, codes: np.ndarray,
     k = mod.xor_pairs
     signs = rng.integers(0, 2, size=(len(labels), k)) * 2.0 - 1.0  # [N, K] a_j
     signal = np.zeros((len(labels), mod.dim))
-    signal[:, 0:2 * k:2] = signs
-    signal[:, 1:2 * k:2] = signs * codes[labels]  # product of the pair = the class's code bit
+    signal[:, 0 : 2 * k : 2] = signs
+    signal[:, 1 : 2 * k : 2] = signs * codes[labels]  # product of the pair = the class's code bit
     return signal
 
 
@@ -168,10 +177,13 @@ class SyntheticSettings(BaseModel):
     modalities: str | None = Field(None, description="comma-separated names (default audio,visual; audio dominant)")
     signal: str | None = Field(None, description="comma-separated class-signal strength per modality")
     noise: str | None = Field(None, description="comma-separated noise std per modality")
-    dim: int | None = Field(None, description="feature dimension of every modality (default 32; an XOR code keeps "
-                            "at most dim/2 pairs)")
-    generator: Literal["v1", "v2"] = Field("v2", description="v2: visual class signal an XOR code (learned slowly); "
-                                           "v1: the version-1 dataset, byte for byte")
+    dim: int | None = Field(
+        None, description="feature dimension of every modality (default 32; an XOR code keeps at most dim/2 pairs)"
+    )
+    generator: Literal["v1", "v2"] = Field(
+        "v2",
+        description="v2: visual class signal an XOR code (learned slowly); v1: the version-1 dataset, byte for byte",
+    )
     seed: int = Field(0, description="generator seed (default 0)")
 
     def spec(self) -> SyntheticSpec:
@@ -190,8 +202,15 @@ class SyntheticSettings(BaseModel):
             base.update({"noise": noises[i]} if noises else {})
             modalities[name] = base
         samples = {"train": self.samples, "val": self.val_samples, "test": self.test_samples}
-        return SyntheticSpec.model_validate({"version": version, "samples": samples, "classes": self.classes,
-                                             "modalities": modalities, "seed": self.seed})
+        return SyntheticSpec.model_validate(
+            {
+                "version": version,
+                "samples": samples,
+                "classes": self.classes,
+                "modalities": modalities,
+                "seed": self.seed,
+            }
+        )
 
 
 def _per_modality(text: str | None, count: int, name: str) -> list[float] | None:

@@ -35,14 +35,21 @@ class InMemorySplit:
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
-    def iterate(self, batch_size: int, *, shuffle_seed: int | None, drop_last: bool, device: torch.device,
-                transform: BatchTransform | None = None) -> Iterator[Batch]:
+    def iterate(
+        self,
+        batch_size: int,
+        *,
+        shuffle_seed: int | None,
+        drop_last: bool,
+        device: torch.device,
+        transform: BatchTransform | None = None,
+    ) -> Iterator[Batch]:
         if shuffle_seed is None:
             order = torch.arange(len(self))
         else:
             order = torch.randperm(len(self), generator=torch.Generator().manual_seed(shuffle_seed))
         for i in range(self.num_batches(batch_size, drop_last)):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            idx = order[i * batch_size : (i + 1) * batch_size]
             if transform is None:
                 batch = {m: t[idx].to(device, non_blocking=True) for m, t in self.tensors.items()}
             else:

@@ -20,7 +20,9 @@ class EpochTable:
 
     def __init__(self, modalities: list[str], enabled: bool = True):
         self.modalities, self.enabled = modalities, enabled
-        self.columns = ["epoch", "loss", "train_acc", "val_acc"] + [f"val_{m}" for m in modalities] + ["ratio", "samples/s"]
+        self.columns = (
+            ["epoch", "loss", "train_acc", "val_acc"] + [f"val_{m}" for m in modalities] + ["ratio", "samples/s"]
+        )
         self.printed_header = False
 
     def row(self, metrics: dict) -> None:
@@ -32,7 +34,10 @@ class EpochTable:
         values = [metrics["epoch"], metrics["train/loss_total"], metrics["train/acc_fused"], metrics["val/acc_fused"]]
         values += [metrics[f"val/acc_{m}"] for m in self.modalities]
         values += [metrics["val/imbalance_ratio"], metrics["train/samples_per_s"]]
-        _write_line(" ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1]) + f" {values[-1]:>10.0f}")
+        _write_line(
+            " ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1])
+            + f" {values[-1]:>10.0f}"
+        )
 
 
 def _write_line(line: str) -> None:

@@ -47,10 +47,13 @@ class Corrupted:
     def __call__(self, arrays: SplitArrays) -> SplitArrays:
         from mmbalance.data.corruptions import apply_corruption
 
-        return SplitArrays(arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, self.plan))
+        return SplitArrays(
+            arrays.sample_ids, arrays.labels, apply_corruption(arrays.modalities, arrays.sample_ids, self.plan)
+        )
 
-    def for_data(self, shard_dir: str, manifest: Manifest, train_split: str,
-                 cache: dict[str, Any] | None = None) -> "Corrupted":
+    def for_data(
+        self, shard_dir: str, manifest: Manifest, train_split: str, cache: dict[str, Any] | None = None
+    ) -> "Corrupted":
         from mmbalance.data.corruptions import for_data
 
         specs = for_data(self.plan.corruptions, shard_dir, manifest, train_split, cache)
@@ -62,7 +65,9 @@ def corrupted(modality: str, name: str, level: float, p: float, seed: int, **par
     and however often it is scored); ``params`` are the corruption's own settings."""
     from mmbalance.data.corruptions import CorruptionPlan, make_spec
 
-    return Corrupted(CorruptionPlan(corruptions=[make_spec(name, **params, modality=modality, level=level, p=p)], seed=seed))
+    return Corrupted(
+        CorruptionPlan(corruptions=[make_spec(name, **params, modality=modality, level=level, p=p)], seed=seed)
+    )
 
 
 def condition_label(name: str, modality: str, level: float) -> str:
@@ -90,7 +95,8 @@ def sweep_transforms(sweeps: list[EvalCorruption], seed: int, manifest: Manifest
             params = {**neutral_fill(manifest.modalities[item.modality]), **item.params}
         for level in item.levels:
             transforms[condition_label(item.name, item.modality, level)] = corrupted(
-                item.modality, item.name, level, item.p, seed, **params)
+                item.modality, item.name, level, item.p, seed, **params
+            )
     return transforms
 
 
@@ -114,15 +120,22 @@ def for_run(transforms: dict[str, ArrayTransform], recipe: Recipe, manifest: Man
     for label, transform in transforms.items():
         for spec in transform.plan.corruptions if isinstance(transform, Corrupted) else ():
             if spec.modality not in recipe.modalities:
-                raise CorruptionError(f"{label}: {spec.modality!r} is not a modality of this run; "
-                                      f"allowed: {sorted(recipe.modalities)}")
+                raise CorruptionError(
+                    f"{label}: {spec.modality!r} is not a modality of this run; allowed: {sorted(recipe.modalities)}"
+                )
             dtype = manifest.modalities[spec.modality].dtype
             if not accepts_dtype(spec, dtype):
-                raise CorruptionError(f"{label}: {spec.name} cannot corrupt {spec.modality!r} of dtype {dtype}; "
-                                      f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)")
+                raise CorruptionError(
+                    f"{label}: {spec.name} cannot corrupt {spec.modality!r} of dtype {dtype}; "
+                    f"it takes {'/'.join(spec.accepts)} (dtype name or numpy kind)"
+                )
     cache: dict[str, Any] = {}
-    return {label: transform.for_data(recipe.data.path, manifest, recipe.data.train_split, cache)
-            if isinstance(transform, Corrupted) else transform for label, transform in transforms.items()}
+    return {
+        label: transform.for_data(recipe.data.path, manifest, recipe.data.train_split, cache)
+        if isinstance(transform, Corrupted)
+        else transform
+        for label, transform in transforms.items()
+    }
 
 
 def load_best_model(run_dir: str | Path, recipe: Recipe, device: torch.device):
@@ -136,8 +149,9 @@ def load_best_model(run_dir: str | Path, recipe: Recipe, device: torch.device):
     return model, objective, state
 
 
-def score_arrays(model, objective, arrays: SplitArrays, modalities: list[str], batch_size: int, epoch: int,
-                 device: torch.device) -> dict[str, float]:
+def score_arrays(
+    model, objective, arrays: SplitArrays, modalities: list[str], batch_size: int, epoch: int, device: torch.device
+) -> dict[str, float]:
     split = InMemorySplit(arrays, modalities)
     batches = split.iterate(batch_size, shuffle_seed=None, drop_last=False, device=device)
     metrics = evaluate(model, objective, batches, epoch).means()
@@ -145,8 +159,9 @@ def score_arrays(model, objective, arrays: SplitArrays, modalities: list[str], b
     return metrics
 
 
-def sweep(run_dir: str | Path, recipe_tree: dict[str, Any], split: str,
-          transforms: dict[str, ArrayTransform]) -> dict[str, dict[str, float]]:
+def sweep(
+    run_dir: str | Path, recipe_tree: dict[str, Any], split: str, transforms: dict[str, ArrayTransform]
+) -> dict[str, dict[str, float]]:
     """Fused and per-modality accuracy of the best-val checkpoint on ``split`` under each
     transform (``"clean"`` first), for `mmbalance eval`. ``Corrupted`` transforms are checked
     and adapted to the run's data first (``for_run``: e.g. ``feature_noise`` gets the std of the
@@ -161,8 +176,15 @@ def sweep(run_dir: str | Path, recipe_tree: dict[str, Any], split: str,
     arrays = load_split(recipe.data.path, manifest, name, modalities)
     table = {}
     for label, transform in {"clean": None, **transforms}.items():
-        metrics = score_arrays(model, objective, transform(arrays) if transform else arrays, modalities,
-                               recipe.eval.batch_size, state["progress"]["best_epoch"], device)
+        metrics = score_arrays(
+            model,
+            objective,
+            transform(arrays) if transform else arrays,
+            modalities,
+            recipe.eval.batch_size,
+            state["progress"]["best_epoch"],
+            device,
+        )
         table[label] = {"acc_fused": metrics["acc_fused"], **{f"acc_{m}": metrics[f"acc_{m}"] for m in modalities}}
     return table
 
@@ -183,20 +205,32 @@ def evaluate_run(run_dir: str | Path, recipe_tree: dict[str, Any]) -> dict[str, 
     clean = score(test)
     transforms = robustness_transforms(recipe, manifest)
     robustness = {name: score(transform(test))["acc_fused"] for name, transform in transforms.items()}
-    known = {frozenset(modalities): clean["acc_fused"],
-             **{frozenset(modalities) - {m}: robustness[f"missing_{m}"] for m in modalities}}
+    known = {
+        frozenset(modalities): clean["acc_fused"],
+        **{frozenset(modalities) - {m}: robustness[f"missing_{m}"] for m in modalities},
+    }
     contributions = shapley_scores(lambda arrays: score(arrays)["acc_fused"], test, modalities, transforms, known)
     return {
         "best_epoch": epoch,
         "best_val": state["progress"]["best_val"],
-        "test": {"acc": clean["acc_fused"], "acc_per_modality": {m: clean[f"acc_{m}"] for m in modalities},
-                 "imbalance_ratio": clean["imbalance_ratio"], "samples": len(test), **contributions},
+        "test": {
+            "acc": clean["acc_fused"],
+            "acc_per_modality": {m: clean[f"acc_{m}"] for m in modalities},
+            "imbalance_ratio": clean["imbalance_ratio"],
+            "samples": len(test),
+            **contributions,
+        },
         "robustness": robustness,
     }
 
 
-def shapley_scores(fused: Callable[[SplitArrays], float], arrays: SplitArrays, modalities: list[str],
-                   transforms: dict[str, ArrayTransform], known: dict[frozenset[str], float]) -> dict[str, float]:
+def shapley_scores(
+    fused: Callable[[SplitArrays], float],
+    arrays: SplitArrays,
+    modalities: list[str],
+    transforms: dict[str, ArrayTransform],
+    known: dict[frozenset[str], float],
+) -> dict[str, float]:
     """``shapley_<m>`` (``shapley.shapley_values`` of fused accuracy) for each modality and
     ``coalition_<a+b>`` (fused accuracy with only a and b present; ``coalition_none``: all
     missing) for every coalition, when there are 2 to ``MAX_PLAYERS`` modalities; else nothing.
@@ -217,5 +251,7 @@ def shapley_scores(fused: Callable[[SplitArrays], float], arrays: SplitArrays, m
 
     phi = shapley_values(value, modalities)
     names = {s: "+".join(m for m in modalities if m in s) or "none" for s in coalitions(modalities)}
-    return {**{f"shapley_{m}": phi[m] for m in modalities},
-            **{f"coalition_{names[s]}": values[s] for s in reversed(coalitions(modalities))}}
+    return {
+        **{f"shapley_{m}": phi[m] for m in modalities},
+        **{f"coalition_{names[s]}": values[s] for s in reversed(coalitions(modalities))},
+    }

@@ -60,9 +60,9 @@ class SumCounter:
         out, offset = {}, 0
         for n in names:
             sum_shape, count_shape = self.sums[n].shape, self.counts[n].shape
-            s = packed[offset:offset + self.sums[n].numel()].reshape(sum_shape)
+            s = packed[offset : offset + self.sums[n].numel()].reshape(sum_shape)
             offset += self.sums[n].numel()
-            c = packed[offset:offset + self.counts[n].numel()].reshape(count_shape)
+            c = packed[offset : offset + self.counts[n].numel()].reshape(count_shape)
             offset += self.counts[n].numel()
             out[n] = (s, c)
         return out

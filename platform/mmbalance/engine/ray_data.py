@@ -50,7 +50,9 @@ def train_fits_in_cache(recipe: Recipe, manifest: Manifest, share: float = 0.25)
     return manifest.splits[recipe.data.train_split].rows * row_bytes <= share * capacity
 
 
-def build_datasets(recipe: Recipe, manifest: Manifest, root: str, workers: int, cache_train: bool = False) -> dict[str, Any]:
+def build_datasets(
+    recipe: Recipe, manifest: Manifest, root: str, workers: int, cache_train: bool = False
+) -> dict[str, Any]:
     import ray.data
 
     # Per-operator progress bars from every worker drown the epoch table; the engine shows its own.
@@ -114,9 +116,15 @@ class RayShardSource:
         self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
-        batches = iter_train_batches(self.shards["train"], batch_size, buffer=self.buffer,
-                                     seed=epoch_seed(self.recipe.seed, epoch), corruptor=self.corruptor, epoch=epoch,
-                                     modalities=self.modalities)
+        batches = iter_train_batches(
+            self.shards["train"],
+            batch_size,
+            buffer=self.buffer,
+            seed=epoch_seed(self.recipe.seed, epoch),
+            corruptor=self.corruptor,
+            epoch=epoch,
+            modalities=self.modalities,
+        )
         # equal=True gives every rank the same rows, so the step count agrees across ranks.
         return self._to_device(batches), self.train_rows // batch_size
 
@@ -128,20 +136,34 @@ class RayShardSource:
             yield {m: batch[m].to(self.device) for m in self.modalities}, batch["label"].to(self.device)
 
 
-def iter_train_batches(shard: Any, batch_size: int, *, buffer: int, seed: int, corruptor: TrainCorruptor | None,
-                       epoch: int, modalities: list[str]) -> Iterator[dict[str, Tensor]]:
+def iter_train_batches(
+    shard: Any,
+    batch_size: int,
+    *,
+    buffer: int,
+    seed: int,
+    corruptor: TrainCorruptor | None,
+    epoch: int,
+    modalities: list[str],
+) -> Iterator[dict[str, Tensor]]:
     """A train shard (a Ray ``DataIterator``) as tensor batches, locally shuffled with ``seed``.
 
     Without corruption this is Ray's default collate, unchanged. With it, a numpy collate runs
     ``collate_train_batch`` in Ray's prefetch threads; Ray still moves the tensors to the device.
     """
     collate = None if corruptor is None else _corrupting_collate(corruptor, epoch, modalities)
-    return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer,
-                                    local_shuffle_seed=seed, collate_fn=collate)
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=seed,
+        collate_fn=collate,
+    )
 
 
-def collate_train_batch(batch: dict[str, np.ndarray], corruptor: TrainCorruptor, epoch: int,
-                        modalities: list[str]) -> dict[str, Tensor]:
+def collate_train_batch(
+    batch: dict[str, np.ndarray], corruptor: TrainCorruptor, epoch: int, modalities: list[str]
+) -> dict[str, Tensor]:
     """A decoded numpy train batch with ``sample_id`` -> corrupted CPU tensors (ids dropped)."""
     arrays = corruptor.apply({m: batch[m] for m in modalities}, batch["sample_id"], epoch)
     return {**{m: _tensor(arrays[m]) for m in modalities}, "label": _tensor(batch["label"])}

@@ -41,8 +41,10 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
-            raise TypeError(f"RunSpec.recipe must be a validated Recipe, not {type(self.recipe).__name__} "
-                            "(use RunSpec.of for a recipe tree)")
+            raise TypeError(
+                f"RunSpec.recipe must be a validated Recipe, not {type(self.recipe).__name__} "
+                "(use RunSpec.of for a recipe tree)"
+            )
         object.__setattr__(self, "output", Path(self.output))
 
     @classmethod
@@ -59,4 +61,3 @@ class RunSpec:
 
     def but(self, **changes: Any) -> RunSpec:
         return replace(self, **changes)
-

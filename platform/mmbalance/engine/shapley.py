@@ -36,8 +36,10 @@ def shapley_values(value: Callable[[frozenset[str]], float], modalities: Iterabl
     if len(set(players)) != len(players):
         raise ValueError(f"shapley_values: modality names repeat: {players}")
     if len(players) > MAX_PLAYERS:
-        raise ValueError(f"exact Shapley values take at most {MAX_PLAYERS} modalities (2^M coalitions), "
-                         f"got {len(players)}: {players}")
+        raise ValueError(
+            f"exact Shapley values take at most {MAX_PLAYERS} modalities (2^M coalitions), "
+            f"got {len(players)}: {players}"
+        )
     n = len(players)
     v = {s: Fraction(value(s)) for s in coalitions(players)}  # a float converts to its exact rational
     weight = [Fraction(factorial(k) * factorial(n - k - 1), factorial(n)) for k in range(n)]

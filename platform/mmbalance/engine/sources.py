@@ -35,15 +35,23 @@ class InMemorySource:
         self.seed, self.device = recipe.seed, device
         self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
         modalities = list(recipe.modalities)
-        self.splits = {key: InMemorySplit(load_split(recipe.data.path, manifest, getattr(recipe.data, f"{key}_split"),
-                                                     modalities), modalities)
-                       for key in ("train", "val", "test")}
+        self.splits = {
+            key: InMemorySplit(
+                load_split(recipe.data.path, manifest, getattr(recipe.data, f"{key}_split"), modalities), modalities
+            )
+            for key in ("train", "val", "test")
+        }
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
         split = self.splits["train"]
         transform = None if self.corruptor is None else partial(self.corruptor.apply, epoch=epoch)
-        batches = split.iterate(batch_size, shuffle_seed=epoch_seed(self.seed, epoch), drop_last=True, device=self.device,
-                                transform=transform)
+        batches = split.iterate(
+            batch_size,
+            shuffle_seed=epoch_seed(self.seed, epoch),
+            drop_last=True,
+            device=self.device,
+            transform=transform,
+        )
         return batches, split.num_batches(batch_size, drop_last=True)
 
     def eval_batches(self, key: str, batch_size: int) -> Iterator[Batch]:

@@ -59,8 +59,13 @@ def connect(request: Request, address: str | None = None, *, verbose: bool = Tru
     local_cpus = max(os.cpu_count() or 1, int(request.cpus + 0.999) + DATA_HEADROOM_CPUS)
     # The dashboard serves the state API that Ray Train's PlacementGroupCleaner needs to free the
     # placement groups of Train-in-Tune trials that Tune stops (they leak otherwise).
-    ray.init(num_cpus=local_cpus, object_store_memory=object_store_bytes(), include_dashboard=True,
-             log_to_driver=verbose, **quiet)
+    ray.init(
+        num_cpus=local_cpus,
+        object_store_memory=object_store_bytes(),
+        include_dashboard=True,
+        log_to_driver=verbose,
+        **quiet,
+    )
     return True
 
 
@@ -123,11 +128,15 @@ def check_fits(request: Request, autoscaling: bool = False) -> None:
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     problems = []
     if request.cpus + DATA_HEADROOM_CPUS > cpus:
-        problems.append(f"{request.workers} workers x {request.cpus_per_worker} CPU + {DATA_HEADROOM_CPUS} CPUs for "
-                        f"Ray Data need {request.cpus + DATA_HEADROOM_CPUS:g} CPUs, the cluster has {cpus:g}")
+        problems.append(
+            f"{request.workers} workers x {request.cpus_per_worker} CPU + {DATA_HEADROOM_CPUS} CPUs for "
+            f"Ray Data need {request.cpus + DATA_HEADROOM_CPUS:g} CPUs, the cluster has {cpus:g}"
+        )
     if request.gpus > gpus:
-        problems.append(f"{request.workers} workers x {request.gpus_per_worker} GPU need {request.gpus:g} GPUs, "
-                        f"the cluster has {gpus:g}")
+        problems.append(
+            f"{request.workers} workers x {request.gpus_per_worker} GPU need {request.gpus:g} GPUs, "
+            f"the cluster has {gpus:g}"
+        )
     if problems and autoscaling:
         print("note: the cluster is short now (" + "; ".join(problems) + "); waiting for the autoscaler")
     elif problems:

@@ -28,8 +28,16 @@ from typing import Any
 # computed in Python, failed invariants. pydantic's ValidationError and ConfigError are
 # ValueErrors.
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, ZeroDivisionError,
-    AssertionError, NotImplementedError, ImportError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NameError,
+    ZeroDivisionError,
+    AssertionError,
+    NotImplementedError,
+    ImportError,
 )
 
 

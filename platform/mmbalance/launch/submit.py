@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-
 from mmbalance.config import ConfigError, read_yaml_mapping
 from mmbalance.launch.cluster import choose_address
 
@@ -71,8 +70,10 @@ def build_entrypoint(command: list[str]) -> str:
     if words and words[0] == "mmbalance":
         words = words[1:]
     if not words or words[0].startswith("-"):
-        raise ConfigError("name the mmbalance command to run after `--`, e.g. "
-                          "`mmbalance submit --address URL -- tune SPACE --recipe RECIPE`")
+        raise ConfigError(
+            "name the mmbalance command to run after `--`, e.g. "
+            "`mmbalance submit --address URL -- tune SPACE --recipe RECIPE`"
+        )
     if words[0] == "submit":
         raise ConfigError("a submitted job cannot itself run `mmbalance submit`")
     return shlex.join(["mmbalance", *words])
@@ -89,13 +90,17 @@ def refuse_secrets(entrypoint: str, runtime_env: dict[str, Any]) -> None:
 
     named = sorted(k for k in (runtime_env.get("env_vars") or {}) if is_secret_name(k))
     if named:
-        raise ConfigError(f"--runtime-env: env_vars {', '.join(named)} would be written in plain text into Ray's job "
-                          "records and logs; set secrets on the cluster nodes instead (docs/clusters.md, the W&B key)")
+        raise ConfigError(
+            f"--runtime-env: env_vars {', '.join(named)} would be written in plain text into Ray's job "
+            "records and logs; set secrets on the cluster nodes instead (docs/clusters.md, the W&B key)"
+        )
     carried = entrypoint + json.dumps(runtime_env, default=str)
     if any(value in carried for value in secret_values()):
-        raise ConfigError("the job's command or runtime_env holds the value of a secret environment variable "
-                          "(*_API_KEY, *_TOKEN, ...); Ray would write it into its job records and logs: set it on "
-                          "the cluster nodes instead (docs/clusters.md)")
+        raise ConfigError(
+            "the job's command or runtime_env holds the value of a secret environment variable "
+            "(*_API_KEY, *_TOKEN, ...); Ray would write it into its job records and logs: set it on "
+            "the cluster nodes instead (docs/clusters.md)"
+        )
 
 
 def submit(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
@@ -189,8 +194,11 @@ def _run_submit(args: argparse.Namespace) -> None:
     try:
         code = submit(args)
     except AuthenticationError as err:
-        print(f"mmbalance submit: error: {err}\n(export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN, "
-              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; see docs/clusters.md)", file=sys.stderr)
+        print(
+            f"mmbalance submit: error: {err}\n(export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; see docs/clusters.md)",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     except ConnectionError as err:
         print(f"mmbalance submit: error: cannot reach the Ray Job API: {err}", file=sys.stderr)
@@ -202,17 +210,30 @@ def _run_submit(args: argparse.Namespace) -> None:
 def add_submit_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``mmbalance submit`` on the CLI's subparsers."""
     sub = subparsers.add_parser(
-        "submit", help="run an mmbalance command as a Ray job on a cluster (Ray Job SDK)",
+        "submit",
+        help="run an mmbalance command as a Ray job on a cluster (Ray Job SDK)",
         description="Submit `mmbalance <command>` to a Ray cluster and follow its logs; everything after `--` is "
-                    "the command. Exit status: 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED.")
-    sub.add_argument("--address", help="Ray dashboard / Job API address, e.g. http://HEAD:8265 "
-                     "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS; --address beats both)")
-    sub.add_argument("--runtime-env", default=str(DEFAULT_RUNTIME_ENV), metavar="FILE",
-                     help=f"runtime_env YAML, paths relative to the current directory (default {DEFAULT_RUNTIME_ENV}; "
-                     "pass '' for none)")
+        "the command. Exit status: 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED.",
+    )
+    sub.add_argument(
+        "--address",
+        help="Ray dashboard / Job API address, e.g. http://HEAD:8265 "
+        "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS; --address beats both)",
+    )
+    sub.add_argument(
+        "--runtime-env",
+        default=str(DEFAULT_RUNTIME_ENV),
+        metavar="FILE",
+        help=f"runtime_env YAML, paths relative to the current directory (default {DEFAULT_RUNTIME_ENV}; "
+        "pass '' for none)",
+    )
     sub.add_argument("--submission-id", help="job id to use instead of a generated one (must be unique on the cluster)")
     sub.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
-    sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                     help="the mmbalance command to run on the cluster, e.g. `-- tune SPACE --recipe RECIPE`")
+    sub.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the mmbalance command to run on the cluster, e.g. `-- tune SPACE --recipe RECIPE`",
+    )
     sub.set_defaults(func=_run_submit)
     return sub

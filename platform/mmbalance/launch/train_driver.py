@@ -13,15 +13,24 @@ from pathlib import Path
 
 from mmbalance.data.manifest import Manifest
 from mmbalance.engine.loop import train_loop_per_worker
-from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.ray_data import build_datasets, split_config, train_fits_in_cache
+from mmbalance.engine.run_spec import RunSpec
 
 # Fail a resource-starved start in minutes, not forever (docs/architecture.md §R4).
 CONTROLLER_FAILURE_LIMIT = 3
 
 
-def fit(spec: RunSpec, manifest: Manifest, *, workers: int, gpus_per_worker: float = 0.0, max_failures: int = 1,
-        storage_path: str | None = None, name: str | None = None, callbacks: list | None = None):
+def fit(
+    spec: RunSpec,
+    manifest: Manifest,
+    *,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    max_failures: int = 1,
+    storage_path: str | None = None,
+    name: str | None = None,
+    callbacks: list | None = None,
+):
     """Train ``spec`` on ``workers`` ranks. The caller has validated the shards against their
     checksums (``spec.shards_checked``): every rank then checks only their schema."""
     import ray.train
@@ -49,11 +58,13 @@ def fit(spec: RunSpec, manifest: Manifest, *, workers: int, gpus_per_worker: flo
         run_config=ray.train.RunConfig(
             name=name or output_dir.name,  # stable: a rerun with the same name resumes
             storage_path=storage_path or str(output_dir / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures,
-                                                   controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
             # Keep the best-by-val checkpoint; Ray always keeps the latest as well.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val/acc_fused",
-                                                         checkpoint_score_order="max"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val/acc_fused", checkpoint_score_order="max"
+            ),
             callbacks=callbacks or [],  # Tune trials pass TuneReportCallback: every epoch reaches the scheduler
         ),
     )

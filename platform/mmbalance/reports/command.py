@@ -10,18 +10,27 @@ from mmbalance.layout import REPORT_DIR
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
     report = subparsers.add_parser(
-        "report", help="write report.html (self-contained), report.md and PNG figures for a tune experiment")
-    report.add_argument("experiment_dir",
-                        help="experiment directory written by `mmbalance tune` (holds results.parquet)")
+        "report", help="write report.html (self-contained), report.md and PNG figures for a tune experiment"
+    )
+    report.add_argument(
+        "experiment_dir", help="experiment directory written by `mmbalance tune` (holds results.parquet)"
+    )
     report.add_argument("--out", help="output directory (default EXPERIMENT_DIR/report)")
-    report.add_argument("--group-by", help="comma-separated result columns that define a configuration "
-                        "(default: the searched keys)")
-    report.add_argument("--wandb", action="store_true", help="also build the W&B Report (needs the `reports` extra); "
-                        "saved with an API key, else written as OUT/wandb_report.json")
-    report.add_argument("--wandb-project", help="W&B project of the runs (default: the trials' tracking.project, "
-                        "else WANDB_PROJECT)")
-    report.add_argument("--wandb-entity", help="W&B entity owning the project (default: the trials' tracking.entity, "
-                        "else WANDB_ENTITY)")
+    report.add_argument(
+        "--group-by", help="comma-separated result columns that define a configuration (default: the searched keys)"
+    )
+    report.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also build the W&B Report (needs the `reports` extra); "
+        "saved with an API key, else written as OUT/wandb_report.json",
+    )
+    report.add_argument(
+        "--wandb-project", help="W&B project of the runs (default: the trials' tracking.project, else WANDB_PROJECT)"
+    )
+    report.add_argument(
+        "--wandb-entity", help="W&B entity owning the project (default: the trials' tracking.entity, else WANDB_ENTITY)"
+    )
     report.set_defaults(func=run_report)
     return report
 
@@ -62,10 +71,8 @@ def write_report(experiment_dir: str | Path, out: str | Path | None = None, grou
 
 
 def _wandb_report(args: argparse.Namespace, out: Path, group_by: list[str] | None) -> None:
-    from mmbalance.reports.wandb_report import (build_wandb_report, can_publish, publish_hint,
-                                                write_wandb_report)
-
     from mmbalance.reports.study_summary import SUMMARY_FILE
+    from mmbalance.reports.wandb_report import build_wandb_report, can_publish, publish_hint, write_wandb_report
 
     if (Path(args.experiment_dir) / SUMMARY_FILE).is_file():  # a study: grouped by method
         from mmbalance.reports.study_wandb_report import build_study_wandb_report

@@ -56,7 +56,7 @@ def accuracy_curves(curves: pd.DataFrame, selections: dict[str, list[str]], moda
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes.flat[len(selections):]:
+    for ax in axes.flat[len(selections) :]:
         ax.set_visible(False)
     axes[0, 0].set_ylabel("val accuracy")
     fig.savefig(path, format="png")
@@ -88,8 +88,14 @@ def sensitivity_plot(table: pd.DataFrame, key: str, by: str, path: Path, label: 
     log = bool(values.min() > 0 and values.max() / values.min() >= 10)
     for ax, score, title in zip(axes, ("best_val", "test_acc"), ("best val acc", "test acc")):
         for name, part in table.groupby(by, sort=False):
-            ax.errorbar(pd.to_numeric(part[key]), part[f"{score}_mean"], yerr=part[f"{score}_std"].fillna(0),
-                        marker="o", capsize=3, label=str(name))
+            ax.errorbar(
+                pd.to_numeric(part[key]),
+                part[f"{score}_mean"],
+                yerr=part[f"{score}_std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=str(name),
+            )
         ax.set_xscale("log" if log else "linear")
         ax.set_xlabel(label)
         ax.set_title(title, fontsize=9)

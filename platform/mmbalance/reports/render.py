@@ -19,8 +19,7 @@ from mmbalance.config import ConfigError
 from mmbalance.layout import SearchDir
 from mmbalance.reports import figures
 from mmbalance.reports.experiment import LAM, OBJECTIVE, WARMUP, Experiment, load_experiment, strategy_labels
-from mmbalance.reports.tables import (best_configuration, display_table, leaderboard, selected_rows,
-                                      sensitivity)
+from mmbalance.reports.tables import best_configuration, display_table, leaderboard, selected_rows, sensitivity
 
 CSS = (  # inline: the page makes no request (no CDN, no remote fonts)
     "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;"
@@ -51,8 +50,9 @@ class Section:
     figures: list[Path] = field(default_factory=list)
 
 
-def build_report(experiment_dir: str | Path, out_dir: str | Path | None = None,
-                 group_by: list[str] | None = None) -> Path:
+def build_report(
+    experiment_dir: str | Path, out_dir: str | Path | None = None, group_by: list[str] | None = None
+) -> Path:
     """Write report.html, report.md and the PNG figures to ``out_dir`` (default
     ``experiment_dir/report``); returns the path of report.html."""
     experiment = load_experiment(experiment_dir)
@@ -65,8 +65,9 @@ def build_report(experiment_dir: str | Path, out_dir: str | Path | None = None,
     return out / "report.html"
 
 
-def report_sections(experiment: Experiment, group_by: list[str] | None = None,
-                    figures_dir: Path | None = None) -> list[Section]:
+def report_sections(
+    experiment: Experiment, group_by: list[str] | None = None, figures_dir: Path | None = None
+) -> list[Section]:
     """The report's sections; figures are drawn only when ``figures_dir`` is given."""
     keys = group_keys(experiment, group_by)
     frame = experiment.results.assign(strategy=strategy_labels(experiment.results))
@@ -120,10 +121,12 @@ def leaderboard_section(experiment: Experiment, frame: pd.DataFrame, keys: list[
     shown = keys or ["_all"]
     counts = frame["stop_reason"].value_counts().to_dict() if "stop_reason" in frame else {}
     unscored = int(frame["best_val"].isna().sum())
-    notes = [f"{len(frame)} trials ({', '.join(f'{n} {r}' for r, n in counts.items()) or 'no stop reasons'}); "
-             f"modalities: {', '.join(experiment.modalities)}; "
-             f"configurations grouped by: {', '.join(keys) or '(all)'}.",
-             f"Ranked by mean best val accuracy (never by test); {STD_NOTE}"]
+    notes = [
+        f"{len(frame)} trials ({', '.join(f'{n} {r}' for r, n in counts.items()) or 'no stop reasons'}); "
+        f"modalities: {', '.join(experiment.modalities)}; "
+        f"configurations grouped by: {', '.join(keys) or '(all)'}.",
+        f"Ranked by mean best val accuracy (never by test); {STD_NOTE}",
+    ]
     if unscored:
         notes.append(f"{unscored} trial(s) without a best checkpoint are left out.")
     table = Table("Leaderboard", display_table(stats, shown, scores), stats)
@@ -135,9 +138,11 @@ def ablation_section(experiment: Experiment, frame: pd.DataFrame, keys: list[str
     if not experiment.corrupted:
         section.notes.append("Skipped: no robust_<corruption>_<modality>_<level> columns (set eval.corruptions).")
         return section
-    section.notes.append("Rows: objective (for MNL its guidance strategy, and scope where it varies); each row shows "
-                         "the configuration with the best mean val among its trials. Cells: test accuracy at noise "
-                         f"level ε, ε = 0 being the clean test set; {STD_NOTE}")
+    section.notes.append(
+        "Rows: objective (for MNL its guidance strategy, and scope where it varies); each row shows "
+        "the configuration with the best mean val among its trials. Cells: test accuracy at noise "
+        f"level ε, ε = 0 being the clean test set; {STD_NOTE}"
+    )
     sweeps: dict[tuple[str, str], list] = {}
     for column in experiment.corrupted:
         if column.level != 0:
@@ -152,19 +157,27 @@ def ablation_section(experiment: Experiment, frame: pd.DataFrame, keys: list[str
     return section
 
 
-def curves_section(experiment: Experiment, frame: pd.DataFrame, keys: list[str], selections: dict[str, list[str]],
-                   figures_dir: Path | None) -> Section:
+def curves_section(
+    experiment: Experiment,
+    frame: pd.DataFrame,
+    keys: list[str],
+    selections: dict[str, list[str]],
+    figures_dir: Path | None,
+) -> Section:
     section = Section("curves", "Per-modality accuracy over epochs")
     curves = experiment.curves
     if curves.empty or "val/acc_fused" not in curves or not selections:
         section.notes.append("Skipped: no per-epoch metrics (trials/<id>/metrics.jsonl) to plot.")
         return section
-    section.notes.append("val/acc_fused and val/acc_<modality> per epoch for the best-val configuration of each "
-                         "objective; lines are means over seeds, bands ±1 std.")
+    section.notes.append(
+        "val/acc_fused and val/acc_<modality> per epoch for the best-val configuration of each "
+        "objective; lines are means over seeds, bands ±1 std."
+    )
     section.tables.append(selection_table(frame, keys))
     if figures_dir is not None:
-        section.figures.append(figures.accuracy_curves(curves, selections, experiment.modalities,
-                                                       figures_dir / "accuracy_curves.png"))
+        section.figures.append(
+            figures.accuracy_curves(curves, selections, experiment.modalities, figures_dir / "accuracy_curves.png")
+        )
     return section
 
 
@@ -176,13 +189,16 @@ def sensitivity_section(frame: pd.DataFrame, key: str, label: str, stem: str, fi
         return section
     stats = sensitivity(usable, key, OBJECTIVE)
     stats = stats[stats.groupby(OBJECTIVE)[key].transform("nunique") >= 2].reset_index(drop=True)
-    section.notes.append(f"Val and test accuracy per {key} value, mean ± sample std over every trial with that "
-                         "value (seeds, and any other key varied alongside it).")
+    section.notes.append(
+        f"Val and test accuracy per {key} value, mean ± sample std over every trial with that "
+        "value (seeds, and any other key varied alongside it)."
+    )
     shown = display_table(stats, [OBJECTIVE, key], {"val acc": "best_val", "test acc": "test_acc"})
     section.tables.append(Table(f"{label} sensitivity", shown, stats))
     if figures_dir is not None:
-        section.figures.append(figures.sensitivity_plot(stats, key, OBJECTIVE, figures_dir / f"{stem}_sensitivity.png",
-                                                        label))
+        section.figures.append(
+            figures.sensitivity_plot(stats, key, OBJECTIVE, figures_dir / f"{stem}_sensitivity.png", label)
+        )
     return section
 
 
@@ -191,13 +207,16 @@ def imbalance_section(experiment: Experiment, selections: dict[str, list[str]], 
     if experiment.curves.empty or "val/imbalance_ratio" not in experiment.curves or not selections:
         section.notes.append("Skipped: no val/imbalance_ratio in the trials' metrics.jsonl.")
         return section
-    section.notes.append("val/imbalance_ratio (strong / weak modality accuracy; 1 = balanced) per epoch, mean over "
-                         "seeds, for the best-val configuration of each objective; LF dashed.")
+    section.notes.append(
+        "val/imbalance_ratio (strong / weak modality accuracy; 1 = balanced) per epoch, mean over "
+        "seeds, for the best-val configuration of each objective; LF dashed."
+    )
     if "lf" not in selections:
         section.notes.append("This experiment has no LF trial: there is no baseline line.")
     if figures_dir is not None:
-        section.figures.append(figures.imbalance_curves(experiment.curves, selections,
-                                                        figures_dir / "imbalance_ratio.png"))
+        section.figures.append(
+            figures.imbalance_curves(experiment.curves, selections, figures_dir / "imbalance_ratio.png")
+        )
     return section
 
 
@@ -208,16 +227,21 @@ def robustness_section(experiment: Experiment, frame: pd.DataFrame, keys: list[s
         return section
     scores = {"clean test acc": "test_acc", **{r.label: r.column for r in experiment.robust}}
     stats = leaderboard(frame, keys, ("best_val", *scores.values()))
-    section.notes.append("Test accuracy of each configuration's best-val checkpoints with one modality missing (its "
-                         f"input zeroed) and under each corruption level; rows ranked by val; {STD_NOTE}")
+    section.notes.append(
+        "Test accuracy of each configuration's best-val checkpoints with one modality missing (its "
+        f"input zeroed) and under each corruption level; rows ranked by val; {STD_NOTE}"
+    )
     section.tables.append(Table("Robustness", display_table(stats, keys or ["_all"], scores), stats))
     return section
 
 
 # -- rendering --------------------------------------------------------------------------------
 
+
 def table_markdown(table: Table) -> str:
-    cells = lambda values: "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+    def cells(values):
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
     lines = [cells(table.frame.columns), cells(["---"] * len(table.frame.columns))]
     lines += [cells(row) for row in table.frame.itertuples(index=False)]
     return "\n".join(lines)
@@ -243,15 +267,19 @@ def to_html(title: str, sections: list[Section]) -> str:
         body += [_table_html(table) for table in section.tables]
         body += [_image_html(path, section.title) for path in section.figures]
         body.append("</section>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 def _table_html(table: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(str(c))}</th>" for c in table.frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in row) + "</tr>"
-                   for row in table.frame.itertuples(index=False))
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in row) + "</tr>"
+        for row in table.frame.itertuples(index=False)
+    )
     return f"<table><caption>{esc(table.caption)}</caption><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 

@@ -110,16 +110,16 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
         return Interval(mean=mean, half_width=math.nan, n=n, std=math.nan, confidence=confidence)
     std = float(scores.std(ddof=1))
     quantile = float(special.stdtrit(n - 1, (1.0 + confidence) / 2.0))  # t_{(1+c)/2, n-1}
-    return Interval(mean=mean, half_width=quantile * std / math.sqrt(n), n=n, std=std,
-                    confidence=confidence)
+    return Interval(mean=mean, half_width=quantile * std / math.sqrt(n), n=n, std=std, confidence=confidence)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedComparison:
     """Paired comparison of ``a - b``; both lists must follow the same seed order."""
     first, second = _as_scores(a, "a"), _as_scores(b, "b")
     if first.size != second.size:
-        raise ValueError(f"paired scores need one value per seed on both sides: "
-                         f"a has {first.size} values, b has {second.size}")
+        raise ValueError(
+            f"paired scores need one value per seed on both sides: a has {first.size} values, b has {second.size}"
+        )
     difference = mean_interval(first - second, confidence)
     return PairedComparison(difference=difference, p_value=_paired_p_value(difference))
 
@@ -187,8 +187,9 @@ def verdict(comparison: PairedComparison, p_adjusted: float, alpha: float) -> st
     return NO_DIFFERENCE
 
 
-def compare_to_reference(per_method: dict[str, Sequence[float]], reference: str, alpha: float = 0.05,
-                         correction: Correction = "holm") -> list[Row]:
+def compare_to_reference(
+    per_method: dict[str, Sequence[float]], reference: str, alpha: float = 0.05, correction: Correction = "holm"
+) -> list[Row]:
     """Every method except ``reference`` against it, in the order of ``per_method``.
 
     Intervals use confidence ``1 - alpha``, so an interval that excludes zero agrees with the
@@ -212,11 +213,18 @@ def compare_to_reference(per_method: dict[str, Sequence[float]], reference: str,
             raise ValueError(f"{method!r} against reference {reference!r}: {error}") from error
     adjusted = adjust({m: c.p_value for m, c in comparisons.items()}, correction)
     reference_interval = mean_interval(baseline, confidence)
-    return [Row(method=method, reference=reference,
-                method_interval=mean_interval(per_method[method], confidence),
-                reference_interval=reference_interval, comparison=comparison,
-                p_adjusted=adjusted[method], verdict=verdict(comparison, adjusted[method], alpha))
-            for method, comparison in comparisons.items()]
+    return [
+        Row(
+            method=method,
+            reference=reference,
+            method_interval=mean_interval(per_method[method], confidence),
+            reference_interval=reference_interval,
+            comparison=comparison,
+            p_adjusted=adjusted[method],
+            verdict=verdict(comparison, adjusted[method], alpha),
+        )
+        for method, comparison in comparisons.items()
+    ]
 
 
 def format_interval(interval: Interval, digits: int = 3) -> str:

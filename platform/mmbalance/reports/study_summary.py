@@ -35,19 +35,38 @@ def summarize(frame, study: Study, methods: dict[str, Method], chosen: dict[str,
     per_seed = {name: final[final["method"] == name].sort_values("seed") for name in methods}
     modalities = _modalities(methods, frame)
     summary = {
-        "baseline": study.baseline, "alpha": study.alpha, "correction": study.correction, "seeds": study.seeds,
+        "baseline": study.baseline,
+        "alpha": study.alpha,
+        "correction": study.correction,
+        "seeds": study.seeds,
         "interval": "Student t, 95% (two-sided), over seeds",
         "test": "paired t-test over seeds (two-sided), corrected across methods",
-        "methods": {name: _method(name, per_seed[name], frame, chosen.get(name, {}), methods[name])
-                    for name in methods},
+        "methods": {
+            name: _method(name, per_seed[name], frame, chosen.get(name, {}), methods[name]) for name in methods
+        },
     }
-    summary["vs_baseline"] = _against(per_seed, study, study.baseline, _baseline_metrics(per_seed, study.baseline),
-                                      same_modalities_as=methods[study.baseline], methods=methods)
+    summary["vs_baseline"] = _against(
+        per_seed,
+        study,
+        study.baseline,
+        _baseline_metrics(per_seed, study.baseline),
+        same_modalities_as=methods[study.baseline],
+        methods=methods,
+    )
     alone = best_alone(per_seed)
     summary["best_alone"] = alone
-    summary["vs_best_alone"] = _against(per_seed, study, alone, ["test_acc"], methods=methods,
-                                        only=[n for n in methods if not n.startswith(ALONE_PREFIX)] + [alone]) \
-        if alone else {}
+    summary["vs_best_alone"] = (
+        _against(
+            per_seed,
+            study,
+            alone,
+            ["test_acc"],
+            methods=methods,
+            only=[n for n in methods if not n.startswith(ALONE_PREFIX)] + [alone],
+        )
+        if alone
+        else {}
+    )
     summary["undertraining"] = undertraining(per_seed, modalities)
     return summary
 
@@ -87,10 +106,14 @@ def _method(name: str, rows, frame, chosen: dict[str, Any], method: Method) -> d
     return {
         "configuration": chosen.get("configuration", {}),
         "search_best_val": chosen.get("search_best_val"),
-        "set": method.set, "modalities": method.modalities,
-        "budget": {"trials": int(len(search)), "epochs": int(search["epochs_run"].sum()) if len(search) else 0,
-                   "stopped_early": int((search["stop_reason"] == "stopped_early").sum()),
-                   "failed": int((search["stop_reason"] == "error").sum())},
+        "set": method.set,
+        "modalities": method.modalities,
+        "budget": {
+            "trials": int(len(search)),
+            "epochs": int(search["epochs_run"].sum()) if len(search) else 0,
+            "stopped_early": int((search["stop_reason"] == "stopped_early").sum()),
+            "failed": int((search["stop_reason"] == "error").sum()),
+        },
         "seeds": [int(s) for s in rows["seed"]],
         "scores": {c: _interval(rows[c]) for c in _score_columns(rows)},
         "per_seed": {c: [None if _missing(v) else float(v) for v in rows[c]] for c in _score_columns(rows)},
@@ -105,8 +128,16 @@ def _baseline_metrics(per_seed, baseline: str) -> list[str]:
     return _score_columns(per_seed[baseline]) if len(per_seed[baseline]) else ["test_acc"]
 
 
-def _against(per_seed, study: Study, reference: str, metrics: list[str], *, methods: dict[str, Method],
-             same_modalities_as: Method | None = None, only: list[str] | None = None) -> dict[str, list[dict]]:
+def _against(
+    per_seed,
+    study: Study,
+    reference: str,
+    metrics: list[str],
+    *,
+    methods: dict[str, Method],
+    same_modalities_as: Method | None = None,
+    only: list[str] | None = None,
+) -> dict[str, list[dict]]:
     """One family of comparisons per metric: every eligible method against ``reference``."""
     names = only or list(methods)
     if same_modalities_as is not None:
@@ -131,17 +162,28 @@ def _against(per_seed, study: Study, reference: str, metrics: list[str], *, meth
 
 def _row(row) -> dict[str, Any]:
     diff = row.comparison.difference
-    return {"method": row.method, "reference": row.reference,
-            "method_mean": row.method_interval.mean, "method_half_width": row.method_interval.half_width,
-            "reference_mean": row.reference_interval.mean,
-            "difference": diff.mean, "difference_low": diff.low, "difference_high": diff.high,
-            "p": row.p_raw, "p_adjusted": row.p_adjusted, "verdict": row.verdict}
+    return {
+        "method": row.method,
+        "reference": row.reference,
+        "method_mean": row.method_interval.mean,
+        "method_half_width": row.method_interval.half_width,
+        "reference_mean": row.reference_interval.mean,
+        "difference": diff.mean,
+        "difference_low": diff.low,
+        "difference_high": diff.high,
+        "p": row.p_raw,
+        "p_adjusted": row.p_adjusted,
+        "verdict": row.verdict,
+    }
 
 
 def best_alone(per_seed) -> str | None:
     """The modality-alone method with the highest mean best val (never test)."""
-    scored = {n: rows["best_val"].mean() for n, rows in per_seed.items()
-              if n.startswith(ALONE_PREFIX) and len(rows) and rows["best_val"].notna().all()}
+    scored = {
+        n: rows["best_val"].mean()
+        for n, rows in per_seed.items()
+        if n.startswith(ALONE_PREFIX) and len(rows) and rows["best_val"].notna().all()
+    }
     return max(scored, key=scored.get) if scored else None
 
 
@@ -165,8 +207,9 @@ def undertraining(per_seed, modalities: list[str]) -> dict[str, Any]:
             steps = min(len(alone_curve), len(fused_curve))
             by_method[name] = {
                 "in_fusion": _interval(inside),
-                "gap": _interval([c - i for c, i in zip(ceiling, inside)]) if len(ceiling) == len(inside) else
-                _interval([sum(ceiling) / len(ceiling) - i for i in inside]),
+                "gap": _interval([c - i for c, i in zip(ceiling, inside)])
+                if len(ceiling) == len(inside)
+                else _interval([sum(ceiling) / len(ceiling) - i for i in inside]),
                 "gap_per_epoch": [alone_curve[e] - fused_curve[e] for e in range(steps)],
             }
         result[modality] = {"ceiling": _interval(ceiling), "by_method": by_method}
@@ -199,4 +242,3 @@ def _finite(value: Any) -> Any:
     if hasattr(value, "item"):
         return _finite(value.item())
     return value
-

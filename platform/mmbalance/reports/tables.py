@@ -20,9 +20,13 @@ def leaderboard(frame: pd.DataFrame, keys: list[str], scores: tuple[str, ...] = 
         usable = usable.assign(_all="all")
         keys = ["_all"]
     grouped = usable.groupby(keys, dropna=False, sort=False)
-    table = grouped.agg(**{"n": ("seed", "count"),
-                           **{f"{c}_mean": (c, "mean") for c in scores},
-                           **{f"{c}_std": (c, "std") for c in scores}}).reset_index()
+    table = grouped.agg(
+        **{
+            "n": ("seed", "count"),
+            **{f"{c}_mean": (c, "mean") for c in scores},
+            **{f"{c}_std": (c, "std") for c in scores},
+        }
+    ).reset_index()
     return table.sort_values("best_val_mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -39,11 +43,17 @@ def format_leaderboard(table: pd.DataFrame, keys: list[str], top: int = 10) -> s
     lines = []
     for _, row in table.head(top).iterrows():
         cells = [str(row[k]) if not isinstance(row[k], float) else f"{row[k]:.4g}" for k in keys]
-        cells += [str(int(row["n"])), mean_std(row["best_val_mean"], row["best_val_std"]),
-                  mean_std(row["test_acc_mean"], row["test_acc_std"])]
+        cells += [
+            str(int(row["n"])),
+            mean_std(row["best_val_mean"], row["best_val_std"]),
+            mean_std(row["test_acc_mean"], row["test_acc_std"]),
+        ]
         lines.append(cells)
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+
+    def render(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+
     return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
 
 
@@ -51,16 +61,19 @@ def format_leaderboard(table: pd.DataFrame, keys: list[str], top: int = 10) -> s
 # Each returns numbers (``<score>_mean``/``<score>_std`` columns, sample std) that the report
 # renders with ``mean_std``; tests recompute them independently.
 
+
 def config_labels(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
     """One readable string per trial naming its configuration (``k=v, ...``; a bundle label as is)."""
+
     def cell(key: str, value) -> str:
         text = "–" if _missing(value) else (f"{value:.4g}" if isinstance(value, float) else str(value))
         return text if "=" in text else f"{key}={text}"
 
     if not keys:
         return pd.Series("all", index=frame.index)
-    return pd.Series([", ".join(cell(k, row[k]) for k in keys) for _, row in frame.iterrows()], index=frame.index,
-                     dtype=object)
+    return pd.Series(
+        [", ".join(cell(k, row[k]) for k in keys) for _, row in frame.iterrows()], index=frame.index, dtype=object
+    )
 
 
 def best_configuration(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -45,8 +45,9 @@ def reports_api():
     return wr
 
 
-def build_wandb_report(experiment_dir: str | Path, project: str | None, entity: str | None,
-                       group_by: list[str] | None = None):
+def build_wandb_report(
+    experiment_dir: str | Path, project: str | None, entity: str | None, group_by: list[str] | None = None
+):
     """The Report object (``wandb_workspaces.reports.v2.Report``); nothing is sent anywhere.
     ``project``/``entity`` default to the trials' ``tracking`` section, then WANDB_PROJECT/ENTITY."""
     wr = reports_api()
@@ -55,35 +56,68 @@ def build_wandb_report(experiment_dir: str | Path, project: str | None, entity: 
     sections = {s.key: s for s in report_sections(experiment, group_by)}
     keys = group_keys(experiment, group_by)
     group = wandb_group(experiment_dir)
-    runs = lambda name, by: wr.Runset(entity=entity, project=project, name=name, filters=run_filter(group),
-                                      groupby=[f"config.{k}" for k in by])
-    blocks = [wr.TableOfContents(), *_text(wr, sections["leaderboard"]),
-              wr.PanelGrid(runsets=[runs(experiment.name, _dotted(keys))], panels=[
-                  wr.BarPlot(title="best val acc (mean ± std over seeds)", metrics=[BEST_VAL], **MEAN_STD),
-                  wr.ScalarChart(title="best val acc, mean over runs", metric=BEST_VAL, groupby_aggfunc="mean"),
-                  wr.RunComparer(diff_only="split")]),
-              *_text(wr, sections["ablation"]), *_text(wr, sections["curves"]),
-              wr.PanelGrid(runsets=[runs("by objective", [OBJECTIVE])], panels=[
-                  _epoch_plot(wr, m) for m in ["val/acc_fused", *(f"val/acc_{mod}" for mod in experiment.modalities)]]),
-              *_text(wr, sections["lambda-sensitivity"]), *_text(wr, sections["warmup-sensitivity"]),
-              wr.PanelGrid(runsets=[runs("parameters", [])], panels=[
-                  wr.ParallelCoordinatesPlot(title="searched keys vs best val acc", columns=[
-                      *(wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k))
-                        for k in parameter_keys(experiment.results, experiment.searched)),
-                      wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(BEST_VAL))]),
-                  wr.ParameterImportancePlot(with_respect_to=BEST_VAL)]),
-              *_text(wr, sections["imbalance"]),
-              wr.PanelGrid(runsets=[runs("by objective", [OBJECTIVE])],
-                           panels=[_epoch_plot(wr, "val/imbalance_ratio")]),
-              *_text(wr, sections["robustness"])]
-    return wr.Report(entity=entity, project=project, title=f"{experiment.name}: imbalanced multimodal learning"[:128],
-                     description=f"{len(experiment.results)} trials; tables computed locally from results.parquet, "
-                                 f"panels from the runs of W&B group {group}", blocks=blocks, width="fluid")
+
+    def runs(name, by):
+        return wr.Runset(
+            entity=entity, project=project, name=name, filters=run_filter(group), groupby=[f"config.{k}" for k in by]
+        )
+
+    blocks = [
+        wr.TableOfContents(),
+        *_text(wr, sections["leaderboard"]),
+        wr.PanelGrid(
+            runsets=[runs(experiment.name, _dotted(keys))],
+            panels=[
+                wr.BarPlot(title="best val acc (mean ± std over seeds)", metrics=[BEST_VAL], **MEAN_STD),
+                wr.ScalarChart(title="best val acc, mean over runs", metric=BEST_VAL, groupby_aggfunc="mean"),
+                wr.RunComparer(diff_only="split"),
+            ],
+        ),
+        *_text(wr, sections["ablation"]),
+        *_text(wr, sections["curves"]),
+        wr.PanelGrid(
+            runsets=[runs("by objective", [OBJECTIVE])],
+            panels=[
+                _epoch_plot(wr, m) for m in ["val/acc_fused", *(f"val/acc_{mod}" for mod in experiment.modalities)]
+            ],
+        ),
+        *_text(wr, sections["lambda-sensitivity"]),
+        *_text(wr, sections["warmup-sensitivity"]),
+        wr.PanelGrid(
+            runsets=[runs("parameters", [])],
+            panels=[
+                wr.ParallelCoordinatesPlot(
+                    title="searched keys vs best val acc",
+                    columns=[
+                        *(
+                            wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k))
+                            for k in parameter_keys(experiment.results, experiment.searched)
+                        ),
+                        wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(BEST_VAL)),
+                    ],
+                ),
+                wr.ParameterImportancePlot(with_respect_to=BEST_VAL),
+            ],
+        ),
+        *_text(wr, sections["imbalance"]),
+        wr.PanelGrid(runsets=[runs("by objective", [OBJECTIVE])], panels=[_epoch_plot(wr, "val/imbalance_ratio")]),
+        *_text(wr, sections["robustness"]),
+    ]
+    return wr.Report(
+        entity=entity,
+        project=project,
+        title=f"{experiment.name}: imbalanced multimodal learning"[:128],
+        description=f"{len(experiment.results)} trials; tables computed locally from results.parquet, "
+        f"panels from the runs of W&B group {group}",
+        blocks=blocks,
+        width="fluid",
+    )
 
 
 def _destination(results, project: str | None, entity: str | None) -> tuple[str, str]:
     """Explicit values, else the trials' recipe ``tracking`` section, else WANDB_PROJECT/WANDB_ENTITY
     (the project last defaults to ``mmbalance``; the entity has no offline default)."""
+
     def first(column: str):
         values = results[column].dropna() if column in results else []
         return values.iloc[0] if len(values) else None
@@ -91,8 +125,10 @@ def _destination(results, project: str | None, entity: str | None) -> tuple[str,
     project = project or first("_wandb_project") or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
     entity = entity or first("_wandb_entity") or os.environ.get("WANDB_ENTITY")
     if not entity:
-        raise ConfigError("a W&B report needs an explicit entity (--wandb-entity, the recipe's tracking.entity, "
-                          "or WANDB_ENTITY): looking up the default entity needs the W&B server")
+        raise ConfigError(
+            "a W&B report needs an explicit entity (--wandb-entity, the recipe's tracking.entity, "
+            "or WANDB_ENTITY): looking up the default entity needs the W&B server"
+        )
     return project, entity
 
 
@@ -139,12 +175,16 @@ def _text(wr, section: Section) -> list:
 
 # -- offline spec and publishing ---------------------------------------------------------------
 
+
 def report_spec(obj: Any) -> Any:
     """A Report (or any part of one) as plain JSON data, each object tagged with its class."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         declared = getattr(type(obj), "__pydantic_fields__", {})
-        fields = {f.name: report_spec(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                  if f.init and not f.name.startswith("_") and getattr(declared.get(f.name), "init", None) is not False}
+        fields = {
+            f.name: report_spec(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.init and not f.name.startswith("_") and getattr(declared.get(f.name), "init", None) is not False
+        }
         return {TYPE_TAG: type(obj).__name__, **fields}
     if isinstance(obj, (list, tuple)):
         return [report_spec(v) for v in obj]
@@ -193,9 +233,11 @@ def can_publish() -> bool:
 
 
 def publish_hint(spec_path: Path, experiment_dir: str | Path, project: str, entity: str) -> str:
-    return (f"W&B report spec written to {spec_path}; not published (that needs an API key, network, and "
-            f"WANDB_MODE neither offline nor disabled).\n"
-            f"Publish it later, with WANDB_API_KEY set and network:\n"
-            f"  mmbalance report {experiment_dir} --wandb --wandb-project {project} --wandb-entity {entity}\n"
-            f"or: python -c \"from mmbalance.reports.wandb_report import publish_wandb_report; "
-            f"publish_wandb_report('{spec_path}')\"")
+    return (
+        f"W&B report spec written to {spec_path}; not published (that needs an API key, network, and "
+        f"WANDB_MODE neither offline nor disabled).\n"
+        f"Publish it later, with WANDB_API_KEY set and network:\n"
+        f"  mmbalance report {experiment_dir} --wandb --wandb-project {project} --wandb-entity {entity}\n"
+        f'or: python -c "from mmbalance.reports.wandb_report import publish_wandb_report; '
+        f"publish_wandb_report('{spec_path}')\""
+    )

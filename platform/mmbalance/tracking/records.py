@@ -87,6 +87,7 @@ def experiment_id(directory: str | Path, *, fresh: bool = False) -> str:
 # belongs to. Here, not in tune/, because the W&B callback (tracking/) reads it too.
 PART = "_part"
 
+
 def experiment_group(directory: str | Path) -> str:
     """A search's W&B group: its directory name (readable) + its own id's first 8 characters,
     so two experiments in directories of the same name (``a/search``, ``b/search``) never share

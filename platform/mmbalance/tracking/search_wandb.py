@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmbalance.tracking.records import PART, RunRecord, experiment_group, experiment_id, trial_run_id
 from mmbalance.config import TrackingConfig
-from mmbalance.tracking.wandb_tracker import (WandbTracker, _quiet_exit_hooks, _say, _settings,
-                                             resolve_mode)
+from mmbalance.tracking.records import PART, RunRecord, experiment_group, experiment_id, trial_run_id
+from mmbalance.tracking.wandb_tracker import WandbTracker, _quiet_exit_hooks, _say, _settings, resolve_mode
 
 # Marks a result a restored trial reports again without training (tune/search.py ended_result):
 # the trial's run already holds it, so it is not logged twice.
@@ -31,8 +30,19 @@ REPLAYED = "replayed"
 FINISH_WAIT_S = 20
 
 # Tune's bookkeeping keys carry nothing a reader of the run needs.
-EXCLUDED_RESULTS = ["improved", "date", "hostname", "node_ip", "pid", "timestamp", "time_this_iter_s",
-                    "time_total_s", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name"]
+EXCLUDED_RESULTS = [
+    "improved",
+    "date",
+    "hostname",
+    "node_ip",
+    "pid",
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "time_since_restore",
+    "iterations_since_restore",
+    "checkpoint_dir_name",
+]
 
 
 KEY_VARIABLE = "WANDB_API_KEY"
@@ -106,33 +116,43 @@ def prepare_driver(cfg: TrackingConfig, out_dir: Path) -> str:
     mode, reason = resolve_mode(cfg)
     wandb_dir = Path(out_dir).resolve()
     if reason is not None:
-        _say(f"wandb: {reason}; logging offline to {wandb_dir / 'wandb'} (sync later with: wandb sync {wandb_dir / 'wandb'})")
+        _say(
+            f"wandb: {reason}; logging offline to {wandb_dir / 'wandb'} "
+            f"(sync later with: wandb sync {wandb_dir / 'wandb'})"
+        )
     if mode == "offline":
         # Ray's callback demands an API key unless WANDB_MODE says offline (this driver process only).
         os.environ["WANDB_MODE"] = "offline"
     return mode
 
 
-def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict[Any, Path]",
-                    groups: "dict[Any, str] | None" = None):
+def search_callback(
+    cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict[Any, Path]", groups: "dict[Any, str] | None" = None
+):
     """The Tune callback logging every trial's reports, or ``None`` when tracking is disabled.
     Its runs' group is ``records.experiment_group``, made from the search's new id; a trial's
     run directory is ``trials_dir / <trial id>``. When one Tuner runs several searches
     (``tune/search.Part``), ``trials_dir`` and ``groups`` are per part, keyed by the part key in
     a trial's params."""
-    trials = ({k: Path(v).resolve() for k, v in trials_dir.items()} if isinstance(trials_dir, dict)
-              else {None: Path(trials_dir).resolve()})
+    trials = (
+        {k: Path(v).resolve() for k, v in trials_dir.items()}
+        if isinstance(trials_dir, dict)
+        else {None: Path(trials_dir).resolve()}
+    )
     mode = prepare_driver(cfg, out_dir)
     if mode == "disabled":
         return None
     wandb_dir = Path(out_dir).resolve()
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    experiment = experiment_id(out_dir, fresh=True)  # only a new search builds this callback; a resumed one unpickles it
+    experiment = experiment_id(
+        out_dir, fresh=True
+    )  # only a new search builds this callback; a resumed one unpickles it
     group = experiment_group(out_dir)
     groups = dict(groups or {None: group})
 
     def part_of(trial) -> Any:
         return trial.config.get("params", {}).get(PART)
+
     import ray
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
     from ray.util.queue import Queue
@@ -170,9 +190,13 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict
             self._trial_queues[trial] = Queue(actor_options=queue_options)
             wandb_init_kwargs = {**wandb_init_kwargs, "group": groups.get(part_of(trial), group)}
             actor = self._remote_logger_class.remote(
-                logdir=trial.local_path, queue=self._trial_queues[trial], exclude=exclude_results,
-                to_config=self.AUTO_CONFIG_KEYS, key_file=str(self._key_file) if self._key_file else None,
-                **wandb_init_kwargs)
+                logdir=trial.local_path,
+                queue=self._trial_queues[trial],
+                exclude=exclude_results,
+                to_config=self.AUTO_CONFIG_KEYS,
+                key_file=str(self._key_file) if self._key_file else None,
+                **wandb_init_kwargs,
+            )
             self._trial_logging_actors[trial] = actor
             future = actor.run.remote()
             self._trial_logging_futures[trial] = future
@@ -204,8 +228,10 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict
             late = ray.wait(futures, num_returns=len(futures), timeout=FINISH_WAIT_S)[1] if futures else []
             self._cleanup_logging_actors(timeout=0, kill_on_timeout=True)
             if late:
-                _say(f"wandb: {len(late)} trial run(s) did not finish within {FINISH_WAIT_S} s and were stopped; "
-                     f"what they logged is in {wandb_dir / 'wandb'}")
+                _say(
+                    f"wandb: {len(late)} trial run(s) did not finish within {FINISH_WAIT_S} s and were stopped; "
+                    f"what they logged is in {wandb_dir / 'wandb'}"
+                )
             remove_key_file(self._key_file)  # every actor has read it by now; atexit covers a failure
             self._key_file = None
 
@@ -213,8 +239,16 @@ def search_callback(cfg: TrackingConfig, out_dir: Path, trials_dir: "Path | dict
     # keyword given here replaces it. "finish_previous" is what True meant. Not "create_new": that
     # leaves the module-level run unset, and Ray's actor logs through wandb.log / wandb.config, so
     # every result would be dropped (tests/test_tune.py reads the logged history back).
-    return Callback(project=cfg.project, entity=cfg.entity, group=group, excludes=EXCLUDED_RESULTS,
-                    dir=str(wandb_dir), mode=mode, settings=_settings(mode), reinit="finish_previous")
+    return Callback(
+        project=cfg.project,
+        entity=cfg.entity,
+        group=group,
+        excludes=EXCLUDED_RESULTS,
+        dir=str(wandb_dir),
+        mode=mode,
+        settings=_settings(mode),
+        reinit="finish_previous",
+    )
 
 
 def record_scores(cfg: TrackingConfig, group: str, out_dir: Path, trial_id: str, score: dict[str, Any]) -> None:
@@ -223,7 +257,15 @@ def record_scores(cfg: TrackingConfig, group: str, out_dir: Path, trial_id: str,
     if cfg.wandb == "disabled":
         return
     run_id = trial_run_id(experiment_id(out_dir), trial_id)
-    tracker = WandbTracker.start(cfg, run_dir=Path(out_dir), run_id=run_id, run_name=trial_id, group=group,
-                                 config={}, job_type="score", resume=True)
+    tracker = WandbTracker.start(
+        cfg,
+        run_dir=Path(out_dir),
+        run_id=run_id,
+        run_name=trial_id,
+        group=group,
+        config={},
+        job_type="score",
+        resume=True,
+    )
     with tracker:
         tracker.summary(score)

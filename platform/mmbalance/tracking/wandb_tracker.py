@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from mmbalance.config import TrackingConfig, WandbMode as Mode
+from mmbalance.config import TrackingConfig
+from mmbalance.config import WandbMode as Mode
 
 SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 REDACTED = "<redacted>"
@@ -52,8 +53,10 @@ def sanitize(config: Any, secret: str | Sequence[str] | None = None) -> Any:
     ``<redacted>``, at any depth."""
     secrets = [s for s in ([secret] if isinstance(secret, str) else secret or []) if s]
     if isinstance(config, dict):
-        return {k: REDACTED if any(s in str(k).lower() for s in SECRET_MARKERS) else sanitize(v, secrets)
-                for k, v in config.items()}
+        return {
+            k: REDACTED if any(s in str(k).lower() for s in SECRET_MARKERS) else sanitize(v, secrets)
+            for k, v in config.items()
+        }
     if isinstance(config, (list, tuple)):
         return [sanitize(v, secrets) for v in config]
     if isinstance(config, str) and any(s in config for s in secrets):
@@ -143,13 +146,18 @@ def _settings(mode: Mode):
         mode=mode,
         reinit="create_new",  # several trackers in one process (a driver, tests) never share a run
         init_timeout=30.0,  # wandb's default 90 s would stall a trial whose service cannot start
-        finish_timeout=120.0 if mode == "online" else 0.0,  # a slow upload never blocks the end of a trial; `wandb sync` retries
+        finish_timeout=120.0
+        if mode == "online"
+        else 0.0,  # a slow upload never blocks the end of a trial; `wandb sync` retries
         console="off",  # no stdout/stderr capture: Ray streams worker logs, and output.log could hold anything
         silent=True,  # wandb's banner lines would repeat per trial; we print our own single line
-        save_code=False, disable_code=True, disable_git=True,  # no source copy, no diff.patch in the run dir
+        save_code=False,
+        disable_code=True,
+        disable_git=True,  # no source copy, no diff.patch in the run dir
         disable_job_creation=True,
         x_disable_meta=True,  # wandb-metadata.json records the command line, host and executable
-        x_disable_machine_info=True, x_disable_stats=True,  # no system-metrics sampler in every trial
+        x_disable_machine_info=True,
+        x_disable_stats=True,  # no system-metrics sampler in every trial
         x_save_requirements=False,  # no pip freeze per trial
     )
 
@@ -170,9 +178,19 @@ class WandbTracker:
         return Path(self.run.settings.sync_dir) if self.run is not None else None
 
     @classmethod
-    def start(cls, cfg: TrackingConfig, *, run_dir: Path, run_id: str, run_name: str, group: str | None,
-              config: dict[str, Any], rank: int = 0, job_type: str = "train",
-              resume: bool = False) -> "WandbTracker":
+    def start(
+        cls,
+        cfg: TrackingConfig,
+        *,
+        run_dir: Path,
+        run_id: str,
+        run_name: str,
+        group: str | None,
+        config: dict[str, Any],
+        rank: int = 0,
+        job_type: str = "train",
+        resume: bool = False,
+    ) -> "WandbTracker":
         """Start the trial's run. ``run_id`` is the run's own id (``records.RunRecord.identity``,
         or ``records.trial_run_id`` for a search trial), never a directory name; ``group`` is the
         experiment name. ``resume`` says this start continues that same run (``--resume``, a
@@ -185,9 +203,17 @@ class WandbTracker:
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(project=cfg.project, entity=cfg.entity, group=group, name=run_name, id=run_id,
-                      resume="allow" if resume else None, dir=str(run_dir), job_type=job_type,
-                      config=sanitize(config, secret_values()))
+        kwargs = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=group,
+            name=run_name,
+            id=run_id,
+            resume="allow" if resume else None,
+            dir=str(run_dir),
+            job_type=job_type,
+            config=sanitize(config, secret_values()),
+        )
         try:
             with _quiet_exit_hooks():
                 run = wandb.init(**kwargs, settings=_settings(mode))
@@ -204,8 +230,10 @@ class WandbTracker:
         tracker = cls(run, mode)
         if reason is not None:
             # The parent also holds any earlier fragments of a resumed trial: sync them all.
-            _say(f"wandb: {reason}; logging offline to {tracker.sync_dir} "
-                 f"(sync later with: wandb sync {tracker.sync_dir.parent})")
+            _say(
+                f"wandb: {reason}; logging offline to {tracker.sync_dir} "
+                f"(sync later with: wandb sync {tracker.sync_dir.parent})"
+            )
         return tracker
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:

@@ -43,9 +43,18 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool = False, storage: str | None = None,
-              address: str | None = None, verbose: bool = False, overrides: dict[str, Any] | None = None,
-              say: Callable[[str], None] = print):
+def run_study(
+    study: Study,
+    base: dict[str, Any],
+    output: Path,
+    *,
+    resume: bool = False,
+    storage: str | None = None,
+    address: str | None = None,
+    verbose: bool = False,
+    overrides: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+):
     """Run every method's search, then every method's final runs; write ``results.parquet``.
     Returns ``(frame, chosen)``: every trial's row (``method``, ``phase``), and per method the
     configuration the search chose on val and its mean best val. The statistics over the final
@@ -60,10 +69,16 @@ def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool 
     common = dict(resume=resume, storage=storage, address=address, verbose=verbose, overrides=overrides)
     spaces = {name: search_space(study, method) for name, method in methods.items()}
     trials = sum(space.trial_count() for space in spaces.values())
-    say(f"phase 1/2, search: {len(methods)} methods in one Tuner, {trials} trials "
-        f"({trials // len(methods)} per method, each method's ASHA separate): {', '.join(methods)}")
-    searched = _stage("search", {name: (spaces[name], method_base(base, method)) for name, method in methods.items()},
-                      output, **common)
+    say(
+        f"phase 1/2, search: {len(methods)} methods in one Tuner, {trials} trials "
+        f"({trials // len(methods)} per method, each method's ASHA separate): {', '.join(methods)}"
+    )
+    searched = _stage(
+        "search",
+        {name: (spaces[name], method_base(base, method)) for name, method in methods.items()},
+        output,
+        **common,
+    )
     chosen, finals = {}, {}
     for name, method in methods.items():
         best, best_val = best_configuration(searched[name], list(spaces[name].space))
@@ -71,18 +86,35 @@ def run_study(study: Study, base: dict[str, Any], output: Path, *, resume: bool 
         described = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items())
         say(f"  {name}: best on val {best_val:.4f} ({described or 'nothing searched'})")
         finals[name] = (final_space(study, method, best), method_base(base, method))
-    say(f"phase 2/2, final runs: each method's best configuration on {len(study.seeds)} seeds "
-        f"({len(methods) * len(study.seeds)} runs in one Tuner)")
+    say(
+        f"phase 2/2, final runs: each method's best configuration on {len(study.seeds)} seeds "
+        f"({len(methods) * len(study.seeds)} runs in one Tuner)"
+    )
     final = _stage("final", finals, output, **common)
-    frames = [frame for name in methods
-              for frame in (searched[name].assign(method=name, phase="search"), final[name].assign(method=name, phase="final"))]
+    frames = [
+        frame
+        for name in methods
+        for frame in (
+            searched[name].assign(method=name, phase="search"),
+            final[name].assign(method=name, phase="final"),
+        )
+    ]
     frame = pd.concat(frames, ignore_index=True)
     _write_frame(frame, output)
     return frame, chosen
 
 
-def _stage(phase: str, parts: dict[str, tuple[Any, dict[str, Any]]], output: Path, *, resume: bool, storage,
-           address, verbose, overrides) -> dict[str, Any]:
+def _stage(
+    phase: str,
+    parts: dict[str, tuple[Any, dict[str, Any]]],
+    output: Path,
+    *,
+    resume: bool,
+    storage,
+    address,
+    verbose,
+    overrides,
+) -> dict[str, Any]:
     """One phase of every method in one Tuner (``search.Part``): its state and W&B runs in
     ``<out>/stages/<phase>``, each method's trials and results in ``<out>/methods/<m>/<phase>``.
     A phase every method finished earlier (an interrupted study) is read back; an unfinished
@@ -98,10 +130,15 @@ def _stage(phase: str, parts: dict[str, tuple[Any, dict[str, Any]]], output: Pat
     stage = study.stage_state(phase)
     in_progress = resume and stage.tune_state.exists()
     stage_storage = f"{storage.rstrip('/')}/{StudyDir.STAGES}/{phase}" if storage else None
-    return run_searches([Part(name, space, base, directories[name].path) for name, (space, base) in parts.items()],
-                        stage.path,
-                        resume=in_progress, storage=stage_storage, address=address, verbose=verbose,
-                        overrides=overrides)
+    return run_searches(
+        [Part(name, space, base, directories[name].path) for name, (space, base) in parts.items()],
+        stage.path,
+        resume=in_progress,
+        storage=stage_storage,
+        address=address,
+        verbose=verbose,
+        overrides=overrides,
+    )
 
 
 def _write_frame(frame, output: Path) -> None:

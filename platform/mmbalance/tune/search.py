@@ -23,19 +23,16 @@ from typing import Any
 
 import yaml
 
-from mmbalance.config import check_against_data, set_dotted, validate_recipe
+from mmbalance.config import TrackingConfig, check_against_data, set_dotted, validate_recipe
+from mmbalance.data.manifest import read_manifest
+from mmbalance.data.storage import absolute as storage_absolute
 from mmbalance.layout import RunDir, SearchDir
 from mmbalance.tracking.records import PART, RunRecord, experiment_group
 from mmbalance.tracking.search_wandb import REPLAYED, prepare_driver, record_scores, search_callback
-from mmbalance.config import TrackingConfig
-from mmbalance.data.manifest import read_manifest
-from mmbalance.data.storage import absolute as storage_absolute
 from mmbalance.tune.space import SearchSpace, trial_recipe
 
 ENDED = RunDir.ENDED  # in a trial's run directory, written by the driver when Tune ends the trial
 FAILED = RunDir.FAILED  # in a trial's run directory: its deterministic error, re-raised by a retry
-
-
 
 
 @dataclass(frozen=True)
@@ -65,9 +62,17 @@ def tune_param_space(parts: list[Part]) -> dict[str, Any]:
     return {"params": tune.grid_search(configs)}
 
 
-def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]], workers: int,
-              gpus_per_worker: float, storage: str | None = None, fault: dict[str, Any] | None = None,
-              overrides: dict[str, Any] | None = None, checked_data: frozenset[str] = frozenset()) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    parts: dict[str | None, dict[str, Any]],
+    workers: int,
+    gpus_per_worker: float,
+    storage: str | None = None,
+    fault: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    checked_data: frozenset[str] = frozenset(),
+) -> None:
     """One Tune trial == one training run, named after its (stable) trial id, in its part's
     directory (``parts[name] = {"base", "fixed", "output"}``). ``fault`` is the test-only hook of
     ``engine/session.fault_hook`` (docs/faults.md). ``checked_data``: the shard directories the
@@ -104,8 +109,9 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
     raise_recorded_failure(run_dir)
     try:
         recipe = validate_recipe(tree, source=f"trial {trial_id} recipe")
-        spec = RunSpec(recipe, run_dir, where="tune", verbose=False, fault=fault,
-                       shards_checked=recipe.data.path in checked_data)
+        spec = RunSpec(
+            recipe, run_dir, where="tune", verbose=False, fault=fault, shards_checked=recipe.data.path in checked_data
+        )
         if workers == 0:
             run_training(spec)
             return
@@ -115,8 +121,15 @@ def run_trial(config: dict[str, Any], *, parts: dict[str | None, dict[str, Any]]
 
         manifest = read_manifest(recipe.data.path)
         check_against_data(recipe, manifest)
-        fit(spec, manifest, workers=workers, gpus_per_worker=gpus_per_worker, name=f"train-{trial_id}",
-            storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train", callbacks=[TuneReportCallback()])
+        fit(
+            spec,
+            manifest,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            name=f"train-{trial_id}",
+            storage_path=f"{(storage or str(Path(output).resolve())).rstrip('/')}/train",
+            callbacks=[TuneReportCallback()],
+        )
     except Exception as err:
         record_failure(run_dir, err)
         raise
@@ -186,8 +199,11 @@ def trial_progress_callback(total: int, max_t: dict[str | None, int], trials_dir
             val = result.get("val/acc_fused")
             val_text = f"val acc {val:.4f}" if isinstance(val, float) else "no result"
             part = trial.config["params"].get(PART)
-            print(f"[{self.ended}/{total}] {f'{part} ' if part is not None else ''}trial {trial.trial_id}: {how} after "
-                  f"{result.get('epochs_done', 0)}/{of_part(max_t, trial)} epochs, {val_text}", flush=True)
+            print(
+                f"[{self.ended}/{total}] {f'{part} ' if part is not None else ''}trial {trial.trial_id}: {how} after "
+                f"{result.get('epochs_done', 0)}/{of_part(max_t, trial)} epochs, {val_text}",
+                flush=True,
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epochs_done = (trial.last_result or {}).get("epochs_done", 0)
@@ -205,8 +221,7 @@ def trial_progress_callback(total: int, max_t: dict[str | None, int], trials_dir
     return TrialProgress()
 
 
-def _callbacks(parts: list[Part], max_t: dict[str | None, int], tracking: TrackingConfig | None,
-               output: Path) -> list:
+def _callbacks(parts: list[Part], max_t: dict[str | None, int], tracking: TrackingConfig | None, output: Path) -> list:
     trials = {part.name: SearchDir(part.output.resolve()).trials for part in parts}
     callbacks = [trial_progress_callback(sum(p.space.trial_count() for p in parts), max_t, trials)]
     # A plain search's group comes from the id search_callback makes fresh, so only named parts
@@ -220,15 +235,26 @@ def _scheduler(space: SearchSpace, max_t: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if space.scheduler.name == "asha":
-        return ASHAScheduler(time_attr="epochs_done", max_t=max_t, grace_period=space.scheduler.grace_period,
-                             reduction_factor=space.scheduler.reduction_factor)
+        return ASHAScheduler(
+            time_attr="epochs_done",
+            max_t=max_t,
+            grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+        )
     return FIFOScheduler()
 
 
-def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str | None, int],
-                storage: str | None = None, tracking: TrackingConfig | None = None,
-                fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                checked_data: frozenset[str] = frozenset()):
+def build_tuner(
+    parts: list[Part],
+    output: Path,
+    resume: bool,
+    max_t: dict[str | None, int],
+    storage: str | None = None,
+    tracking: TrackingConfig | None = None,
+    fault: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    checked_data: frozenset[str] = frozenset(),
+):
     """One Tuner over every part's trials; ``output`` holds its state (``tune/``) and W&B runs."""
     import ray
     import ray.tune as tune
@@ -236,10 +262,16 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
     from mmbalance.tune.per_part_scheduler import PerPartScheduler
 
     space = parts[0].space  # trial resources and concurrency: the same for every part (run_searches)
-    trainable = partial(run_trial, parts={p.name: {"base": p.base, "fixed": p.space.set, "output": str(p.output.resolve())}
-                                          for p in parts},
-                        workers=space.workers, gpus_per_worker=space.gpus_per_worker, storage=storage, fault=fault,
-                        overrides=overrides, checked_data=checked_data)
+    trainable = partial(
+        run_trial,
+        parts={p.name: {"base": p.base, "fixed": p.space.set, "output": str(p.output.resolve())} for p in parts},
+        workers=space.workers,
+        gpus_per_worker=space.gpus_per_worker,
+        storage=storage,
+        fault=fault,
+        overrides=overrides,
+        checked_data=checked_data,
+    )
     # A workers: 0 trial trains in its own process (1 CPU); otherwise the trial is only the
     # Train driver (a sliver of CPU; Tune refuses an empty request) and its workers request
     # their own resources.
@@ -257,8 +289,9 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
             prepare_driver(tracking, output)
         for recorded in SearchDir(output).trials.glob(f"*/{FAILED}"):
             recorded.unlink()  # --resume retries errored trials: the user may have fixed the cause
-        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{SearchDir.TUNE_STATE}", trainable,
-                                  resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            f"{storage_path.rstrip('/')}/{SearchDir.TUNE_STATE}", trainable, resume_unfinished=True, resume_errored=True
+        )
     if len(parts) == 1:
         scheduler = _scheduler(space, max_t[parts[0].name])
     else:
@@ -272,13 +305,22 @@ def build_tuner(parts: list[Part], output: Path, resume: bool, max_t: dict[str |
         # Not for Train-in-Tune trials: a reused process never started the next TorchTrainer
         # (the search hung after the first trials, tests/test_tune.py), and there the worker
         # group's start costs more than the trial process.
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1,
-                                    reuse_actors=space.workers == 0,
-                                    scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
-        run_config=tune.RunConfig(name=SearchDir.TUNE_STATE, storage_path=storage_path,
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
-                                  callbacks=_callbacks(parts, max_t, tracking, output)),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            num_samples=1,
+            reuse_actors=space.workers == 0,
+            scheduler=scheduler,
+            max_concurrent_trials=space.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=SearchDir.TUNE_STATE,
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+            callbacks=_callbacks(parts, max_t, tracking, output),
+        ),
     )
 
 
@@ -298,8 +340,13 @@ def trial_rows(grid, space: SearchSpace, output: Path, max_t: int, part: str | N
         else:
             reason = "stopped_early"
         params = {k: _label(v) for k, v in result.config["params"].items() if k != PART}
-        row = {"trial_id": trial_id, **params,
-               "epochs_run": epochs_run, "stop_reason": reason, "run_dir": str(SearchDir(output).trial(trial_id).path)}
+        row = {
+            "trial_id": trial_id,
+            **params,
+            "epochs_run": epochs_run,
+            "stop_reason": reason,
+            "run_dir": str(SearchDir(output).trial(trial_id).path),
+        }
         rows.append(row)
     return rows
 
@@ -311,7 +358,9 @@ def _label(value: Any) -> Any:
     return value
 
 
-def score_trial(run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], output: str, group: str) -> dict[str, Any]:
+def score_trial(
+    run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], output: str, group: str
+) -> dict[str, Any]:
     """Score one trial and add the scores to its W&B run (runs as a Ray task); ``output`` is
     the Tuner's directory (the W&B runs), ``group`` the trial's W&B group."""
     from mmbalance.engine.evaluation import evaluate_run
@@ -321,8 +370,13 @@ def score_trial(run_dir: str, tree: dict[str, Any], tracking: dict[str, Any], ou
     return score
 
 
-def score_trials(rows: list[dict[str, Any]], space: SearchSpace, tracking: TrackingConfig,
-                 output: Path, groups: list[str] | None = None) -> list[dict[str, Any]]:
+def score_trials(
+    rows: list[dict[str, Any]],
+    space: SearchSpace,
+    tracking: TrackingConfig,
+    output: Path,
+    groups: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """The scoring phase: every trial with a best checkpoint, in parallel Ray tasks. ``groups``:
     each row's W&B group (default: the group of ``output``)."""
     import ray
@@ -334,8 +388,9 @@ def score_trials(rows: list[dict[str, Any]], space: SearchSpace, tracking: Track
         run = RunDir(row["run_dir"])
         if run.has_checkpoint("best"):
             tree = yaml.safe_load(run.config.read_text())  # the trial's own recipe
-            pending[row["trial_id"]] = remote.remote(row["run_dir"], tree, tracking.model_dump(), str(output.resolve()),
-                                                     group)
+            pending[row["trial_id"]] = remote.remote(
+                row["run_dir"], tree, tracking.model_dump(), str(output.resolve()), group
+            )
     scored = dict(zip(pending, ray.get(list(pending.values()))))
     return [{**row, **_flatten_scores(scored.get(row["trial_id"]))} for row in rows]
 
@@ -343,8 +398,13 @@ def score_trials(rows: list[dict[str, Any]], space: SearchSpace, tracking: Track
 def _flatten_scores(score: dict[str, Any] | None) -> dict[str, Any]:
     if score is None:
         return {"best_val": None, "best_epoch": None, "test_acc": None}
-    flat = {"best_val": score["best_val"], "best_epoch": score["best_epoch"], "test_acc": score["test"]["acc"],
-            "test_imbalance_ratio": score["test"]["imbalance_ratio"], "test_samples": score["test"]["samples"]}
+    flat = {
+        "best_val": score["best_val"],
+        "best_epoch": score["best_epoch"],
+        "test_acc": score["test"]["acc"],
+        "test_imbalance_ratio": score["test"]["imbalance_ratio"],
+        "test_samples": score["test"]["samples"],
+    }
     flat.update({f"test_acc_{m}": acc for m, acc in score["test"]["acc_per_modality"].items()})
     flat.update({f"robust_{name}": acc for name, acc in score["robustness"].items()})
     # Each modality's Shapley contribution to fused test accuracy (engine/shapley.py).
@@ -397,8 +457,10 @@ def quiet_tune(enabled: bool = True):
 
 
 SECOND_PRESS_GRACE_S = 5.0  # after a second Ctrl-C, how long the driver may take to unwind before it is ended
-SECOND_PRESS_MESSAGE = ("interrupted; stopped without the final save: --resume continues from the search state "
-                        "Tune saved last (trials that were running restart from their latest checkpoint)")
+SECOND_PRESS_MESSAGE = (
+    "interrupted; stopped without the final save: --resume continues from the search state "
+    "Tune saved last (trials that were running restart from their latest checkpoint)"
+)
 
 
 @contextlib.contextmanager
@@ -411,8 +473,11 @@ def tune_interrupts():
 
     saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    counter = CountedInterrupts(lambda: os.kill(os.getpid(), signal.SIGUSR1), grace_s=SECOND_PRESS_GRACE_S,
-                                message=f"mmbalance: {SECOND_PRESS_MESSAGE}")
+    counter = CountedInterrupts(
+        lambda: os.kill(os.getpid(), signal.SIGUSR1),
+        grace_s=SECOND_PRESS_GRACE_S,
+        message=f"mmbalance: {SECOND_PRESS_MESSAGE}",
+    )
     try:
         with counter:
             yield counter
@@ -427,9 +492,18 @@ class SearchInterrupted(RuntimeError):
     """The search stopped before every trial ended (SIGINT); it can be resumed."""
 
 
-def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume: bool = False,
-               storage: str | None = None, address: str | None = None, verbose: bool = False,
-               fault: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> "Any":
+def run_search(
+    space: SearchSpace,
+    base: dict[str, Any],
+    output: Path,
+    *,
+    resume: bool = False,
+    storage: str | None = None,
+    address: str | None = None,
+    verbose: bool = False,
+    fault: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> "Any":
     """Validate, connect, search, score, write results; returns the results DataFrame.
 
     ``overrides`` are the user's ``--set`` keys: above the space's ``set:``, below the draw
@@ -441,14 +515,30 @@ def run_search(space: SearchSpace, base: dict[str, Any], output: Path, *, resume
     console (``quiet_tune``). Errors and the tracebacks of failed trials are always shown.
     ``verbose=True`` lets everything through."""
     output = Path(output).resolve()
-    frames = run_searches([Part(None, space, base, output)], output, resume=resume, storage=storage,
-                          address=address, verbose=verbose, fault=fault, overrides=overrides)
+    frames = run_searches(
+        [Part(None, space, base, output)],
+        output,
+        resume=resume,
+        storage=storage,
+        address=address,
+        verbose=verbose,
+        fault=fault,
+        overrides=overrides,
+    )
     return frames[None]
 
 
-def run_searches(parts: list[Part], output: Path, *, resume: bool = False, storage: str | None = None,
-                 address: str | None = None, verbose: bool = False, fault: dict[str, Any] | None = None,
-                 overrides: dict[str, Any] | None = None) -> "dict[str | None, Any]":
+def run_searches(
+    parts: list[Part],
+    output: Path,
+    *,
+    resume: bool = False,
+    storage: str | None = None,
+    address: str | None = None,
+    verbose: bool = False,
+    fault: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> "dict[str | None, Any]":
     """``run_search`` for several searches in one Tuner (``Part`` says why); ``output`` holds the
     Tuner's state and W&B runs, each part's results go to its own directory. Every part must
     ask for the same trial resources and concurrency. Returns each part's results DataFrame; the
@@ -474,24 +564,40 @@ def run_searches(parts: list[Part], output: Path, *, resume: bool = False, stora
     output = Path(output).resolve()  # trials and scoring tasks run in other working directories
     output.mkdir(parents=True, exist_ok=True)
     per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
-    started_here = connect(Request(workers=per_trial.workers * space.max_concurrent,
-                                   gpus_per_worker=space.gpus_per_worker), address, verbose=verbose)
+    started_here = connect(
+        Request(workers=per_trial.workers * space.max_concurrent, gpus_per_worker=space.gpus_per_worker),
+        address,
+        verbose=verbose,
+    )
     check_fits(per_trial, autoscaling=not started_here)
-    ready = [Part(p.name, p.space, _absolute_data_path(_data_into_base(p.base, overrides)), Path(p.output).resolve())
-             for p in parts]
+    ready = [
+        Part(p.name, p.space, _absolute_data_path(_data_into_base(p.base, overrides)), Path(p.output).resolve())
+        for p in parts
+    ]
     overrides = _without_data(overrides)
     max_t = {p.name: p.space.scheduler.max_t or fixed[p.name].schedule.epochs for p in parts}
     tracking = fixed[parts[0].name].tracking
     total = sum(p.space.trial_count() for p in parts)
     with quiet_tune(enabled=not verbose), tune_interrupts() as presses:
-        grid = build_tuner(ready, output, resume, max_t, storage, tracking, fault, overrides,
-                           checked_data=frozenset(storage_absolute(path) for path in checked)).fit()
+        grid = build_tuner(
+            ready,
+            output,
+            resume,
+            max_t,
+            storage,
+            tracking,
+            fault,
+            overrides,
+            checked_data=frozenset(storage_absolute(path) for path in checked),
+        ).fit()
     finished = grid.num_terminated + grid.num_errors
     # Tune returns normally after a graceful stop, with the state saved. Ended-trial counts cannot
     # tell: the trials Tune stopped read as terminated here (they resume as unfinished).
     if presses.interrupted or finished < total:
-        raise SearchInterrupted(f"the search stopped with {finished} of {total} trials ended; its state is "
-                                f"saved in {output}: rerun the same command with --resume to finish it")
+        raise SearchInterrupted(
+            f"the search stopped with {finished} of {total} trials ended; its state is "
+            f"saved in {output}: rerun the same command with --resume to finish it"
+        )
     per_part = {p.name: trial_rows(grid, p.space, p.output, max_t[p.name], p.name) for p in ready}
     rows = [row for p in ready for row in per_part[p.name]]
     groups = [experiment_group(p.output) for p in ready for _ in per_part[p.name]]
@@ -552,8 +658,9 @@ def error_summary(error: Any) -> tuple[str, str]:
     return kind, message if len(message) <= 400 else message[:397] + "..."
 
 
-def check_failures(errors: list[tuple[str, str, str]], total: int, max_fraction: float, frame: Any = None,
-                   output: Path | None = None) -> None:
+def check_failures(
+    errors: list[tuple[str, str, str]], total: int, max_fraction: float, frame: Any = None, output: Path | None = None
+) -> None:
     """Raise ``SearchFailed`` when every trial failed, or more than ``max_fraction`` of them:
     an exit status of 0 with an empty leaderboard reads as success to a script or a CI job."""
     if not errors or (len(errors) < total and len(errors) <= max_fraction * total):
@@ -562,10 +669,15 @@ def check_failures(errors: list[tuple[str, str, str]], total: int, max_fraction:
     for trial_id, kind, message in errors:
         trial, text, count = first.get(kind, (trial_id, message, 0))
         first[kind] = (trial, text, count + 1)
-    why = "every trial failed" if len(errors) == total else \
-        f"{len(errors)} of {total} trials failed, more than max_failed_fraction={max_fraction:g} allows"
-    kinds = [f"  {kind} ({count} trial{'s' if count > 1 else ''}; first: trial {trial}): {text}"
-             for kind, (trial, text, count) in list(first.items())[:MAX_ERROR_KINDS]]
+    why = (
+        "every trial failed"
+        if len(errors) == total
+        else f"{len(errors)} of {total} trials failed, more than max_failed_fraction={max_fraction:g} allows"
+    )
+    kinds = [
+        f"  {kind} ({count} trial{'s' if count > 1 else ''}; first: trial {trial}): {text}"
+        for kind, (trial, text, count) in list(first.items())[:MAX_ERROR_KINDS]
+    ]
     if len(first) > MAX_ERROR_KINDS:
         kinds.append(f"  ... and {len(first) - MAX_ERROR_KINDS} more kinds (see each trial's error.txt under tune/)")
     where = f"; results (failed trials have stop_reason error) are in {output / 'results.parquet'}" if output else ""

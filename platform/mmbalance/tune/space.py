@@ -111,10 +111,16 @@ class SearchSpace(_Strict):
     metric: Literal["val/acc_fused"] = "val/acc_fused"  # selection never reads test
     mode: Literal["max"] = "max"
     max_concurrent: int = Field(1, ge=1)
-    workers: int = Field(0, ge=0, description="per trial: 0 trains inside the trial process; N >= 1 runs a TorchTrainer with N workers")
+    workers: int = Field(
+        0, ge=0, description="per trial: 0 trains inside the trial process; N >= 1 runs a TorchTrainer with N workers"
+    )
     gpus_per_worker: float = Field(0.0, ge=0.0)
-    max_failed_fraction: float = Field(0.5, ge=0.0, le=1.0, description="the command fails (exit 1) when more than "
-                                       "this fraction of the trials failed, or all of them did")
+    max_failed_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the command fails (exit 1) when more than this fraction of the trials failed, or all of them did",
+    )
 
     @model_validator(mode="after")
     def _keys_are_dotted(self) -> "SearchSpace":
@@ -125,8 +131,10 @@ class SearchSpace(_Strict):
                 raise ValueError(f"{key}: not a dotted recipe key")
         for key, dist in self.space.items():
             if "." not in key and not all(isinstance(v, dict) for v in dist.probe_values()):
-                raise ValueError(f"{key}: a key without a dot is a bundle; every value must map recipe keys to values "
-                                 "(e.g. {objective.name: aug, objective.check_every_epochs: 1})")
+                raise ValueError(
+                    f"{key}: a key without a dot is a bundle; every value must map recipe keys to values "
+                    "(e.g. {objective.name: aug, objective.check_every_epochs: 1})"
+                )
         return self
 
     def trial_count(self) -> int:
@@ -161,12 +169,20 @@ def load_model(model: type[BaseModel], path: str | Path, what: str):
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
+        lines = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+        ]
         raise ConfigError(f"{what} {file} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
-def trial_recipe(base: dict[str, Any], fixed: dict[str, Any], sampled: dict[str, Any], seed: int, *,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def trial_recipe(
+    base: dict[str, Any],
+    fixed: dict[str, Any],
+    sampled: dict[str, Any],
+    seed: int,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The recipe one trial trains, lowest to highest precedence: the recipe file (``base``),
     the space's ``set:`` (``fixed``), the user's ``--set`` (``overrides``), the draw, the seed.
     ``--set`` sits above ``set:`` because the user typed it for this search; below the draw
@@ -183,7 +199,7 @@ def _apply(tree: dict[str, Any], layer: dict[str, Any], *, bundles: bool) -> Non
     for key, value in layer.items():
         # A bundle (an undotted key of a space) sets several recipe keys together, e.g. an
         # objective and the fusion it needs, so a grid over it never produces an invalid pair.
-        for path, item in (value.items() if bundles and "." not in key else [(key, value)]):
+        for path, item in value.items() if bundles and "." not in key else [(key, value)]:
             set_dotted(tree, path, item)
 
 
@@ -205,7 +221,9 @@ def check_overrides(space: SearchSpace, overrides: dict[str, Any]) -> None:
     for key in overrides:
         clash = sorted(k for k in searched if k == key or k.startswith(key + ".") or key.startswith(k + "."))
         if clash:
-            what = "seeds come from the space's `seeds`" if clash == ["seed"] else f"the search space searches {clash[0]}"
+            what = (
+                "seeds come from the space's `seeds`" if clash == ["seed"] else f"the search space searches {clash[0]}"
+            )
             raise ConfigError(f"--set {key}: {what}; remove it from --set or from the space")
 
 
@@ -215,18 +233,21 @@ def validate_against(space: SearchSpace, base: dict[str, Any], overrides: dict[s
     overrides = dict(overrides or {})
     check_overrides(space, overrides)
     seed = space.seeds[0]
-    fixed = validate_recipe(trial_recipe(base, space.set, {}, seed, overrides=overrides),
-                            source="recipe with the space's `set` and --set")
+    fixed = validate_recipe(
+        trial_recipe(base, space.set, {}, seed, overrides=overrides), source="recipe with the space's `set` and --set"
+    )
     # The recipe's own warm-up counts only if no trial replaces it with a drawn one.
     key = objective_requirements(fixed.objective.name).warmup_key
     warmups = [] if key and f"objective.{key}" in searched_keys(space) else [warmup_epochs(fixed)]
     for sampled in probe_combinations(space):
         try:
-            probe = validate_recipe(trial_recipe(base, space.set, sampled, seed, overrides=overrides),
-                                    source="trial recipe")
+            probe = validate_recipe(
+                trial_recipe(base, space.set, sampled, seed, overrides=overrides), source="trial recipe"
+            )
         except ConfigError as err:
-            raise ConfigError(f"search space combination {_describe_combination(sampled)} does not fit the "
-                              f"recipe:\n{err}") from None
+            raise ConfigError(
+                f"search space combination {_describe_combination(sampled)} does not fit the recipe:\n{err}"
+            ) from None
         warmups.append(warmup_epochs(probe))
     _check_scheduler(space, fixed, max(warmups, default=0))
     return fixed
@@ -285,8 +306,12 @@ def _check_scheduler(space: SearchSpace, fixed: Recipe, longest_warmup: int) -> 
     if space.scheduler.name != "asha":
         return
     if space.scheduler.grace_period < longest_warmup:
-        raise ConfigError(f"scheduler.grace_period={space.scheduler.grace_period} is shorter than the longest warm-up "
-                          f"in the space ({longest_warmup} epochs): early rungs could not tell the trials apart")
+        raise ConfigError(
+            f"scheduler.grace_period={space.scheduler.grace_period} is shorter than the longest warm-up "
+            f"in the space ({longest_warmup} epochs): early rungs could not tell the trials apart"
+        )
     if space.scheduler.grace_period >= max_t:
-        raise ConfigError(f"scheduler.grace_period={space.scheduler.grace_period} must be below max_t={max_t}, "
-                          "or ASHA can never stop a trial")
+        raise ConfigError(
+            f"scheduler.grace_period={space.scheduler.grace_period} must be below max_t={max_t}, "
+            "or ASHA can never stop a trial"
+        )

@@ -52,13 +52,19 @@ class Study(_Strict):
     methods: dict[str, Method] = Field(min_length=1)
     common_space: dict[str, Distribution] = Field(
         default_factory=lambda: {"optim.lr": Distribution(loguniform=(3e-4, 3e-3))},
-        description="searched for every method, the baseline included")
+        description="searched for every method, the baseline included",
+    )
     modalities_alone: bool = Field(True, description="add one method per recipe modality, trained alone")
     baseline: str = Field("lf", description="the method every other one is compared with")
-    set: dict[str, Any] = Field(default_factory=dict, description="recipe keys fixed for every method (schedule.epochs, ...)")
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="recipe keys fixed for every method (schedule.epochs, ...)"
+    )
     budget: Budget = Field(default_factory=Budget)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=2,
-                             description="seeds the best configuration of each method is trained again on")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4],
+        min_length=2,
+        description="seeds the best configuration of each method is trained again on",
+    )
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     correction: Literal["holm", "bonferroni", "none"] = "holm"
     max_concurrent: int = Field(2, ge=1)
@@ -70,12 +76,16 @@ class Study(_Strict):
     def _check(self) -> "Study":
         for name, method in self.methods.items():
             if not METHOD_NAME.match(name) or name.startswith(ALONE_PREFIX):
-                raise ValueError(f"methods.{name}: a method name is letters, digits and _ . + - "
-                                 f"(names starting with {ALONE_PREFIX!r} are the modalities trained alone)")
+                raise ValueError(
+                    f"methods.{name}: a method name is letters, digits and _ . + - "
+                    f"(names starting with {ALONE_PREFIX!r} are the modalities trained alone)"
+                )
             for key, dist in method.space.items():
                 if dist.kind == "grid":
-                    raise ValueError(f"methods.{name}.space.{key}: use choice, not grid: a grid gives this method "
-                                     "more trials than the others, and every method gets the same budget")
+                    raise ValueError(
+                        f"methods.{name}.space.{key}: use choice, not grid: a grid gives this method "
+                        "more trials than the others, and every method gets the same budget"
+                    )
             clash = sorted(set(method.space) & set(self.common_space))
             if clash:
                 raise ValueError(f"methods.{name}.space.{clash[0]}: already in common_space")
@@ -113,18 +123,33 @@ def method_base(base: dict[str, Any], method: Method) -> dict[str, Any]:
 
 def search_space(study: Study, method: Method) -> SearchSpace:
     """A method's search: its keys and the common ones, on the study's one budget."""
-    return SearchSpace(space={**study.common_space, **method.space}, set={**study.set, **method.set},
-                       seeds=study.budget.seeds, samples=study.budget.trials, sample_seed=study.budget.sample_seed,
-                       scheduler=study.budget.scheduler, max_concurrent=study.max_concurrent, workers=study.workers,
-                       gpus_per_worker=study.gpus_per_worker, max_failed_fraction=study.max_failed_fraction)
+    return SearchSpace(
+        space={**study.common_space, **method.space},
+        set={**study.set, **method.set},
+        seeds=study.budget.seeds,
+        samples=study.budget.trials,
+        sample_seed=study.budget.sample_seed,
+        scheduler=study.budget.scheduler,
+        max_concurrent=study.max_concurrent,
+        workers=study.workers,
+        gpus_per_worker=study.gpus_per_worker,
+        max_failed_fraction=study.max_failed_fraction,
+    )
 
 
 def final_space(study: Study, method: Method, best: dict[str, Any]) -> SearchSpace:
     """The re-runs of a method's best configuration: nothing searched, one trial per seed."""
-    return SearchSpace(space={}, set={**study.set, **method.set, **best}, seeds=study.seeds, samples=1,
-                       scheduler=SchedulerConfig(name="fifo"), max_concurrent=study.max_concurrent,
-                       workers=study.workers, gpus_per_worker=study.gpus_per_worker,
-                       max_failed_fraction=study.max_failed_fraction)
+    return SearchSpace(
+        space={},
+        set={**study.set, **method.set, **best},
+        seeds=study.seeds,
+        samples=1,
+        scheduler=SchedulerConfig(name="fifo"),
+        max_concurrent=study.max_concurrent,
+        workers=study.workers,
+        gpus_per_worker=study.gpus_per_worker,
+        max_failed_fraction=study.max_failed_fraction,
+    )
 
 
 def validate_study(study: Study, base: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Method]:

@@ -34,23 +34,37 @@ class Entry(NamedTuple):
 
 
 CONVERTERS = {
-    "synthetic": Entry("mmbalance.data.synthetic:SyntheticWriter", "the embedded seeded synthetic dataset",
-                       in_memory=True, root=None),
-    "avdigits": Entry("mmbalance.data.avdigits:AvdigitsWriter",
-                      "spoken digits (FSDD) + MNIST digits, paired by pairs.csv", in_memory=True,
-                      root="the fsdd_mnist folder (pairs.csv, audio/, image/)"),
-    "cremad": Entry("mmbalance.data.convert.cremad:CremadConverter",
-                    "CREMA-D audio-visual emotion (AudioWAV/*.wav + VideoFlash/*.flv), 6 classes"),
-    "ave": Entry("mmbalance.data.convert.ave:AveConverter",
-                 "AVE audio-visual events (AVE/*.mp4 + Annotations.txt + train/val/testSet.txt), 28 classes"),
-    "kinetics_sounds": Entry("mmbalance.data.convert.kinetics_sounds:KineticsSoundsConverter",
-                             "Kinetics-Sounds (Kinetics layout: annotations/*.csv + train/ val/ mp4 clips)"),
-    "mvsa_single": Entry("mmbalance.data.convert.mvsa:MvsaSingleConverter",
-                         "MVSA-Single image+text sentiment (train/dev/test.jsonl, or data/ + labelResultAll.txt)",
-                         text=True),
-    "food101": Entry("mmbalance.data.convert.food101:Food101Converter",
-                     "UPMC Food-101 image+text (images/{train,test}/<class>/ + texts/*_titles.csv), 101 classes",
-                     text=True),
+    "synthetic": Entry(
+        "mmbalance.data.synthetic:SyntheticWriter", "the embedded seeded synthetic dataset", in_memory=True, root=None
+    ),
+    "avdigits": Entry(
+        "mmbalance.data.avdigits:AvdigitsWriter",
+        "spoken digits (FSDD) + MNIST digits, paired by pairs.csv",
+        in_memory=True,
+        root="the fsdd_mnist folder (pairs.csv, audio/, image/)",
+    ),
+    "cremad": Entry(
+        "mmbalance.data.convert.cremad:CremadConverter",
+        "CREMA-D audio-visual emotion (AudioWAV/*.wav + VideoFlash/*.flv), 6 classes",
+    ),
+    "ave": Entry(
+        "mmbalance.data.convert.ave:AveConverter",
+        "AVE audio-visual events (AVE/*.mp4 + Annotations.txt + train/val/testSet.txt), 28 classes",
+    ),
+    "kinetics_sounds": Entry(
+        "mmbalance.data.convert.kinetics_sounds:KineticsSoundsConverter",
+        "Kinetics-Sounds (Kinetics layout: annotations/*.csv + train/ val/ mp4 clips)",
+    ),
+    "mvsa_single": Entry(
+        "mmbalance.data.convert.mvsa:MvsaSingleConverter",
+        "MVSA-Single image+text sentiment (train/dev/test.jsonl, or data/ + labelResultAll.txt)",
+        text=True,
+    ),
+    "food101": Entry(
+        "mmbalance.data.convert.food101:Food101Converter",
+        "UPMC Food-101 image+text (images/{train,test}/<class>/ + texts/*_titles.csv), 101 classes",
+        text=True,
+    ),
 }
 
 
@@ -73,8 +87,9 @@ def build_converter(name: str, settings: dict[str, Any] | None = None):
     try:
         params = cls.Params.model_validate(settings or {})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: "
-                             f"{'unknown setting' if e['type'] == 'extra_forbidden' else e['msg']}"
-                             for e in err.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {'unknown setting' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in err.errors()
+        )
         raise ValueError(f"{name} settings: {problems}") from None
     return cls(params)

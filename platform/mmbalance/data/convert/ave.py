@@ -29,8 +29,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, RawSample, check_nonempty_splits,
-                                         require_dir, require_file, sha256_file)
+from mmbalance.data.convert.base import (
+    Listing,
+    RawSample,
+    check_nonempty_splits,
+    require_dir,
+    require_file,
+    sha256_file,
+)
 from mmbalance.data.convert.clips import TenSecondClipAudio, VideoClipConverter
 from mmbalance.data.convert.media import ImageParams
 
@@ -50,7 +56,6 @@ class AveConverter(VideoClipConverter):
     name = "ave"
     Params = AveParams
 
-
     def list_samples(self, root: Path) -> Listing:
         require_dir(root, "the unzipped AVE_Dataset folder holding AVE/ and Annotations.txt")
         require_dir(root / "AVE", "AVE's AVE/ folder of <VideoID>.mp4 clips")
@@ -68,24 +73,40 @@ class AveConverter(VideoClipConverter):
                     if (first_split, first_category) == (split, category):
                         repeats[name] = repeats.get(name, 0) + 1  # the same row again: harmless, counted
                         continue
-                    raise ValueError(f"{where}: VideoID {video_id!r} is already listed at {first_where}; "
-                                     f"a clip has one category and belongs to exactly one split")
+                    raise ValueError(
+                        f"{where}: VideoID {video_id!r} is already listed at {first_where}; "
+                        f"a clip has one category and belongs to exactly one split"
+                    )
                 if video_id not in categories:
                     raise ValueError(f"{where}: VideoID {video_id!r} is not in {ANNOTATIONS}")
                 if category not in classes:
-                    raise ValueError(f"{where}: category {category!r} is not one of the {len(classes)} "
-                                     f"categories of {ANNOTATIONS}")
+                    raise ValueError(
+                        f"{where}: category {category!r} is not one of the {len(classes)} categories of {ANNOTATIONS}"
+                    )
                 if category != categories[video_id]:
-                    raise ValueError(f"{where}: category {category!r} disagrees with {ANNOTATIONS}, "
-                                     f"which gives {categories[video_id]!r} for {video_id!r}")
+                    raise ValueError(
+                        f"{where}: category {category!r} disagrees with {ANNOTATIONS}, "
+                        f"which gives {categories[video_id]!r} for {video_id!r}"
+                    )
                 listed_at[video_id] = (split, category, where)
-                samples.append(RawSample(sample_id=video_id, label=classes.index(category), split=split,
-                                         files={"video": str(root / "AVE" / f"{video_id}.mp4")}))
+                samples.append(
+                    RawSample(
+                        sample_id=video_id,
+                        label=classes.index(category),
+                        split=split,
+                        files={"video": str(root / "AVE" / f"{video_id}.mp4")},
+                    )
+                )
         check_nonempty_splits(samples)
         unlisted = len(set(categories) - set(listed_at))
-        listing = Listing(classes=classes, samples=samples,
-                          split_source={**SET_FILES, "sha256": {name: sha256_file(root / name)
-                                                                for name in (ANNOTATIONS, *SET_FILES.values())}})
+        listing = Listing(
+            classes=classes,
+            samples=samples,
+            split_source={
+                **SET_FILES,
+                "sha256": {name: sha256_file(root / name) for name in (ANNOTATIONS, *SET_FILES.values())},
+            },
+        )
         if unlisted:
             listing.dropped[f"clips of {ANNOTATIONS} in no set file"] = unlisted
         for name, count in repeats.items():
@@ -93,13 +114,14 @@ class AveConverter(VideoClipConverter):
         return listing
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "
-                         "Hann, center",
-                "visual": "PyAV decode all frames of the whole clip (not only the event segment) -> "
-                          "pick floor((i + 0.5) n / frames) -> resize shorter side, centre crop",
-                "class_order": f"sorted unique Category of {ANNOTATIONS} (Python string order)",
-                "splits": "trainSet.txt / valSet.txt / testSet.txt followed exactly"}
-
+        return {
+            "audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "
+            "Hann, center",
+            "visual": "PyAV decode all frames of the whole clip (not only the event segment) -> "
+            "pick floor((i + 0.5) n / frames) -> resize shorter side, centre crop",
+            "class_order": f"sorted unique Category of {ANNOTATIONS} (Python string order)",
+            "splits": "trainSet.txt / valSet.txt / testSet.txt followed exactly",
+        }
 
 
 def _read_rows(path: Path) -> list[tuple[str, tuple[str, str]]]:
@@ -132,8 +154,10 @@ def _read_annotations(path: Path) -> dict[str, str]:
     first: dict[str, str] = {}
     for where, (category, video_id) in _read_rows(path):
         if video_id in categories and categories[video_id] != category:
-            raise ValueError(f"{where}: VideoID {video_id!r} has category {category!r} but "
-                             f"{categories[video_id]!r} at {first[video_id]}")
+            raise ValueError(
+                f"{where}: VideoID {video_id!r} has category {category!r} but "
+                f"{categories[video_id]!r} at {first[video_id]}"
+            )
         categories.setdefault(video_id, category)
         first.setdefault(video_id, where)
     if len(set(categories.values())) < 2:

@@ -53,7 +53,9 @@ class Listing:
     samples: list[RawSample]
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, e.g. rows outside the class list
     split_source: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
-    provenance: dict[str, Any] = field(default_factory=dict)  # where else the listing came from (a class list and its hash)
+    provenance: dict[str, Any] = field(
+        default_factory=dict
+    )  # where else the listing came from (a class list and its hash)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,15 @@ import numpy as np
 from pydantic import Field
 
 from mmbalance.data.convert.base import ModalityOutput
-from mmbalance.data.convert.media import (IMAGENET_MEAN, IMAGENET_STD, AudioParams, ImageParams, container_audio,
-                                          log_spectrogram, video_frames)
+from mmbalance.data.convert.media import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AudioParams,
+    ImageParams,
+    container_audio,
+    log_spectrogram,
+    video_frames,
+)
 from mmbalance.data.manifest import ModalitySpec
 
 
@@ -31,15 +38,18 @@ class TenSecondClipAudio(AudioParams):
 def audio_visual_outputs(audio: AudioParams, image: ImageParams, frames: int) -> dict[str, ModalityOutput]:
     return {
         "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=audio.shape), "train_stats"),
-        "visual": ModalityOutput(ModalitySpec(dtype="uint8", shape=[frames, 3, image.crop, image.crop]),
-                                 (IMAGENET_MEAN, IMAGENET_STD), axis=1, source="ImageNet"),
+        "visual": ModalityOutput(
+            ModalitySpec(dtype="uint8", shape=[frames, 3, image.crop, image.crop]),
+            (IMAGENET_MEAN, IMAGENET_STD),
+            axis=1,
+            source="ImageNet",
+        ),
     }
 
 
 def clip_features(path: str | Path, audio: AudioParams, image: ImageParams, frames: int) -> dict[str, np.ndarray]:
     """Audio track and sampled frames of one video file with sound (.mp4, .flv, ...)."""
-    return {"audio": log_spectrogram(container_audio(path, audio), audio),
-            "visual": video_frames(path, frames, image)}
+    return {"audio": log_spectrogram(container_audio(path, audio), audio), "visual": video_frames(path, frames, image)}
 
 
 class VideoClipConverter:

@@ -26,8 +26,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, ModalityOutput, RawSample, carve_split,
-                                         check_nonempty_splits, require_dir)
+from mmbalance.data.convert.base import (
+    Listing,
+    ModalityOutput,
+    RawSample,
+    carve_split,
+    check_nonempty_splits,
+    require_dir,
+)
 from mmbalance.data.convert.clips import audio_visual_outputs
 from mmbalance.data.convert.media import AudioParams, ImageParams, load_audio_file, log_spectrogram, video_frames
 
@@ -68,14 +74,27 @@ class CremadConverter:
             names = {split: _read_split_csv(path) for split, path in zip(("train", "test"), split_files)}
             listing.split_source = {"test": "test.csv", "val": f"{self.params.val_fraction} of train.csv per emotion"}
         else:
-            stems = {p.stem for p in (root / "AudioWAV").glob("*.wav")} | {p.stem for p in (root / "VideoFlash").glob("*.flv")}
+            stems = {p.stem for p in (root / "AudioWAV").glob("*.wav")} | {
+                p.stem for p in (root / "VideoFlash").glob("*.flv")
+            }
             names = {"train": sorted(stems)}
-            listing.split_source = {"test": f"{self.params.test_fraction} per emotion, seed {self.params.seed}",
-                                    "val": f"{self.params.val_fraction} of the rest per emotion"}
-        samples = [RawSample(sample_id=name, label=EMOTIONS.index(_emotion(name)), split=split,
-                             files={"audio": str(root / "AudioWAV" / f"{name}.wav"),
-                                    "video": str(root / "VideoFlash" / f"{name}.flv")})
-                   for split, split_names in names.items() for name in split_names]
+            listing.split_source = {
+                "test": f"{self.params.test_fraction} per emotion, seed {self.params.seed}",
+                "val": f"{self.params.val_fraction} of the rest per emotion",
+            }
+        samples = [
+            RawSample(
+                sample_id=name,
+                label=EMOTIONS.index(_emotion(name)),
+                split=split,
+                files={
+                    "audio": str(root / "AudioWAV" / f"{name}.wav"),
+                    "video": str(root / "VideoFlash" / f"{name}.flv"),
+                },
+            )
+            for split, split_names in names.items()
+            for name in split_names
+        ]
         if "test" not in names:
             samples = carve_split(samples, "train", "test", self.params.test_fraction, self.params.seed)
         samples = carve_split(samples, "train", "val", self.params.val_fraction, self.params.seed)
@@ -88,13 +107,17 @@ class CremadConverter:
 
     def extract(self, sample: RawSample) -> dict[str, np.ndarray]:
         wave = load_audio_file(sample.files["audio"], self.params.audio)
-        return {"audio": log_spectrogram(wave, self.params.audio),
-                "visual": video_frames(sample.files["video"], self.params.frames, self.params.image)}
+        return {
+            "audio": log_spectrogram(wave, self.params.audio),
+            "visual": video_frames(sample.files["video"], self.params.frames, self.params.image),
+        }
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"audio": "soundfile -> mono mean -> resample (torchaudio) -> fit -> log(|STFT| + eps), Hann, center",
-                "visual": "PyAV decode all frames -> pick floor((i + 0.5) n / frames) -> resize shorter side, centre crop",
-                "class_order": "OGM-GE: NEU, HAP, SAD, FEA, DIS, ANG"}
+        return {
+            "audio": "soundfile -> mono mean -> resample (torchaudio) -> fit -> log(|STFT| + eps), Hann, center",
+            "visual": "PyAV decode all frames -> pick floor((i + 0.5) n / frames) -> resize shorter side, centre crop",
+            "class_order": "OGM-GE: NEU, HAP, SAD, FEA, DIS, ANG",
+        }
 
 
 def _emotion(name: str) -> str:

@@ -32,8 +32,14 @@ from typing import Any
 
 from pydantic import Field
 
-from mmbalance.data.convert.base import (Listing, RawSample, carve_split, check_nonempty_splits,
-                                         require_dir, require_file)
+from mmbalance.data.convert.base import (
+    Listing,
+    RawSample,
+    carve_split,
+    check_nonempty_splits,
+    require_dir,
+    require_file,
+)
 from mmbalance.data.convert.text import ImageTextConverter, ImageTextParams, image_text_preprocessing
 
 CSV_FILES = {"train": "train_titles.csv", "test": "test_titles.csv"}
@@ -67,16 +73,24 @@ class Food101Converter(ImageTextConverter):
         p = self.params
         samples = carve_split(samples, "train", "val", p.val_fraction, p.seed)
         check_nonempty_splits(samples)
-        listing = Listing(classes=classes, samples=samples, dropped={DUPLICATE: duplicates},
-                          split_source={"train": "texts/train_titles.csv minus val",
-                                        "val": f"{p.val_fraction} of each class's train_titles.csv rows, seed {p.seed}",
-                                        "test": "texts/test_titles.csv"})
+        listing = Listing(
+            classes=classes,
+            samples=samples,
+            dropped={DUPLICATE: duplicates},
+            split_source={
+                "train": "texts/train_titles.csv minus val",
+                "val": f"{p.val_fraction} of each class's train_titles.csv rows, seed {p.seed}",
+                "test": "texts/test_titles.csv",
+            },
+        )
         return listing
 
     def preprocessing(self) -> dict[str, Any]:
-        return {**image_text_preprocessing(self.text),
-                "text_source": "texts/<split>_titles.csv, UTF-8 with errors='replace', stripped",
-                "class_order": "sorted folder names of images/train"}
+        return {
+            **image_text_preprocessing(self.text),
+            "text_source": "texts/<split>_titles.csv, UTF-8 with errors='replace', stripped",
+            "class_order": "sorted folder names of images/train",
+        }
 
 
 def _image_index(images: Path) -> dict[str, list[str]]:
@@ -114,17 +128,26 @@ def _split_samples(root: Path, split: str, path: Path, classes: list[str]) -> tu
                 raise ValueError(f"{where}: class {class_name!r} but the file is given as {file_field!r}")
             folders = index.get(file_name, [])
             if folders and class_name not in folders:
-                raise ValueError(f"{where}: class {class_name!r} but {file_name} lies in "
-                                 f"{images / folders[0]}; the csv and the image folders disagree")
-            sample = RawSample(sample_id=f"{split}/{PurePosixPath(file_name).stem}", label=classes.index(class_name),
-                               split=split, files={"image": str(images / class_name / file_name)}, text=text)
+                raise ValueError(
+                    f"{where}: class {class_name!r} but {file_name} lies in "
+                    f"{images / folders[0]}; the csv and the image folders disagree"
+                )
+            sample = RawSample(
+                sample_id=f"{split}/{PurePosixPath(file_name).stem}",
+                label=classes.index(class_name),
+                split=split,
+                files={"image": str(images / class_name / file_name)},
+                text=text,
+            )
             previous = samples.get(sample.sample_id)
             if previous is not None:
                 if previous == sample:
                     duplicates += 1
                     continue
-                raise ValueError(f"{where}: {file_field} already listed on line {first_line[sample.sample_id]} "
-                                 f"with another text, class or extension")
+                raise ValueError(
+                    f"{where}: {file_field} already listed on line {first_line[sample.sample_id]} "
+                    f"with another text, class or extension"
+                )
             samples[sample.sample_id] = sample
             first_line[sample.sample_id] = line_no
     return list(samples.values()), duplicates

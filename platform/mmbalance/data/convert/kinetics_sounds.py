@@ -35,8 +35,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmbalance.data.convert.base import (Listing, RawSample, carve_split,
-                                         check_nonempty_splits, require_dir, sha256_file)
+from mmbalance.data.convert.base import Listing, RawSample, carve_split, check_nonempty_splits, require_dir, sha256_file
 from mmbalance.data.convert.clips import TenSecondClipAudio, VideoClipConverter
 from mmbalance.data.convert.media import ImageParams
 
@@ -57,7 +56,6 @@ class KineticsSoundsConverter(VideoClipConverter):
     name = "kinetics_sounds"
     Params = KineticsSoundsParams
 
-
     def list_samples(self, root: Path) -> Listing:
         require_dir(root, "the Kinetics folder holding annotations/, train/ and val/")
         require_dir(root / "annotations", "Kinetics' annotations/ folder with train.csv and val.csv")
@@ -72,13 +70,15 @@ class KineticsSoundsConverter(VideoClipConverter):
         if classes_txt.is_file():
             classes = _read_classes(classes_txt, train_labels)
             rule = "classes.txt"
-            class_list = {"source": "classes.txt (its line order)", "sha256": sha256_file(classes_txt),
-                               "count": len(classes)}
+            class_list = {
+                "source": "classes.txt (its line order)",
+                "sha256": sha256_file(classes_txt),
+                "count": len(classes),
+            }
         else:
             classes = train_labels
             rule = "annotations/train.csv's labels"
-            class_list = {"source": "sorted labels of annotations/train.csv (no classes.txt)",
-                               "count": len(classes)}
+            class_list = {"source": "sorted labels of annotations/train.csv (no classes.txt)", "count": len(classes)}
         if len(classes) < 2:
             raise ValueError(f"the class list ({rule}) holds {len(classes)} label(s); need at least 2")
         index = {label: k for k, label in enumerate(classes)}
@@ -97,11 +97,19 @@ class KineticsSoundsConverter(VideoClipConverter):
                     if other_split == split and other.label == row.label:
                         _count(listing, f"{csv_name} duplicate rows")
                         continue
-                    raise ValueError(f"{row.where}: clip {row.sample_id} is also listed at {other.where} "
-                                     f"(label {other.label!r}); a clip has one label and one split")
+                    raise ValueError(
+                        f"{row.where}: clip {row.sample_id} is also listed at {other.where} "
+                        f"(label {other.label!r}); a clip has one label and one split"
+                    )
                 seen[row.sample_id] = (split, row)
-                samples.append(RawSample(sample_id=row.sample_id, label=index[row.label], split=split,
-                                         files={"video": str(root / folder / f"{row.sample_id}.mp4")}))
+                samples.append(
+                    RawSample(
+                        sample_id=row.sample_id,
+                        label=index[row.label],
+                        split=split,
+                        files={"video": str(root / folder / f"{row.sample_id}.mp4")},
+                    )
+                )
         samples = carve_split(samples, "train", "val", self.params.val_fraction, self.params.seed)
         check_nonempty_splits(samples)
         listing.samples = samples
@@ -114,11 +122,13 @@ class KineticsSoundsConverter(VideoClipConverter):
         return listing
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "
-                         "Hann, center",
-                "visual": "PyAV decode all frames of the clip -> pick floor((i + 0.5) n / frames) -> "
-                          "resize shorter side, centre crop",
-                "splits": "Kinetics val -> test; val carved from train per class"}
+        return {
+            "audio": "mp4 audio track (PyAV) -> mono, resample (libswresample) -> fit -> log(|STFT| + eps), "
+            "Hann, center",
+            "visual": "PyAV decode all frames of the clip -> pick floor((i + 0.5) n / frames) -> "
+            "resize shorter side, centre crop",
+            "splits": "Kinetics val -> test; val carved from train per class",
+        }
 
 
 class _Row(NamedTuple):
@@ -131,12 +141,13 @@ def _count(listing: Listing, reason: str) -> None:
     listing.dropped[reason] = listing.dropped.get(reason, 0) + 1
 
 
-
 def _val_csv(annotations: Path) -> Path:
     present = [annotations / name for name in VAL_NAMES if (annotations / name).is_file()]
     if not present:
-        raise FileNotFoundError(f"{annotations / VAL_NAMES[0]}: missing; the Kinetics validation annotations "
-                                f"(val.csv or validate.csv), converted as the test split")
+        raise FileNotFoundError(
+            f"{annotations / VAL_NAMES[0]}: missing; the Kinetics validation annotations "
+            f"(val.csv or validate.csv), converted as the test split"
+        )
     if len(present) > 1:
         raise ValueError(f"{annotations}: both val.csv and validate.csv exist; keep the one to convert")
     return present[0]
@@ -158,8 +169,10 @@ def _read_csv(path: Path) -> list[_Row]:
         header = [name.strip() for name in reader.fieldnames or []]
         lacking = [c for c in COLUMNS if c not in header]
         if lacking:
-            raise ValueError(f"{path}: header {header} lacks column(s) {lacking}; expected a Kinetics CSV "
-                             f"'label,youtube_id,time_start,time_end,split'")
+            raise ValueError(
+                f"{path}: header {header} lacks column(s) {lacking}; expected a Kinetics CSV "
+                f"'label,youtube_id,time_start,time_end,split'"
+            )
         reader.fieldnames = header
         rows = []
         for record in reader:
@@ -187,8 +200,11 @@ def _read_classes(path: Path, train_labels: list[str]) -> list[str]:
         classes.append(label)
     absent = [label for label in classes if label not in train_labels]
     if absent:
-        hints = "; ".join(f"{label!r} (close: {difflib.get_close_matches(label, train_labels, n=2)})"
-                          for label in absent[:10])
-        raise ValueError(f"{path}: {len(absent)} label(s) have no row in annotations/train.csv: {hints}. "
-                         f"Spell them as the Kinetics CSV does.")
+        hints = "; ".join(
+            f"{label!r} (close: {difflib.get_close_matches(label, train_labels, n=2)})" for label in absent[:10]
+        )
+        raise ValueError(
+            f"{path}: {len(absent)} label(s) have no row in annotations/train.csv: {hints}. "
+            f"Spell them as the Kinetics CSV does."
+        )
     return classes

@@ -44,8 +44,9 @@ class AudioParams(_Params):
 
     sample_rate: int = Field(16000, gt=0, description="every clip is resampled to this rate")
     clip_seconds: float = Field(3.0, gt=0.0)
-    fit: Literal["tile", "centre"] = Field("tile", description="tile: repeat a short clip then cut (OGM-GE); "
-                                           "centre: zero-pad evenly / crop the centre")
+    fit: Literal["tile", "centre"] = Field(
+        "tile", description="tile: repeat a short clip then cut (OGM-GE); centre: zero-pad evenly / crop the centre"
+    )
     n_fft: int = Field(512, ge=16)
     hop_length: int = Field(353, ge=1)
     log_eps: float = Field(1e-7, gt=0.0)
@@ -112,9 +113,9 @@ def fit_length(wave: np.ndarray, length: int, policy: str) -> np.ndarray:
         return np.tile(wave, repeats)[:length]
     out = np.zeros(length, dtype=wave.dtype)
     start = max(0, (len(wave) - length) // 2)
-    kept = wave[start:start + length]
+    kept = wave[start : start + length]
     left = (length - len(kept)) // 2
-    out[left:left + len(kept)] = kept
+    out[left : left + len(kept)] = kept
     return out
 
 
@@ -123,9 +124,15 @@ def log_spectrogram(wave: np.ndarray, params: AudioParams) -> np.ndarray:
     import torch
 
     clip = torch.from_numpy(fit_length(wave, params.clip_samples, params.fit))
-    spec = torch.stft(clip, n_fft=params.n_fft, hop_length=params.hop_length,
-                      window=torch.hann_window(params.n_fft, dtype=torch.float64), center=True,
-                      pad_mode="reflect", return_complex=True)
+    spec = torch.stft(
+        clip,
+        n_fft=params.n_fft,
+        hop_length=params.hop_length,
+        window=torch.hann_window(params.n_fft, dtype=torch.float64),
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
+    )
     return torch.log(spec.abs() + params.log_eps).float().numpy()
 
 

@@ -41,8 +41,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from mmbalance.data.convert.base import (BadInput, Listing, RawSample, carve_split,
-                                         check_nonempty_splits, require_dir, require_file)
+from mmbalance.data.convert.base import (
+    BadInput,
+    Listing,
+    RawSample,
+    carve_split,
+    check_nonempty_splits,
+    require_dir,
+    require_file,
+)
 from mmbalance.data.convert.text import ImageTextConverter, ImageTextParams, image_text_preprocessing
 
 CLASSES = ["negative", "neutral", "positive"]
@@ -60,7 +67,9 @@ class MvsaParams(ImageTextParams):
     @model_validator(mode="after")
     def _fractions_fit(self) -> "MvsaParams":
         if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}")
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}"
+            )
         return self
 
 
@@ -105,7 +114,8 @@ class MvsaSingleConverter(ImageTextConverter):
             samples = carve_split(samples, "train", "val", p.val_fraction / (1.0 - p.test_fraction), p.seed)
             listing.split_source = {
                 "layout": "original",
-                "labels": f"{LABEL_FILE}: text == image -> it; one neutral -> the other; positive vs negative -> dropped",
+                "labels": f"{LABEL_FILE}: text == image -> it; one neutral -> the other; "
+                "positive vs negative -> dropped",
                 "test": f"{p.test_fraction} of each class, seed {p.seed}",
                 "val": f"{p.val_fraction} of each class (of all its samples), seed {p.seed}",
             }
@@ -121,8 +131,10 @@ class MvsaSingleConverter(ImageTextConverter):
             elif (root / LABEL_FILE).is_file():
                 layout = "original"
             else:
-                raise FileNotFoundError(f"{root}: neither {', '.join(SPLIT_FILES.values())} (jsonl layout) nor "
-                                        f"{LABEL_FILE} (original layout) found")
+                raise FileNotFoundError(
+                    f"{root}: neither {', '.join(SPLIT_FILES.values())} (jsonl layout) nor "
+                    f"{LABEL_FILE} (original layout) found"
+                )
         if layout == "jsonl":
             for name in SPLIT_FILES.values():
                 require_file(root / name, "the jsonl layout needs train.jsonl, dev.jsonl and test.jsonl")
@@ -135,10 +147,12 @@ class MvsaSingleConverter(ImageTextConverter):
         return sample.text if sample.text is not None else read_mvsa_text(sample.files["text"])
 
     def preprocessing(self) -> dict[str, Any]:
-        return {**image_text_preprocessing(self.text),
-                "text_file_decoding": "original layout: UTF-8 (BOM dropped), else cp1252 with errors='replace'; "
-                                      "whitespace collapsed",
-                "class_order": "negative, neutral, positive"}
+        return {
+            **image_text_preprocessing(self.text),
+            "text_file_decoding": "original layout: UTF-8 (BOM dropped), else cp1252 with errors='replace'; "
+            "whitespace collapsed",
+            "class_order": "negative, neutral, positive",
+        }
 
 
 def _jsonl_samples(root: Path) -> list[RawSample]:
@@ -170,8 +184,15 @@ def _jsonl_samples(root: Path) -> list[RawSample]:
                 if sample_id in seen:
                     raise ValueError(f"{where}: sample id {sample_id!r} already used at {seen[sample_id]}")
                 seen[sample_id] = where
-                samples.append(RawSample(sample_id=sample_id, label=CLASSES.index(label), split=split,
-                                         files={"image": str(root / row["img"])}, text=row["text"]))
+                samples.append(
+                    RawSample(
+                        sample_id=sample_id,
+                        label=CLASSES.index(label),
+                        split=split,
+                        files={"image": str(root / row["img"])},
+                        text=row["text"],
+                    )
+                )
     return samples
 
 
@@ -198,7 +219,15 @@ def _original_samples(root: Path) -> tuple[list[RawSample], int]:
             if label is None:
                 conflicts += 1
                 continue
-            samples.append(RawSample(sample_id=sample_id, label=CLASSES.index(label), split="train",
-                                     files={"image": str(root / "data" / f"{sample_id}.jpg"),
-                                            "text": str(root / "data" / f"{sample_id}.txt")}))
+            samples.append(
+                RawSample(
+                    sample_id=sample_id,
+                    label=CLASSES.index(label),
+                    split="train",
+                    files={
+                        "image": str(root / "data" / f"{sample_id}.jpg"),
+                        "text": str(root / "data" / f"{sample_id}.txt"),
+                    },
+                )
+            )
     return samples, conflicts

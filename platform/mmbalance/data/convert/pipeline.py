@@ -77,16 +77,20 @@ def convert(
     pending = [i for i in range(len(chunks)) if not _summary_path(work, i).exists()]
     if len(pending) < len(chunks):
         progress(f"resuming: {len(chunks) - len(pending)} of {len(chunks)} chunks already converted in {work}")
-    progress(f"converting {len(samples)} samples of {converter.name} in {len(chunks)} chunks "
-             f"({len(pending)} to do) with the {engine} engine")
+    progress(
+        f"converting {len(samples)} samples of {converter.name} in {len(chunks)} chunks "
+        f"({len(pending)} to do) with the {engine} engine"
+    )
     run = _run_ray if engine == "ray" else _run_local
     _report_progress(run(converter, chunks, pending, work), len(chunks), len(chunks) - len(pending), progress)
     summaries = [json.loads(_summary_path(work, i).read_text()) for i in range(len(chunks))]
     corrupt = [entry for s in summaries for entry in s["bad"]]
     if corrupt and not skip_bad:
-        raise ConversionError(f"{len(corrupt)} raw file(s) could not be decoded:{listing_text(corrupt)}\n"
-                              f"Fix or remove them and rerun (converted chunks are kept in {work}), "
-                              f"or pass --skip-bad to leave those samples out.")
+        raise ConversionError(
+            f"{len(corrupt)} raw file(s) could not be decoded:{listing_text(corrupt)}\n"
+            f"Fix or remove them and rerun (converted chunks are kept in {work}), "
+            f"or pass --skip-bad to leave those samples out."
+        )
     manifest = _assemble(converter, listing, samples, work, out, summaries, missing, corrupt, overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
@@ -98,11 +102,14 @@ def _print_now(line: str) -> None:
     print(line, flush=True)
 
 
-def _usable_samples(listed: list[RawSample], absent: dict[str, list[str]], missing: list[str],
-                    skip_bad: bool) -> list[RawSample]:
+def _usable_samples(
+    listed: list[RawSample], absent: dict[str, list[str]], missing: list[str], skip_bad: bool
+) -> list[RawSample]:
     if missing and not skip_bad:
-        raise ConversionError(f"{len(missing)} raw file(s) are missing:{listing_text(missing)}\n"
-                              f"Pass --skip-bad to convert without those samples.")
+        raise ConversionError(
+            f"{len(missing)} raw file(s) are missing:{listing_text(missing)}\n"
+            f"Pass --skip-bad to convert without those samples."
+        )
     samples = [s for s in listed if s.sample_id not in absent]
     dupes = sorted(i for i, n in Counter(s.sample_id for s in samples).items() if n > 1)
     if dupes:
@@ -113,17 +120,25 @@ def _usable_samples(listed: list[RawSample], absent: dict[str, list[str]], missi
 def _chunks(samples: list[RawSample], chunk_size: int) -> list[list[RawSample]]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return [samples[i:i + chunk_size] for i in range(0, len(samples), chunk_size)]
+    return [samples[i : i + chunk_size] for i in range(0, len(samples), chunk_size)]
 
 
 def _fingerprint(converter: Converter, listing: Listing, samples: list[RawSample], chunk_size: int) -> str:
-    blob = json.dumps({"converter": converter.name, "version": GENERATOR_VERSION,
-                       "params": converter.params.model_dump(mode="json"), "classes": listing.classes,
-                       "provenance": listing.provenance,
-                       # preprocessing() carries content hashes of side inputs (a tokenizer's files),
-                       # so replacing them in place also invalidates the partial work
-                       "preprocessing": converter.preprocessing(),
-                       "chunk_size": chunk_size, "samples": [s.to_json() for s in samples]}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "converter": converter.name,
+            "version": GENERATOR_VERSION,
+            "params": converter.params.model_dump(mode="json"),
+            "classes": listing.classes,
+            "provenance": listing.provenance,
+            # preprocessing() carries content hashes of side inputs (a tokenizer's files),
+            # so replacing them in place also invalidates the partial work
+            "preprocessing": converter.preprocessing(),
+            "chunk_size": chunk_size,
+            "samples": [s.to_json() for s in samples],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -160,12 +175,20 @@ def convert_chunk(converter: Converter, index: int, samples: list[RawSample], wo
             bad.append(f"{err} (sample {sample.sample_id})")
             continue
         good.append((sample, arrays))
-    stats = {m: _per_sample_sums([a for s, a in good if s.split == "train"], m, o.axis)
-             for m, o in outputs.items() if o.normalize == "train_stats"}
+    stats = {
+        m: _per_sample_sums([a for s, a in good if s.split == "train"], m, o.axis)
+        for m, o in outputs.items()
+        if o.normalize == "train_stats"
+    }
     table = _chunk_table(good, specs)
     _write_atomic(_chunk_path(work, index), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    summary = {"index": index, "rows": table.num_rows, "bad": bad, "stats": stats,
-               "splits": sorted({s.split for s, _ in good})}
+    summary = {
+        "index": index,
+        "rows": table.num_rows,
+        "bad": bad,
+        "stats": stats,
+        "splits": sorted({s.split for s, _ in good}),
+    }
     _write_atomic(_summary_path(work, index), lambda tmp: Path(tmp).write_text(json.dumps(summary)))
     return summary
 
@@ -176,8 +199,10 @@ def _check_arrays(sample: RawSample, arrays: dict[str, np.ndarray], specs: dict[
         if got is None or tuple(got.shape) != tuple(spec.shape) or got.dtype != np.dtype(spec.dtype):
             detail = None if got is None else (tuple(got.shape), str(got.dtype))
             # A converter bug, not a bad file: fail loudly instead of counting it as corrupt input.
-            raise RuntimeError(f"converter produced {detail} for {m!r} of sample {sample.sample_id}, "
-                               f"manifest says {(tuple(spec.shape), spec.dtype)}")
+            raise RuntimeError(
+                f"converter produced {detail} for {m!r} of sample {sample.sample_id}, "
+                f"manifest says {(tuple(spec.shape), spec.dtype)}"
+            )
 
 
 def _per_sample_sums(arrays: list[dict[str, np.ndarray]], modality: str, axis: int | None) -> dict[str, list]:
@@ -194,10 +219,13 @@ def _per_sample_sums(arrays: list[dict[str, np.ndarray]], modality: str, axis: i
 
 
 def _chunk_table(good: list[tuple[RawSample, dict[str, np.ndarray]]], specs: dict[str, ModalitySpec]) -> pa.Table:
-    arrays = {m: np.stack([a[m] for _, a in good]) if good else np.zeros((0, *spec.shape), spec.dtype)
-              for m, spec in specs.items()}
-    return rows_table([s.sample_id for s, _ in good], [s.label for s, _ in good], [s.split for s, _ in good],
-                      arrays, specs)
+    arrays = {
+        m: np.stack([a[m] for _, a in good]) if good else np.zeros((0, *spec.shape), spec.dtype)
+        for m, spec in specs.items()
+    }
+    return rows_table(
+        [s.sample_id for s, _ in good], [s.label for s, _ in good], [s.split for s, _ in good], arrays, specs
+    )
 
 
 def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
@@ -219,8 +247,11 @@ def _ray_task(batch: dict[str, np.ndarray], converter: Converter, work: str) -> 
         samples = [RawSample.from_json(s) for s in json.loads(payload)]
         summary = convert_chunk(converter, int(index), samples, Path(work))
         rows.append((summary["index"], summary["rows"], len(summary["bad"])))
-    return {"index": np.array([r[0] for r in rows]), "rows": np.array([r[1] for r in rows]),
-            "bad": np.array([r[2] for r in rows])}
+    return {
+        "index": np.array([r[0] for r in rows]),
+        "rows": np.array([r[1] for r in rows]),
+        "bad": np.array([r[2] for r in rows]),
+    }
 
 
 def _run_ray(converter: Converter, chunks: list[list[RawSample]], pending: list[int], work: Path) -> Iterator[dict]:
@@ -234,8 +265,9 @@ def _run_ray(converter: Converter, chunks: list[list[RawSample]], pending: list[
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own per-chunk lines instead
     items = [{"index": i, "samples": json.dumps([s.to_json() for s in chunks[i]])} for i in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_ray_task, batch_size=1, num_cpus=1,
-                        fn_kwargs={"converter": converter, "work": str(work.resolve())})
+    ds = ds.map_batches(
+        _ray_task, batch_size=1, num_cpus=1, fn_kwargs={"converter": converter, "work": str(work.resolve())}
+    )
     for row in ds.iter_rows():
         yield {"index": int(row["index"]), "rows": int(row["rows"]), "bad": int(row["bad"])}
 
@@ -251,15 +283,26 @@ def _report_progress(results: Iterator[dict], total: int, done: int, progress: C
             remaining_chunks = total - done - converted
             eta = remaining_chunks * elapsed / converted
             bad = f", {summary['bad']} bad" if summary["bad"] else ""
-            progress(f"  chunk {done + converted}/{total} done ({summary['rows']} samples{bad}; "
-                     f"{rate:.1f} samples/s, about {eta:.0f} s left)")
+            progress(
+                f"  chunk {done + converted}/{total} done ({summary['rows']} samples{bad}; "
+                f"{rate:.1f} samples/s, about {eta:.0f} s left)"
+            )
     except KeyboardInterrupt:
         progress(f"interrupted after {done + converted} of {total} chunks; rerun the same command to resume")
         raise
 
 
-def _assemble(converter: Converter, listing: Listing, samples: list[RawSample], work: Path, out: Path,
-              summaries: list[dict], missing: list[str], corrupt: list[str], overwrite: bool) -> Manifest:
+def _assemble(
+    converter: Converter,
+    listing: Listing,
+    samples: list[RawSample],
+    work: Path,
+    out: Path,
+    summaries: list[dict],
+    missing: list[str],
+    corrupt: list[str],
+    overwrite: bool,
+) -> Manifest:
     outputs = converter.outputs()
     modalities = {m: _final_spec(m, o, summaries) for m, o in outputs.items()}
     skipped = sorted(missing) + corrupt
@@ -269,8 +312,12 @@ def _assemble(converter: Converter, listing: Listing, samples: list[RawSample], 
         "split_source": listing.split_source,
         **({"provenance": listing.provenance} if listing.provenance else {}),
         "dropped_by_listing": dict(sorted(listing.dropped.items())),
-        "skipped_bad": {"count": len(skipped), "missing": len(missing), "corrupt": len(corrupt),
-                        "files": skipped[:1000]},
+        "skipped_bad": {
+            "count": len(skipped),
+            "missing": len(missing),
+            "corrupt": len(corrupt),
+            "files": skipped[:1000],
+        },
     }
 
     def split_tables(split: str) -> Iterator[pa.Table]:
@@ -284,12 +331,17 @@ def _assemble(converter: Converter, listing: Listing, samples: list[RawSample], 
                 yield part
 
     splits_present = sorted({s.split for s in samples}, key=split_order)
-    return write_split_tables(out, dataset=converter.name, classes=listing.classes, modalities=modalities,
-                              split_tables={split: split_tables(split) for split in splits_present},
-                              generator={"name": f"mmbalance.data.convert.{converter.name}",
-                                         "version": GENERATOR_VERSION},
-                              preprocessing=preprocessing, rows_per_file=rows_per_file_for(modalities),
-                              overwrite=overwrite)
+    return write_split_tables(
+        out,
+        dataset=converter.name,
+        classes=listing.classes,
+        modalities=modalities,
+        split_tables={split: split_tables(split) for split in splits_present},
+        generator={"name": f"mmbalance.data.convert.{converter.name}", "version": GENERATOR_VERSION},
+        preprocessing=preprocessing,
+        rows_per_file=rows_per_file_for(modalities),
+        overwrite=overwrite,
+    )
 
 
 def _final_spec(modality: str, output, summaries: list[dict]) -> ModalitySpec:

@@ -39,9 +39,18 @@ from mmbalance.data.manifest import ModalitySpec
 
 # Hashed into the tokenizer digest when present (the BERT files plus the other common
 # tokenizer files, so a BPE or SentencePiece tokenizer's vocabulary is covered too).
-TOKENIZER_FILES = ("added_tokens.json", "merges.txt", "sentencepiece.bpe.model", "special_tokens_map.json",
-                   "spiece.model", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
-                   "vocab.txt")
+TOKENIZER_FILES = (
+    "added_tokens.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "special_tokens_map.json",
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+)
 LOADABLE = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # at least one must exist
 
 _CACHE: dict[str, tuple[str, Any]] = {}  # resolved path -> (digest, tokenizer); one per process
@@ -51,10 +60,17 @@ class TextParams(BaseModel):
     """Settings of every text dataset (flat in the converter's settings: ``tokenizer``, ``max_length``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    tokenizer: str = Field(min_length=1, description="local transformers tokenizer directory "
-                           "(e.g. a saved bert-base-uncased); required, nothing is downloaded")
-    max_length: int = Field(128, ge=2, description="token ids per text incl. [CLS]/[SEP]; truncated or "
-                            "padded to exactly this (MNL's code uses up to 512)")
+    tokenizer: str = Field(
+        min_length=1,
+        description="local transformers tokenizer directory "
+        "(e.g. a saved bert-base-uncased); required, nothing is downloaded",
+    )
+    max_length: int = Field(
+        128,
+        ge=2,
+        description="token ids per text incl. [CLS]/[SEP]; truncated or "
+        "padded to exactly this (MNL's code uses up to 512)",
+    )
 
 
 class ImageTextParams(TextParams):
@@ -64,8 +80,10 @@ class ImageTextParams(TextParams):
 def tokenizer_dir(path: str | Path) -> Path:
     """The resolved tokenizer directory; FileNotFoundError when it is absent or holds no tokenizer."""
     given = Path(path).expanduser()
-    hint = ("set `tokenizer` (or --tokenizer) to a local directory saved by "
-            "AutoTokenizer.from_pretrained(...).save_pretrained(DIR); nothing is downloaded")
+    hint = (
+        "set `tokenizer` (or --tokenizer) to a local directory saved by "
+        "AutoTokenizer.from_pretrained(...).save_pretrained(DIR); nothing is downloaded"
+    )
     if not given.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer directory does not exist; {hint}")
     if not any((given / name).is_file() for name in LOADABLE):
@@ -79,8 +97,10 @@ def tokenizer_files(directory: Path) -> list[str]:
 
 def tokenizer_digest(directory: Path) -> str:
     """sha256 over ``name  sha256(bytes)`` lines of the tokenizer files present, in name order."""
-    lines = [f"{name}  {hashlib.sha256((directory / name).read_bytes()).hexdigest()}\n"
-             for name in tokenizer_files(directory)]
+    lines = [
+        f"{name}  {hashlib.sha256((directory / name).read_bytes()).hexdigest()}\n"
+        for name in tokenizer_files(directory)
+    ]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -93,9 +113,11 @@ def _load(directory: Path, digest: str | None = None):
             return cached_digest, tokenizer
     found = tokenizer_digest(directory)
     if digest is not None and found != digest:
-        raise RuntimeError(f"{directory}: tokenizer files differ from the ones this conversion started with "
-                           f"(sha256 {found[:12]} here, {digest[:12]} on the driver); every node must hold "
-                           f"the same tokenizer at this path")
+        raise RuntimeError(
+            f"{directory}: tokenizer files differ from the ones this conversion started with "
+            f"(sha256 {found[:12]} here, {digest[:12]} on the driver); every node must hold "
+            f"the same tokenizer at this path"
+        )
     tokenizer = _from_pretrained(directory)
     tokenizer.padding_side = "right"  # the text encoder reads position 0 ([CLS]) and masks pads
     tokenizer.truncation_side = "right"
@@ -129,8 +151,9 @@ class TextEncoding:
         directory = tokenizer_dir(self.params.tokenizer)
         digest, tokenizer = _load(directory)
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"{self.params.tokenizer}: the tokenizer has no pad token; texts cannot be padded "
-                             f"to max_length")
+            raise ValueError(
+                f"{self.params.tokenizer}: the tokenizer has no pad token; texts cannot be padded to max_length"
+            )
         limit = getattr(tokenizer, "model_max_length", None)
         if isinstance(limit, int) and 0 < limit < self.params.max_length:
             raise ValueError(f"max_length {self.params.max_length} exceeds the tokenizer's model_max_length {limit}")
@@ -142,8 +165,14 @@ class TextEncoding:
         return _load(self._dir, self._digest)[1]
 
     def encode(self, text: str) -> np.ndarray:
-        ids = self.tokenizer()(text, truncation=True, max_length=self.params.max_length, padding="max_length",
-                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        ids = self.tokenizer()(
+            text,
+            truncation=True,
+            max_length=self.params.max_length,
+            padding="max_length",
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
         return np.asarray(ids, dtype=np.int64)
 
     def info(self) -> dict[str, Any]:
@@ -156,11 +185,17 @@ class TextEncoding:
             "files": tokenizer_files(self._dir),
             "class": type(tok).__name__,
             "vocab_size": len(tok),
-            "pad_id": pad, "unk_id": unk, "cls_id": cls, "sep_id": sep,
+            "pad_id": pad,
+            "unk_id": unk,
+            "cls_id": cls,
+            "sep_id": sep,
             "max_length": self.params.max_length,
             "text_encoder": {"vocab_size": len(tok), "pad_token_id": pad},
-            "word_replace": {"pad_id": pad, "replacement_id": unk,
-                             "keep_ids": sorted({i for i in (cls, sep) if i is not None})},
+            "word_replace": {
+                "pad_id": pad,
+                "replacement_id": unk,
+                "keep_ids": sorted({i for i in (cls, sep) if i is not None}),
+            },
         }
 
 
@@ -169,21 +204,26 @@ def image_text_outputs(params: ImageTextParams) -> dict[str, ModalityOutput]:
     normalisation, applied by the model) and ``text`` int64 ids ``[max_length]``."""
     crop = params.image.crop
     return {
-        "image": ModalityOutput(ModalitySpec(dtype="uint8", shape=[3, crop, crop]),
-                                (IMAGENET_MEAN, IMAGENET_STD), axis=0, source="ImageNet"),
+        "image": ModalityOutput(
+            ModalitySpec(dtype="uint8", shape=[3, crop, crop]), (IMAGENET_MEAN, IMAGENET_STD), axis=0, source="ImageNet"
+        ),
         "text": ModalityOutput(ModalitySpec(dtype="int64", shape=[params.max_length]), None),
     }
 
 
-def image_text_features(image_path: str, text: str, params: ImageTextParams, encoding: TextEncoding) -> dict[str, np.ndarray]:
+def image_text_features(
+    image_path: str, text: str, params: ImageTextParams, encoding: TextEncoding
+) -> dict[str, np.ndarray]:
     return {"image": load_image(image_path, params.image), "text": encoding.encode(text)}
 
 
 def image_text_preprocessing(encoding: TextEncoding) -> dict[str, Any]:
-    return {"image": "PIL decode -> RGB -> resize shorter side (bilinear) -> centre crop; no augmentation",
-            "text": "tokenizer(text, truncation=True, padding='max_length') -> [CLS] ids [SEP] [PAD]...; "
-                    "right-truncated, right-padded",
-            "tokenizer": encoding.info()}
+    return {
+        "image": "PIL decode -> RGB -> resize shorter side (bilinear) -> centre crop; no augmentation",
+        "text": "tokenizer(text, truncation=True, padding='max_length') -> [CLS] ids [SEP] [PAD]...; "
+        "right-truncated, right-padded",
+        "tokenizer": encoding.info(),
+    }
 
 
 class ImageTextConverter:
