@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mmbalance.models.encoders import ENCODERS
-from mmbalance.objectives import OBJECTIVES, objective_requirements
-from mmbalance.objectives.base import FUSIONS
+from mmbalance.registry import FUSIONS
 
 # Where a training run executes: in this process, as a Tune trial in its own process, or on
 # Ray Train workers (``engine/run_spec.RunSpec.where``).
@@ -142,6 +140,8 @@ class ModalityConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_encoder(self) -> "ModalityConfig":
+        from mmbalance.models.encoders import ENCODERS  # torch: only once a recipe is validated
+
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; allowed: {sorted(ENCODERS)}")
         _validate_nested(ENCODERS[self.encoder].params, self.params, "params")
@@ -169,6 +169,8 @@ class ObjectiveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_objective(self) -> "ObjectiveConfig":
+        from mmbalance.objectives import OBJECTIVES  # torch: only once a recipe is validated
+
         if self.name not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.name!r}; allowed: {sorted(OBJECTIVES)}")
         _validate_nested(OBJECTIVES[self.name].params, self.params, None)
@@ -251,6 +253,8 @@ class Recipe(_Strict):
         """``model.fusion: auto`` becomes the objective's own fusion, so the saved config names
         the fusion the run used; an explicit fusion the objective cannot use, or too few
         modalities, fails here rather than when the model is built on a worker."""
+        from mmbalance.objectives import OBJECTIVES, objective_requirements
+
         name = self.objective.name
         if name not in OBJECTIVES:
             return self  # already reported by the objective section

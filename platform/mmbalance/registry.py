@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
+# The late-fusion heads (models/fusion.py), here so the recipe validator can name them without torch.
+FUSIONS = ("mean", "sum", "concat", "boost")
+
 
 class Registered(NamedTuple):
     """One registry entry: ``cls`` builds it, ``params`` (a pydantic model) checks and defaults

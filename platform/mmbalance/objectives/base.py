@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from mmbalance.registry import Registered, add_entry
+from mmbalance.registry import FUSIONS, Registered, add_entry
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -32,9 +32,6 @@ def _identity(tensor: Tensor) -> Tensor:
 
 def _keep(obj: Any) -> Any:
     return obj
-
-
-FUSIONS = ("mean", "sum", "concat", "boost")  # the LateFusion heads (models/fusion.py)
 
 
 @dataclass(frozen=True)
