@@ -31,7 +31,14 @@ EXTRA_VARIANTS = {  # label -> (objective section, optim extras)
         {"name": "aug", "check_every_epochs": 1, "tau": 0.0, "train_new_heads": False},
         {"grad_clip": 0.5},
     ),
+    # Each rank's 8 samples as 2 micro-batches of 4 (optim.accumulate); compared below with one
+    # process taking the whole 16 at once, too.
+    "lf-accumulate-2": ({"name": "lf"}, {"accumulate": 2}),
+    "mnl-accumulate-2": ({"name": "mnl"}, {"accumulate": 2}),
+    "aug-accumulate-2": ({"name": "aug", "check_every_epochs": 1, "tau": 0.0}, {"accumulate": 2}),
 }
+# Objectives whose loss is a mean of per-sample terms: accumulation is exactly the full-batch step.
+ACCUMULATION_REFERENCES = {"lf-accumulate-2": "lf", "mnl-accumulate-2": "mnl"}
 VARIANTS = {**{name: ({"name": name}, {}) for name in OBJECTIVES}, **EXTRA_VARIANTS}
 
 
@@ -80,3 +87,11 @@ def test_two_workers_match_one_worker_on_the_global_batch(two_rank_results, vari
         assert_same_tensors(params, single, atol=1e-5, label=variant)
     if VARIANTS[variant][0]["name"] == "aug":
         assert sum(single_heads.values()) > 2, "the test must cover a head addition"
+
+
+@pytest.mark.parametrize("variant", list(ACCUMULATION_REFERENCES))
+def test_two_ranks_accumulating_half_batches_match_one_step_on_the_full_batch(two_rank_results, variant):
+    shards, ranks = two_rank_results
+    single, _ = train_params(shards, ACCUMULATION_REFERENCES[variant], ProcessGroup())
+    for rank_results in ranks:
+        assert_same_tensors(rank_results[variant][0], single, atol=1e-5, label=variant)

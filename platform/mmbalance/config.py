@@ -187,6 +187,17 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     grad_clip: float | None = Field(None, gt=0.0, description="max global grad norm; null disables clipping")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="the model's forward: fp32, or autocast to bf16 / fp16 (fp16 with loss scaling); "
+        "objectives always compute in float32 (engine/precision.py)",
+    )
+    accumulate: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step: each rank's batch is split into this many "
+        "equal parts, their gradients summed before the step (engine/steps.train_batch)",
+    )
     scheduler: Literal["constant", "step", "cosine"] = "constant"
     step_size: int = Field(30, ge=1, description="epochs between decays (scheduler=step)")
     step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="decay factor (scheduler=step)")

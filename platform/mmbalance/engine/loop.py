@@ -34,6 +34,7 @@ from mmbalance.engine.checkpoint import rng_state, save_state, set_rng_state
 from mmbalance.engine.console import EpochTable, progress_bar
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.metrics import SumCounter, imbalance_ratio
+from mmbalance.engine.precision import MixedPrecision
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.session import Session, make_session
 from mmbalance.engine.sources import BatchSource
@@ -74,6 +75,11 @@ class Trainer:
                 f"schedule.batch_size={recipe.schedule.batch_size} is not divisible by {group.world_size} workers"
             )
         self.batch_size = recipe.schedule.batch_size // group.world_size  # per rank
+        if self.batch_size % recipe.optim.accumulate:
+            raise ValueError(
+                f"optim.accumulate={recipe.optim.accumulate} does not divide the per-worker batch of {self.batch_size} "
+                f"(schedule.batch_size={recipe.schedule.batch_size} over {group.world_size} workers)"
+            )
         self._rebuild()
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # best-val model, kept on every rank
@@ -86,6 +92,7 @@ class Trainer:
         self.group.broadcast_module(self.model)
         self.objective = build_bound_objective(self.recipe, self.model)
         self.optimizer = build_optimizer(self.recipe.optim, self.model.parameters())
+        self.precision = MixedPrecision(self.recipe.optim.precision, self.device)
         self.scheduler = build_scheduler(self.recipe.optim, self.optimizer, self.recipe.schedule.epochs)
 
     # -- state -----------------------------------------------------------------------------
@@ -101,6 +108,7 @@ class Trainer:
             **self.model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.precision.state_dict(),
             "progress": asdict(self.progress),
             "rng": rng_state(),
             "best": self.best,
@@ -110,6 +118,7 @@ class Trainer:
         self.load_model_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("grad_scaler"))
         self.progress = Progress(**state["progress"])
         self.best = state["best"]
         set_rng_state(state["rng"])
@@ -152,6 +161,8 @@ class Trainer:
                 self.group,
                 self.recipe.optim.grad_clip,
                 counter,
+                self.precision,
+                self.recipe.optim.accumulate,
             )
             self.progress.step += 1
             done += 1
@@ -175,7 +186,7 @@ class Trainer:
 
     def score(self, key: str, epoch: int) -> dict[str, float]:
         batches = self.source.eval_batches(key, self.recipe.eval.batch_size)
-        counter = evaluate(self.model, self.objective, batches, epoch)
+        counter = evaluate(self.model, self.objective, batches, epoch, self.precision)
         metrics = {f"{key}/{k}": v for k, v in counter.means(self.group.all_reduce_sum).items()}
         metrics.update(self._eval_shares(key, counter.counts["acc_fused"]))
         metrics[f"{key}/imbalance_ratio"] = imbalance_ratio(metrics, self.modalities, f"{key}/")
