@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from helpers import REPO
+
 HEAVY = ("torch", "ray", "transformers", "wandb")
 
 
@@ -26,3 +28,15 @@ def test_help_exits_zero_and_lists_every_command():
     assert done.returncode == 0, done.stderr
     for command in ("prepare", "train", "tune", "eval", "report", "demo", "submit", "recipes", "compare"):
         assert command in done.stdout
+
+
+def test_a_recipe_error_outside_the_objective_is_reported_without_torch():
+    code = (
+        "import sys\n"
+        "from mmbalance.cli import main\n"
+        "code = main(['train', '--recipe', 'trainables/synthetic.yaml', '--set', 'schedule.epochs=0'])\n"
+        f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    assert "schedule.epochs: Input should be greater than or equal to 1" in done.stderr

@@ -406,19 +406,27 @@ def main(argv: list[str] | None = None) -> int:
 def _failed(args: argparse.Namespace, err: Exception) -> int:
     """An interrupted search exits 130; an expected failure prints one line and exits 2; a bug
     (or ``--debug``) keeps its traceback."""
-    from mmbalance.data.convert.pipeline import ConversionError
     from mmbalance.errors import debug_requested, expected_message
-    from mmbalance.launch.cluster import DoesNotFit
-    from mmbalance.tune.search import SearchInterrupted
 
-    if isinstance(err, SearchInterrupted):
+    if isinstance(err, _loaded("mmbalance.tune.search", "SearchInterrupted")):
         print(f"mmbalance {args.command}: interrupted: {err}", file=sys.stderr)
         return 130
-    message = expected_message(err, extra=(ConversionError, DoesNotFit))
+    extra = _loaded("mmbalance.data.convert.pipeline", "ConversionError") + _loaded(
+        "mmbalance.launch.cluster", "DoesNotFit"
+    )
+    message = expected_message(err, extra=extra)
     if message is None or debug_requested(getattr(args, "debug", False)):
         raise err
     print(f"mmbalance {args.command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """``(module.name,)`` if the command imported that module, else ``()``: an error of a module
+    that never loaded cannot have been raised, and importing it here (Ray, torch) would cost
+    seconds on every failed command."""
+    loaded = sys.modules.get(module)
+    return (getattr(loaded, name),) if loaded is not None else ()
 
 
 if __name__ == "__main__":

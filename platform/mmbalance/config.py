@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from mmbalance.registry import FUSIONS
 
@@ -139,8 +139,10 @@ class ModalityConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known_encoder(self) -> "ModalityConfig":
-        from mmbalance.models.encoders import ENCODERS  # torch: only once a recipe is validated
+    def _known_encoder(self, info: ValidationInfo) -> "ModalityConfig":
+        if _shape_only(info):
+            return self
+        from mmbalance.models.encoders import ENCODERS  # torch: only in the full pass
 
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; allowed: {sorted(ENCODERS)}")
@@ -168,8 +170,10 @@ class ObjectiveConfig(BaseModel):
     name: str = "lf"
 
     @model_validator(mode="after")
-    def _known_objective(self) -> "ObjectiveConfig":
-        from mmbalance.objectives import OBJECTIVES  # torch: only once a recipe is validated
+    def _known_objective(self, info: ValidationInfo) -> "ObjectiveConfig":
+        if _shape_only(info):
+            return self
+        from mmbalance.objectives import OBJECTIVES  # torch: only in the full pass
 
         if self.name not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.name!r}; allowed: {sorted(OBJECTIVES)}")
@@ -260,10 +264,12 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _objective_fits_model(self) -> "Recipe":
+    def _objective_fits_model(self, info: ValidationInfo) -> "Recipe":
         """``model.fusion: auto`` becomes the objective's own fusion, so the saved config names
         the fusion the run used; an explicit fusion the objective cannot use, or too few
         modalities, fails here rather than when the model is built on a worker."""
+        if _shape_only(info):
+            return self
         from mmbalance.objectives import OBJECTIVES, objective_requirements
 
         name = self.objective.name
@@ -340,12 +346,26 @@ def load_recipe_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     return tree
 
 
+SHAPE_ONLY = {"shape_only": True}
+
+
+def _shape_only(info: ValidationInfo) -> bool:
+    """The first of ``validate_recipe``'s two passes: skip what needs the objective and encoder
+    registries (importing them imports torch, over a second on a small machine)."""
+    return bool((info.context or {}).get("shape_only"))
+
+
 def validate_recipe(tree: dict[str, Any], source: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(tree)
-    except ValidationError as err:
-        lines = [_describe(e, None) for e in err.errors()]
-        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    """Two passes: every section's own fields first, without torch, so a typo in any key fails
+    in well under a second; then the objective's and encoders' parameters and the objective's
+    fit with the model and modalities. Each pass reports all of its errors at once."""
+    for context in (SHAPE_ONLY, None):
+        try:
+            recipe = Recipe.model_validate(tree, context=context)
+        except ValidationError as err:
+            lines = [_describe(e, None) for e in err.errors()]
+            raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
