@@ -44,3 +44,15 @@ def test_epoch_rows_do_not_go_through_print(monkeypatch, capsys):
 def test_a_disabled_table_writes_nothing(capsys):
     EpochTable(["audio"], enabled=False).row(METRICS)
     assert capsys.readouterr().out == ""
+
+
+def test_startup_line_splits_the_wall_clock_marks():
+    from mmbalance.engine.console import startup_line
+
+    on_ray = startup_line(launched=100.0, ray_ready=104.0, entered=119.5, data_ready=120.0, first=122.25)
+    assert on_ray == (
+        "start-up: Ray 4.0 s, workers 15.5 s, data 0.5 s, model and first batch 2.2 s "
+        "(22.2 s after the command started)"
+    )
+    local = startup_line(launched=0.0, ray_ready=None, entered=1.0, data_ready=1.5, first=2.0)
+    assert local == "start-up: setup 1.0 s, data 0.5 s, model and first batch 0.5 s (2.0 s after the command started)"

@@ -38,13 +38,14 @@ def train(
     given, so even one worker runs as a TorchTrainer."""
     from mmbalance.engine.run_spec import RunSpec
 
+    launched = time.time()
     recipe_file = shipped.resolve("recipe", recipe)
     checked = absolute_data(load_recipe(recipe_file, overrides))
     manifest = validate_shards(checked.data.path)
     check_against_data(checked, manifest)
     run = RunDir(output or Path("runs") / recipe_file.stem)
     prepare_run_dir(run, resume=resume, overwrite=overwrite, reads=storage.local_paths(checked.data.path))
-    spec = RunSpec(checked, run.path, resume=resume, shards_checked=True)  # validated above
+    spec = RunSpec(checked, run.path, resume=resume, shards_checked=True, launched_at=launched)  # validated above
     started = time.perf_counter()
     if force_ray or checked.scaling.workers > 1:
         result = _train_on_ray(spec, manifest, ray)
@@ -85,6 +86,7 @@ def _train_on_ray(spec, manifest, ray: RayOptions) -> dict:
     request = Request(workers=scaling.workers, gpus_per_worker=scaling.gpus_per_worker)
     started_here = connect(request, ray.address)
     check_fits(request, autoscaling=not started_here)
+    spec = spec.but(ray_ready_at=time.time())
     fit(
         spec,
         manifest,

@@ -15,6 +15,10 @@ def progress_bar(items: Iterable[T], *, total: int, desc: str, enabled: bool) ->
     return iter(tqdm(items, total=total, desc=desc, leave=False, disable=None if enabled else True, file=sys.stderr))
 
 
+def write_line(line: str) -> None:
+    _write_line(line)
+
+
 class EpochTable:
     """Prints one aligned line per epoch: losses, fused and per-modality val accuracy."""
 
@@ -38,6 +42,20 @@ class EpochTable:
             " ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1])
             + f" {values[-1]:>10.0f}"
         )
+
+
+def startup_line(launched: float, ray_ready: float | None, entered: float, data_ready: float, first: float) -> str:
+    """Where a run's start-up went, from wall-clock marks (``time.time()``, so marks taken by the
+    driver and by a worker on the same host compare): Ray up, the worker group (placement, worker
+    processes, process group), the shard checks and data source, then the model and the first
+    batch."""
+    parts = []
+    if ray_ready is not None:
+        parts += [f"Ray {ray_ready - launched:.1f} s", f"workers {entered - ray_ready:.1f} s"]
+    else:
+        parts.append(f"setup {entered - launched:.1f} s")
+    parts += [f"data {data_ready - entered:.1f} s", f"model and first batch {first - data_ready:.1f} s"]
+    return f"start-up: {', '.join(parts)} ({first - launched:.1f} s after the command started)"
 
 
 def _write_line(line: str) -> None:

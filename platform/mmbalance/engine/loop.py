@@ -31,7 +31,7 @@ from mmbalance.engine.build import (
     load_model_state,
 )
 from mmbalance.engine.checkpoint import rng_state, save_state, set_rng_state
-from mmbalance.engine.console import EpochTable, progress_bar
+from mmbalance.engine.console import EpochTable, progress_bar, startup_line, write_line
 from mmbalance.engine.distributed import ProcessGroup
 from mmbalance.engine.metrics import SumCounter, imbalance_ratio
 from mmbalance.engine.precision import MixedPrecision
@@ -259,6 +259,7 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
     are read against their checksums here unless the starter already did (``shards_checked``);
     the schema is always checked, so a worker never trains on columns it cannot decode.
     """
+    entered = time.time()
     recipe = spec.recipe
     session = make_session(spec)
     rank0 = session.group.rank == 0
@@ -266,13 +267,14 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
     manifest = validate_shards(recipe.data.path, checksums=full_check, values=full_check and rank0)
     check_against_data(recipe, manifest)
     record = RunRecord(spec.output) if rank0 else None
+    source = session.source(recipe, manifest)
     trainer = Trainer(
         recipe,
         manifest,
         session.group,
-        session.source(recipe, manifest),
+        source,
         session.device(recipe),
-        on_step=session.step_hook(),
+        on_step=_with_startup_line(spec, session.step_hook(), entered, time.time()) if rank0 else session.step_hook(),
         verbose=rank0 and spec.verbose,
     )
     state = session.restored_state()
@@ -291,6 +293,22 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
         if tracking:
             record.close_tracking()  # W&B finished (also after an error): everything logged is flushed
     return result
+
+
+def _with_startup_line(spec: RunSpec, hook: StepHook | None, entered: float, data_ready: float) -> StepHook | None:
+    """``hook``, plus one verbose line at the first batch saying where the start-up went."""
+    if not (spec.verbose and spec.launched_at is not None):
+        return hook
+    pending = [True]
+
+    def on_step(epoch: int, step: int) -> None:
+        if pending:
+            pending.clear()
+            write_line(startup_line(spec.launched_at, spec.ray_ready_at, entered, data_ready, time.time()))
+        if hook is not None:
+            hook(epoch, step)
+
+    return on_step
 
 
 def _train_epochs(

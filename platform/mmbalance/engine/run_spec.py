@@ -38,6 +38,10 @@ class RunSpec:
     fault: Fault | None = None
     shards_checked: bool = False
     train_cached: bool = False
+    # Wall-clock marks for the verbose start-up line (engine/console.startup_line): when the
+    # command started, and when Ray was up (a run on Ray Train only).
+    launched_at: float | None = None
+    ray_ready_at: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
