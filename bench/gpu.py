@@ -82,34 +82,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def samples_per_s(step, data, steps: int, device: torch.device) -> float:
+    """Median samples/s of ``step(inputs, labels, step_index)`` over ``steps`` steps after 2
+    warm-up steps (cuDNN autotuning, the allocator), synchronising the device around each."""
+    timings = []
+    for index in range(steps + 2):
+        inputs, labels = data[index % len(data)]
+        sync(device)
+        started = time.perf_counter()
+        step(*to_device(inputs, labels, device), index)
+        sync(device)
+        if index >= 2:
+            timings.append(time.perf_counter() - started)
+    return data[0][1].numel() / statistics.median(timings)
+
+
 def time_engine(size, device, precision, data, steps) -> float:
     model, objective, optimizer = build(size, device)
     mixed = MixedPrecision(precision, device)
     counter = SumCounter()
-    timings = []
-    for step in range(steps + 2):
-        inputs, labels = data[step % len(data)]
-        sync(device)
-        started = time.perf_counter()
-        batch, y = to_device(inputs, labels, device)
-        clock = StepClock(step, 0, steps + 2)
+
+    def step(batch, y, index):
+        clock = StepClock(index, 0, steps + 2)
         train_batch(model, objective, optimizer, batch, y, clock, DistInfo(), ProcessGroup(), None, counter, mixed)
-        sync(device)
-        if step >= 2:  # warm-up: cuDNN autotuning, allocator
-            timings.append(time.perf_counter() - started)
+
+    rate = samples_per_s(step, data, steps, device)
     counter.means()  # the epoch-end host read, outside the timed steps
-    return labels.numel() / statistics.median(timings)
+    return rate
 
 
 def time_bare(size, device, precision, data, steps) -> float:
     model, _, optimizer = build(size, device)
     mixed = MixedPrecision(precision, device)
-    timings = []
-    for step in range(steps + 2):
-        inputs, labels = data[step % len(data)]
-        sync(device)
-        started = time.perf_counter()
-        batch, y = to_device(inputs, labels, device)
+
+    def step(batch, y, index):
         optimizer.zero_grad(set_to_none=True)
         with mixed.autocast():
             _, out = model(batch, None)
@@ -118,10 +124,8 @@ def time_bare(size, device, precision, data, steps) -> float:
         mixed.scale(loss).backward()
         mixed.unscale(optimizer)
         mixed.step(optimizer)
-        sync(device)
-        if step >= 2:
-            timings.append(time.perf_counter() - started)
-    return labels.numel() / statistics.median(timings)
+
+    return samples_per_s(step, data, steps, device)
 
 
 def ray_data_ratio(args: list[str]) -> str:

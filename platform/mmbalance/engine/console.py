@@ -15,10 +15,6 @@ def progress_bar(items: Iterable[T], *, total: int, desc: str, enabled: bool) ->
     return iter(tqdm(items, total=total, desc=desc, leave=False, disable=None if enabled else True, file=sys.stderr))
 
 
-def write_line(line: str) -> None:
-    _write_line(line)
-
-
 class EpochTable:
     """Prints one aligned line per epoch: losses, fused and per-modality val accuracy."""
 
@@ -33,12 +29,12 @@ class EpochTable:
         if not self.enabled:
             return
         if not self.printed_header:
-            _write_line(" ".join(f"{c:>10}" for c in self.columns))
+            write_line(" ".join(f"{c:>10}" for c in self.columns))
             self.printed_header = True
         values = [metrics["epoch"], metrics["train/loss_total"], metrics["train/acc_fused"], metrics["val/acc_fused"]]
         values += [metrics[f"val/acc_{m}"] for m in self.modalities]
         values += [metrics["val/imbalance_ratio"], metrics["train/samples_per_s"]]
-        _write_line(
+        write_line(
             " ".join(f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}" for v in values[:-1])
             + f" {values[-1]:>10.0f}"
         )
@@ -58,7 +54,7 @@ def startup_line(launched: float, ray_ready: float | None, entered: float, data_
     return f"start-up: {', '.join(parts)} ({first - launched:.1f} s after the command started)"
 
 
-def _write_line(line: str) -> None:
+def write_line(line: str) -> None:
     """One line straight to stdout, not through ``print``: a Ray Train worker replaces ``print``
     with a version that logs the text and, when stdout is wrapped, also prints it, so
     `train --workers N` showed every epoch row twice."""

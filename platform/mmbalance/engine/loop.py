@@ -299,11 +299,12 @@ def _with_startup_line(spec: RunSpec, hook: StepHook | None, entered: float, dat
     """``hook``, plus one verbose line at the first batch saying where the start-up went."""
     if not (spec.verbose and spec.launched_at is not None):
         return hook
-    pending = [True]
+    pending = True
 
     def on_step(epoch: int, step: int) -> None:
+        nonlocal pending
         if pending:
-            pending.clear()
+            pending = False
             write_line(startup_line(spec.launched_at, spec.ray_ready_at, entered, data_ready, time.time()))
         if hook is not None:
             hook(epoch, step)
