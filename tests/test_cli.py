@@ -85,8 +85,21 @@ def test_bad_recipe_fails_before_any_work_with_the_key_named(tmp_path):
         tmp_path / "run",
     )
     assert done.returncode == 2
-    assert "optim.lr" in done.stderr and "lamm: unknown key" in done.stderr
+    # The first, torch-free pass names the optimiser key and says the objective comes next.
+    assert "optim.lr" in done.stderr and "checked once the errors above are fixed" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+    fixed = _cli(
+        "train",
+        "--recipe",
+        REPO / "trainables" / "synthetic.yaml",
+        "--set",
+        "objective.lamm=2",
+        "--output",
+        tmp_path / "run",
+    )
+    assert fixed.returncode == 2 and "lamm: unknown key" in fixed.stderr
+    assert "Traceback" not in fixed.stderr
     assert not (tmp_path / "run").exists()
 
 

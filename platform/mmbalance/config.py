@@ -347,6 +347,7 @@ def load_recipe_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = 
 
 
 SHAPE_ONLY = {"shape_only": True}
+PARAMETERS_CHECKED_NEXT = "(objective and encoder parameters are checked once the errors above are fixed)"
 
 
 def _shape_only(info: ValidationInfo) -> bool:
@@ -358,12 +359,16 @@ def _shape_only(info: ValidationInfo) -> bool:
 def validate_recipe(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     """Two passes: every section's own fields first, without torch, so a typo in any key fails
     in well under a second; then the objective's and encoders' parameters and the objective's
-    fit with the model and modalities. Each pass reports all of its errors at once."""
+    fit with the model and modalities. Each pass reports all of its errors at once; a failed
+    first pass says that the objective and encoders are checked once its errors are fixed, so a
+    user is never left thinking those sections were accepted."""
     for context in (SHAPE_ONLY, None):
         try:
             recipe = Recipe.model_validate(tree, context=context)
         except ValidationError as err:
             lines = [_describe(e, None) for e in err.errors()]
+            if context is SHAPE_ONLY:
+                lines.append(PARAMETERS_CHECKED_NEXT)
             raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
     return recipe
 
