@@ -28,43 +28,86 @@ def confidence_margin(logits: Tensor, labels: Tensor) -> Tensor:
 
 class SumCounter:
     """Named (sum, count) accumulators; sums may be tensors of any shape. ``reduce`` (SUM over
-    ranks) is applied to everything at once, so an epoch costs one collective."""
+    ranks) is applied to everything at once, so an epoch costs one collective.
+
+    ``add`` never waits for the device: a sum is added in place into a float64 accumulator on
+    its own device (the float64 sum ``acc + total.double()``, one kernel), and a count given as
+    a Python number (a batch size the host already knows) is summed on the host, so no tiny
+    tensor is built and copied to the device per step. Counts are integers in practice, which
+    float64 sums exactly in any order. ``pairs`` / ``means`` / ``counts`` put the host counts
+    on the device once, when they are read.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, Tensor] = {}
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, Tensor] = {}  # counts given as tensors, float64 on their device
+        self._host_counts: dict[str, float] = {}  # counts given as Python numbers
 
-    def add(self, name: str, total: Tensor, count: Tensor | int) -> None:
-        total = total.detach().double()
-        count = torch.as_tensor(count, device=total.device).detach().double()
-        if name in self.sums:
-            self.sums[name] = self.sums[name] + total
-            self.counts[name] = self.counts[name] + count
+    def add(self, name: str, total: Tensor, count: Tensor | int | float) -> None:
+        if total.requires_grad:
+            total = total.detach()
+        acc = self._sums.get(name)
+        if acc is None:
+            self._sums[name] = total.to(torch.float64, copy=True)
+        elif acc.shape == total.shape:
+            acc.add_(total)  # computed in float64: bit-identical to acc + total.double()
+        else:  # a sum that broadcasts to a new shape
+            self._sums[name] = acc + total.double()
+        if isinstance(count, Tensor):
+            if count.requires_grad:
+                count = count.detach()
+            held = self._counts.get(name)
+            if held is None:
+                self._counts[name] = count.to(device=total.device, dtype=torch.float64, copy=True)
+            elif held.shape == count.shape and held.device == count.device:
+                held.add_(count)
+            else:
+                self._counts[name] = held + count.to(device=held.device, dtype=torch.float64)
         else:
-            self.sums[name], self.counts[name] = total, count
+            self._host_counts[name] = self._host_counts.get(name, 0.0) + float(count)
 
     def declare(self, names: list[str], device: torch.device) -> None:
         """Start named accumulators at zero, so a rank that sees no rows still takes part in
         the reduction with the same keys as the others."""
         for name in names:
-            if name not in self.sums:
-                self.sums[name] = torch.zeros((), dtype=torch.float64, device=device)
-                self.counts[name] = torch.zeros((), dtype=torch.float64, device=device)
+            if name not in self._sums:
+                self._sums[name] = torch.zeros((), dtype=torch.float64, device=device)
+                self._counts[name] = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def sums(self) -> dict[str, Tensor]:
+        """Every sum (copies: the accumulators themselves keep being added to in place)."""
+        return {name: acc.clone() for name, acc in self._sums.items()}
+
+    @property
+    def counts(self) -> dict[str, Tensor]:
+        """Every count as a float64 tensor on its sum's device (host counts copied once)."""
+        counts = dict(self._counts)
+        by_device: dict[torch.device, list[str]] = {}
+        for name in self._host_counts:
+            by_device.setdefault(self._sums[name].device, []).append(name)
+        for device, names in by_device.items():
+            values = torch.tensor([self._host_counts[n] for n in names], dtype=torch.float64, device=device)
+            for name, value in zip(names, values.unbind()):
+                counts[name] = counts[name] + value if name in counts else value
+        return counts
 
     def pairs(self, reduce=lambda t: t) -> dict[str, tuple[Tensor, Tensor]]:
-        if not self.sums:
+        if not self._sums:
             return {}
-        names = sorted(self.sums)
-        parts = [t.reshape(-1) for n in names for t in (self.sums[n], self.counts[n])]
+        names = sorted(self._sums)
+        all_counts = self.counts
+        sums = [self._sums[n] for n in names]
+        counts = [all_counts[n] for n in names]
+        parts = [t.reshape(-1) for pair in zip(sums, counts) for t in pair]
         packed = reduce(torch.cat(parts))  # [total elements]
         out, offset = {}, 0
-        for n in names:
-            sum_shape, count_shape = self.sums[n].shape, self.counts[n].shape
-            s = packed[offset : offset + self.sums[n].numel()].reshape(sum_shape)
-            offset += self.sums[n].numel()
-            c = packed[offset : offset + self.counts[n].numel()].reshape(count_shape)
-            offset += self.counts[n].numel()
-            out[n] = (s, c)
+        for n, s, c in zip(names, sums, counts):
+            summed = packed[offset : offset + s.numel()].reshape(s.shape)
+            offset += s.numel()
+            counted = packed[offset : offset + c.numel()].reshape(c.shape)
+            offset += c.numel()
+            out[n] = (summed, counted)
         return out
 
     def means(self, reduce=lambda t: t) -> dict[str, float]:
