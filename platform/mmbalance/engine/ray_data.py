@@ -5,16 +5,50 @@ Driver side, ``build_datasets`` reads each split's files from the manifest with
 training split afresh each epoch with a seed, and decodes in ``map_batches`` (flattened
 fixed-size lists -> ``[B, *shape]`` arrays). ``split_config`` splits train equally across
 workers (same number of steps on every rank) and val/test unequally (no row dropped, so
-all-reduced counts equal the split size). Worker side, ``RayShardSource`` iterates the shard
-with a local shuffle buffer seeded per epoch. With ``data.train_corruptions`` the train split
-also carries ``sample_id``, and the worker corrupts each batch in Ray's collate step (its
-prefetch threads) with the same ``TrainCorruptor`` as the in-process path, so a sample gets the
-same noise on either path, on any worker.
+all-reduced counts equal the split size). Worker side, ``RayShardSource`` takes its train
+shard a whole decoded block at a time and shuffles it in windows (below). With
+``data.train_corruptions`` the train split also carries ``sample_id``, and the worker
+corrupts each batch with the same ``TrainCorruptor`` as the in-process path, so a sample gets
+the same noise on either path, on any worker.
+
+How a train epoch is shuffled (``shuffled_batches``; numpy gathers, no per-row Python):
+
+1. Block order. The reader visits the train files in a seeded random order, drawn afresh on
+   every execution of the dataset (``FileShuffleConfig(seed, reseed_after_execution=True)``;
+   each epoch iterates train once, so execution ``i`` is epoch ``i`` of an uninterrupted run).
+   The stream keeps that order (``preserve_order``), and the equal split hands its blocks to
+   the ranks greedily in stream order, so which rank gets which rows, in which order, follows
+   from the file order alone, not from task timing.
+2. Rows. A worker cuts its stream into windows, each the fewest consecutive blocks holding at
+   least ``window`` rows (``shuffle_window``: about 64 MiB of decoded rows, at least four
+   batches; the whole shard when it is cached), and permutes every window with one numpy
+   Generator seeded by ``epoch_seed(seed, epoch)``. Batches are consecutive slices of the
+   permuted windows (a batch may straddle two); the last partial batch is dropped.
+
+So in an uninterrupted run a rank's batches are a function of (seed, epoch) for a given
+world size and batch size, and every rank runs ``train_steps`` steps. A resumed run, or a
+restarted worker group, starts Ray's execution count again: its file orders repeat those of
+the first epochs, while the row permutations still follow (seed, epoch). Why this is enough:
+every row is visited once per epoch (only the split's ``rows % world`` rows and each rank's
+last partial batch are left out); a window spans at least one shard file (the converters
+write about 64 MiB per file, ``data/shards.rows_per_file_for``), so a batch is a uniform draw
+from one or more whole files, and which files share a window and which come first is drawn
+again every epoch. What it gives up against a full permutation: two rows whose files are far
+apart in that epoch's order never share a batch. A train split that fits a quarter of the
+object store is cached decoded and gets the full permutation (one window is the shard).
+
+The window replaces Ray's local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size)``),
+which cost the streamed path two thirds of its throughput (``bench/data.py``): blocks are taken
+whole (zero-copy numpy views of the object store), each row is copied once into its window and
+once into its batch, and the batches become tensors without a copy, all in a background thread
+that stays ``TRAIN_PREFETCH_BATCHES`` batches ahead of the training step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import queue
+import threading
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +62,11 @@ from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import Batch, epoch_seed
 
 SPLIT_KEYS = ("train", "val", "test")
+WINDOW_BYTES = 64 << 20  # decoded rows per shuffle window: about one shard file
+TRAIN_PREFETCH_BATCHES = 2  # train batches the background thread keeps ready
+BLOCK_PREFETCH = 2  # decoded blocks Ray fetches ahead of the window
+
+T = TypeVar("T")
 
 
 def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
@@ -41,13 +80,142 @@ def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str
     return out
 
 
+def row_bytes(recipe: Recipe, manifest: Manifest) -> int:
+    """Bytes of one decoded train row: the label and the recipe's modalities."""
+    return 8 + sum(manifest.modalities[m].nbytes for m in recipe.modalities)
+
+
 def train_fits_in_cache(recipe: Recipe, manifest: Manifest, share: float = 0.25) -> bool:
     """Whether the decoded train split takes at most ``share`` of the cluster's object store."""
     import ray
 
-    row_bytes = 8 + sum(manifest.modalities[m].nbytes for m in recipe.modalities)
     capacity = ray.cluster_resources().get("object_store_memory", 0.0)
-    return manifest.splits[recipe.data.train_split].rows * row_bytes <= share * capacity
+    return manifest.splits[recipe.data.train_split].rows * row_bytes(recipe, manifest) <= share * capacity
+
+
+def train_steps(rows: int, world: int, batch_size: int) -> int:
+    """Steps per epoch, the same on every rank: the equal split gives each ``rows // world`` rows."""
+    return (rows // world) // batch_size
+
+
+def shuffle_window(batch_size: int, row_nbytes: int, rank_rows: int, cached: bool = False) -> int:
+    """Rows a window must hold at least: the whole shard when cached, else about
+    ``WINDOW_BYTES`` of rows (at least four batches, at most the shard)."""
+    if cached:
+        return max(rank_rows, 1)
+    return max(4 * batch_size, min(rank_rows, WINDOW_BYTES // max(row_nbytes, 1)), 1)
+
+
+def shuffled_batches(
+    blocks: Iterable[dict[str, np.ndarray]], batch_size: int, *, window: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Full batches of ``batch_size`` rows from a stream of column blocks (``{key: [n, ...]}``,
+    equal ``n`` per key), shuffled in windows (see the module docstring).
+
+    The stream is cut into windows of whole blocks, each the fewest holding at least ``window``
+    rows (the last may hold fewer); window ``k`` is permuted by the ``k``-th draw of
+    ``np.random.default_rng(seed)``; batches are consecutive ``batch_size``-row slices of the
+    permuted windows one after another, and a last partial batch is dropped. The output is a
+    function of the blocks' rows in order, ``window``, ``batch_size`` and ``seed``. Every
+    array is freshly gathered (writable, C-contiguous); the input blocks are only read."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng(seed)
+    pending: list[dict[str, np.ndarray]] = []
+    pending_rows = 0
+    carry: dict[str, np.ndarray] | None = None  # permuted rows short of a batch, from the previous window
+    for block in blocks:
+        n = _rows(block)
+        if n == 0:
+            continue
+        pending.append(block)
+        pending_rows += n
+        if pending_rows >= window:
+            carry = yield from _emit_window(pending, pending_rows, carry, batch_size, rng)
+            pending, pending_rows = [], 0
+    if pending:
+        yield from _emit_window(pending, pending_rows, carry, batch_size, rng)
+
+
+def _rows(block: dict[str, np.ndarray]) -> int:
+    return len(next(iter(block.values()))) if block else 0
+
+
+def _emit_window(
+    blocks: list[dict[str, np.ndarray]],
+    rows: int,
+    carry: dict[str, np.ndarray] | None,
+    batch_size: int,
+    rng: np.random.Generator,
+):
+    """Yield the batches of one permuted window (the first completes ``carry``); return the new carry."""
+    keys = list(blocks[0])
+    window = blocks[0] if len(blocks) == 1 else {k: np.concatenate([b[k] for b in blocks]) for k in keys}
+    order = rng.permutation(rows)
+    start = 0
+    if carry is not None:
+        start = min(batch_size - _rows(carry), rows)
+        head = order[:start]
+        merged = {k: np.concatenate([carry[k], window[k][head]]) for k in keys}
+        if _rows(merged) < batch_size:
+            return merged
+        yield merged
+    full = start + (rows - start) // batch_size * batch_size
+    for lo in range(start, full, batch_size):
+        idx = order[lo : lo + batch_size]
+        yield {k: window[k][idx] for k in keys}
+    if full == rows:
+        return None
+    tail = order[full:]
+    return {k: window[k][tail] for k in keys}
+
+
+def train_tensors(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str, Tensor]:
+    """A numpy train batch -> CPU tensors of the modalities and the label, sharing memory."""
+    return {**{m: _tensor(batch[m]) for m in modalities}, "label": _tensor(batch["label"])}
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items`` produced in a daemon thread, at most ``depth`` ahead of the consumer. An error
+    there is raised here; closing this generator stops the thread (and closes ``items``)."""
+    slots: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as err:  # handed to the consumer, which raises it
+            put((err, None))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="mmbalance-train-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, item = slots.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def build_datasets(
@@ -73,6 +241,9 @@ def build_datasets(
             # one-file split would otherwise be evaluated by one worker alone.
             ds = ds.repartition(num_blocks=4 * workers)
         ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes})
+        if key == "train":
+            # Blocks in file order (the seeded one), not in task completion order.
+            ds.context.execution_options.preserve_order = True
         # Eval splits never change between epochs: decode them once instead of re-reading and
         # re-partitioning every epoch. Train streams (file order reshuffled per epoch) unless
         # it is small enough to cache decoded; then each epoch shuffles the whole shard instead.
@@ -89,7 +260,12 @@ def split_config():
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
+                options = self._resolve_execution_options(name)  # a deep copy
+                if name == "train":
+                    # Train's blocks reach the equal split in the seeded file order, so the
+                    # rows of each rank follow from it (module docstring).
+                    options.preserve_order = True
+                ds.context.execution_options = options
                 for rank, shard in enumerate(ds.streaming_split(world_size, equal=(name == "train"))):
                     output[rank][name] = shard
             return output
@@ -100,9 +276,9 @@ def split_config():
 class RayShardSource:
     """This worker's share of each split, as device tensors.
 
-    A streamed train split is shuffled by file order (per epoch, in the reader) and a local
-    buffer of a few batches; a cached one by a buffer as large as the shard, i.e. a full
-    seeded permutation of the shard every epoch."""
+    Train is shuffled by the seeded file order and by windows of about ``WINDOW_BYTES``
+    (``shuffled_batches``); a cached train split by one window as large as the shard, i.e. a
+    full seeded permutation of the shard every epoch."""
 
     def __init__(self, recipe: Recipe, manifest: Manifest, device: torch.device, train_cached: bool = False):
         import ray.train
@@ -110,23 +286,25 @@ class RayShardSource:
         self.recipe, self.device = recipe, device
         self.modalities = list(recipe.modalities)
         self.shards = {key: ray.train.get_dataset_shard(key) for key in SPLIT_KEYS}
-        world = ray.train.get_context().get_world_size()
-        self.train_rows = manifest.splits[recipe.data.train_split].rows // world
-        self.buffer = self.train_rows if train_cached else max(4 * recipe.schedule.batch_size, 256)
+        self.world = ray.train.get_context().get_world_size()
+        self.rows = manifest.splits[recipe.data.train_split].rows
+        self.row_nbytes = row_bytes(recipe, manifest)
+        self.train_cached = train_cached
         self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
+        window = shuffle_window(batch_size, self.row_nbytes, self.rows // self.world, cached=self.train_cached)
         batches = iter_train_batches(
             self.shards["train"],
             batch_size,
-            buffer=self.buffer,
+            buffer=window,
             seed=epoch_seed(self.recipe.seed, epoch),
             corruptor=self.corruptor,
             epoch=epoch,
             modalities=self.modalities,
         )
         # equal=True gives every rank the same rows, so the step count agrees across ranks.
-        return self._to_device(batches), self.train_rows // batch_size
+        return self._to_device(batches), train_steps(self.rows, self.world, batch_size)
 
     def eval_batches(self, key: str, batch_size: int) -> Iterator[Batch]:
         return self._to_device(self.shards[key].iter_torch_batches(batch_size=batch_size, drop_last=False))
@@ -145,20 +323,22 @@ def iter_train_batches(
     corruptor: TrainCorruptor | None,
     epoch: int,
     modalities: list[str],
+    prefetch: int = TRAIN_PREFETCH_BATCHES,
 ) -> Iterator[dict[str, Tensor]]:
-    """A train shard (a Ray ``DataIterator``) as tensor batches, locally shuffled with ``seed``.
+    """A train shard (a Ray ``DataIterator``, or anything with its ``iter_batches``) as CPU
+    tensor batches of exactly ``batch_size`` rows, shuffled in windows of at least ``buffer``
+    rows with ``seed`` (``shuffled_batches``).
 
-    Without corruption this is Ray's default collate, unchanged. With it, a numpy collate runs
-    ``collate_train_batch`` in Ray's prefetch threads; Ray still moves the tensors to the device.
+    Ray hands over whole decoded blocks as numpy views; the windows, the batches and, with a
+    corruptor, ``collate_train_batch`` run in one background thread, ``prefetch`` batches ahead.
     """
-    collate = None if corruptor is None else _corrupting_collate(corruptor, epoch, modalities)
-    return shard.iter_torch_batches(
-        batch_size=batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=seed,
-        collate_fn=collate,
-    )
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=BLOCK_PREFETCH)
+    batches = shuffled_batches(blocks, batch_size, window=buffer, seed=seed)
+    if corruptor is None:
+        tensors = (train_tensors(b, modalities) for b in batches)
+    else:
+        tensors = (collate_train_batch(b, corruptor, epoch, modalities) for b in batches)
+    return prefetched(tensors, prefetch)
 
 
 def collate_train_batch(
@@ -172,13 +352,3 @@ def collate_train_batch(
 def _tensor(x: np.ndarray) -> Tensor:
     # Arrow-backed numpy batches may be read-only; a tensor sharing them would warn and be unsafe to write.
     return torch.from_numpy(x if x.flags.writeable else x.copy())
-
-
-def _corrupting_collate(corruptor: TrainCorruptor, epoch: int, modalities: list[str]):
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class CorruptTrainBatch(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
-            return collate_train_batch(batch, corruptor, epoch, modalities)
-
-    return CorruptTrainBatch()
