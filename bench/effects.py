@@ -23,8 +23,8 @@ objective.estimator=fixed_hist"``); ``--objectives`` limits the method rows.
         [--seeds 0 1 2] [--image-noise 5] [--jobs 2] [--out /tmp/mmbalance-effects]
         [--objectives NAME ...] [--extra "LABEL=key=value;key=value" ...]
 
-``--objectives`` defaults to every registered objective (``mmbalance.objectives.OBJECTIVES``); one
-without an entry in ``VARIANTS`` below gets its default row only.
+``--objectives`` defaults to every registered objective (``mmbalance.objectives.OBJECTIVES``); each
+gets its default row plus one row per entry of its class's ``variants`` (label -> overrides).
 """
 
 from __future__ import annotations
@@ -45,15 +45,6 @@ FSDD_MNIST = REPO.parent / "shared" / "data" / "fsdd_mnist"
 BASELINES = {
     "joint (lf, omega 0, concat)": ["objective.name=lf", "objective.omega=0", "model.fusion=concat"],
     "LF (omega 1)": ["objective.name=lf"],
-}
-# The paper/official variant of each method, as docs/objectives.md names it.
-VARIANTS = {
-    "mnl": {"paper": ["objective.warmup_epochs=2", "objective.include_target_ce=false"]},
-    "arm": {"official": ["objective.estimator=official_hist", "objective.r_clamp=[0.1,10.0]"]},
-    "arl": {"official": ["objective.apply_coeffs=official_uniform_1.5", "objective.start=6", "optim.grad_clip=40"]},
-    "aug": {
-        "official": ["objective.train_new_heads=false", "objective.merge_alpha=0.4", "objective.check_every_epochs=1"]
-    },
 }
 
 
@@ -76,12 +67,14 @@ def parse_extra(text: str) -> tuple[str, list[str]]:
 
 
 def configurations(objectives: list[str], extra: list[tuple[str, list[str]]] = ()) -> dict[str, list[str]]:
+    from mmbalance.objectives import OBJECTIVES
+
     configs = dict(BASELINES)
     for name in objectives:
         if name == "lf":
             continue
         configs[f"{name} (default)"] = [f"objective.name={name}"]
-        for label, overrides in VARIANTS.get(name, {}).items():
+        for label, overrides in OBJECTIVES[name].cls.variants.items():  # the paper/official variants
             configs[f"{name} ({label})"] = [f"objective.name={name}", *overrides]
     configs.update(extra)
     return configs

@@ -116,6 +116,7 @@ class ARL(StatelessObjective):
     params: ARLParams
     # z_m = the shared concat head with the other modalities' slots zeroed.
     requirements = Requirements(fusions=("concat",), warmup_key="start")
+    variants = {"official": ("objective.apply_coeffs=official_uniform_1.5", "objective.start=6", "optim.grad_clip=40")}
 
     def __init__(self, params: ARLParams | None = None):
         super().__init__(params)

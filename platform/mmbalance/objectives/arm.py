@@ -194,6 +194,7 @@ class ARM(StatelessObjective):
     # The scales are read back out of a shared concat head's zero-out logits (raw_logits). Adds
     # no heads, so the default trains_new_heads=True has nothing to decide.
     requirements = Requirements(fusions=("concat",), warmup_key="warmup_epochs")
+    variants = {"official": ("objective.estimator=official_hist", "objective.r_clamp=[0.1,10.0]")}
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         self.modalities, self.num_classes = list(modalities), num_classes

@@ -179,6 +179,13 @@ class AUG(StatelessObjective):
     # Needs add_head and the head F shared by every modality's classifiers; whether added heads
     # are optimised is the train_new_heads parameter.
     requirements = Requirements(fusions=("boost",), trains_new_heads="train_new_heads")
+    variants = {
+        "official": (
+            "objective.train_new_heads=false",
+            "objective.merge_alpha=0.4",
+            "objective.check_every_epochs=1",
+        )
+    }
 
     def __init__(self, params: AUGParams | None = None):
         super().__init__(params)

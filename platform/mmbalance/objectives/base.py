@@ -337,6 +337,9 @@ class StatelessObjective:
 
     name = "stateless"
     Params: ClassVar[type[BaseModel]] = NoParams
+    # Named variants (label -> recipe overrides, e.g. the official code's behaviour where it
+    # differs from the default); bench/effects.py runs each next to the default.
+    variants: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params_or_defaults(type(self), params)
@@ -415,10 +418,29 @@ def register_objective(cls: ObjectiveClass) -> ObjectiveClass:
     elif not problems:
         problems += needs.params_problems(params)
     problems += [f"missing protocol method {m}()" for m in _PROTOCOL_METHODS if not callable(getattr(cls, m, None))]
+    if not problems:
+        problems += _variant_problems(getattr(cls, "variants", {}), params)
     if problems:
         raise TypeError(f"objective {cls.__module__}.{cls.__qualname__} (name={name!r}): " + "; ".join(problems))
     add_entry(OBJECTIVES, name, Registered(cls, params), "objective")
     return cls
+
+
+def _variant_problems(variants: Any, params: type[BaseModel]) -> list[str]:
+    """Each variant must be label -> "section.key=value" overrides whose ``objective.*`` keys
+    are fields of ``Params`` (other sections are checked when a recipe is built from them)."""
+    if not isinstance(variants, dict):
+        return [f"variants must be a dict of label -> overrides, got {type(variants).__name__}"]
+    problems = []
+    for label, overrides in variants.items():
+        if isinstance(overrides, str) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            problems.append(f"variant {label!r} must be a tuple of 'section.key=value' strings")
+            continue
+        for key in (o.split("=", 1)[0].strip() for o in overrides):
+            section, _, field_name = key.partition(".")
+            if section == "objective" and field_name not in params.model_fields and field_name != "name":
+                problems.append(f"variant {label!r}: {key} is not a parameter of {params.__name__}")
+    return problems
 
 
 def cross_entropy_per_sample(logits: Tensor, labels: Tensor) -> Tensor:

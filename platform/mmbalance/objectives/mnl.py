@@ -156,6 +156,7 @@ class MNL(StatelessObjective):
     params: MNLParams
     # One linear head per modality with z_f their mean / sum: the guidance terms act on z_m.
     requirements = Requirements(fusions=("mean", "sum"), warmup_key="warmup_epochs")
+    variants = {"paper": ("objective.warmup_epochs=2", "objective.include_target_ce=false")}
 
     def __init__(self, params: MNLParams | None = None):
         super().__init__(params)
