@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 import mmbalance.objectives as objectives_package
 from helpers import REPO, recipe_dict
-from mmbalance.config import validate_recipe
+from mmbalance.config import parse_override, set_dotted, validate_recipe
 from mmbalance.models.encoders import ENCODERS
 from mmbalance.objectives import (
     OBJECTIVES,
@@ -135,6 +135,8 @@ def _objective(name: str, params=_Forbid, requirements=Requirements(fusions=("me
         (_objective("cand_no_needs", requirements=None), "Requirements"),
         (_objective("cand_warmup", requirements=Requirements(fusions=("mean",), warmup_key="warm")), "'warm'"),
         (_objective("cand_heads", requirements=Requirements(fusions=("mean",), trains_new_heads="grow")), "'grow'"),
+        (type("V", (_objective("cand_variant_key"),), {"variants": {"paper": ("objective.sart=1",)}}), "sart"),
+        (type("V", (_objective("cand_variant_str"),), {"variants": {"paper": "objective.start=1"}}), "tuple of"),
         (
             type(
                 "Candidate",
@@ -150,6 +152,17 @@ def test_a_misdeclared_objective_is_refused_and_not_registered(candidate, messag
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         register_objective(candidate)
     assert OBJECTIVES == before
+
+
+@pytest.mark.parametrize(
+    ("name", "label"), [(name, label) for name, entry in OBJECTIVES.items() for label in entry.cls.variants]
+)
+def test_every_declared_variant_is_a_valid_recipe_for_its_objective(name, label, small_shards):
+    tree = recipe_dict(small_shards, objective={"name": name})
+    for item in OBJECTIVES[name].cls.variants[label]:
+        set_dotted(tree, *parse_override(item))
+    recipe = validate_recipe(tree)
+    assert recipe.objective.name == name
 
 
 def test_an_objective_takes_its_own_params_model_or_none():
