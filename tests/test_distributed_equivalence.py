@@ -36,6 +36,11 @@ EXTRA_VARIANTS = {  # label -> (objective section, optim extras)
     "lf-accumulate-2": ({"name": "lf"}, {"accumulate": 2}),
     "mnl-accumulate-2": ({"name": "mnl"}, {"accumulate": 2}),
     "aug-accumulate-2": ({"name": "aug", "check_every_epochs": 1, "tau": 0.0}, {"accumulate": 2}),
+    # OGM-GE: the window's edges, noise on the leader only, the continuous coefficient, clipping.
+    "ogm_ge-window-dominant": (
+        {"name": "ogm_ge", "start_epoch": 1, "end_epoch": 1, "noise_on": "dominant", "coeff_form": "ratio_minus_one"},
+        {"grad_clip": 0.5},
+    ),
 }
 # Objectives whose loss is a mean of per-sample terms: accumulation is exactly the full-batch step.
 ACCUMULATION_REFERENCES = {"lf-accumulate-2": "lf", "mnl-accumulate-2": "mnl"}
