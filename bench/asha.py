@@ -6,7 +6,8 @@ the weak ones at its rungs. Printed as ratios ASHA / grid.
 
     python bench/asha.py [--out /tmp/mmbalance-asha]
 
-Target (issue 5): ASHA uses <= 40% of the grid's epochs for a best val within 1 point.
+Target: ASHA uses <= 35% of the grid's epochs for a best val within 1 point, with the scheduler's
+defaults (reduction_factor 4: docs/architecture.md, ASHA settings).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
     runs = {}
     for name, scheduler in (
         ("grid", {"name": "fifo"}),
-        ("asha", {"name": "asha", "grace_period": 1, "reduction_factor": 3, "max_t": EPOCHS}),
+        ("asha", {"name": "asha", "grace_period": 1, "max_t": EPOCHS}),  # the default reduction_factor
     ):
         space = SearchSpace.model_validate({**SPACE, "scheduler": scheduler})
         shutil.rmtree(out / name, ignore_errors=True)
@@ -66,7 +67,7 @@ def main() -> None:
     print(f"grid: {grid_epochs} epochs, best val {grid_best:.4f}")
     print(f"asha: {asha_epochs} epochs, best val {asha_best:.4f}")
     print(
-        f"epochs ASHA / grid: {asha_epochs / grid_epochs:.2f} (target <= 0.40); "
+        f"epochs ASHA / grid: {asha_epochs / grid_epochs:.2f} (target <= 0.35); "
         f"best val ASHA - grid: {100 * (asha_best - grid_best):+.2f} points (target >= -1)"
     )
 

@@ -97,7 +97,13 @@ class Distribution(_Strict):
 class SchedulerConfig(_Strict):
     name: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1, description="epochs every trial runs before ASHA may stop it")
-    reduction_factor: float = Field(3.0, gt=1.0)
+    reduction_factor: float = Field(
+        4.0,
+        gt=1.0,
+        description="ASHA keeps 1 of every reduction_factor trials at each rung; 4, not Tune's 3: "
+        "asynchronous halving at low concurrency promotes early (a rung's first arrivals are judged "
+        "against few peers), and the larger factor offsets that (bench/asha.py, docs/architecture.md)",
+    )
     max_t: int | None = Field(None, ge=1, description="epochs; defaults to the recipe's schedule.epochs")
 
 
