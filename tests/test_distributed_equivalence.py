@@ -41,6 +41,9 @@ EXTRA_VARIANTS = {  # label -> (objective section, optim extras)
         {"name": "ogm_ge", "start_epoch": 1, "end_epoch": 1, "noise_on": "dominant", "coeff_form": "ratio_minus_one"},
         {"grad_clip": 0.5},
     ),
+    # PMR: the official constant coefficient, and the moving average with epoch-end prototypes only.
+    "pmr-official": ({"name": "pmr", "coeff_form": "official_step", "mu": 0.0}, {}),
+    "pmr-momentum-no-initial": ({"name": "pmr", "momentum": 0.5, "initial_prototypes": "none"}, {}),
 }
 # Objectives whose loss is a mean of per-sample terms: accumulation is exactly the full-batch step.
 ACCUMULATION_REFERENCES = {"lf-accumulate-2": "lf", "mnl-accumulate-2": "mnl"}
