@@ -6,7 +6,8 @@ fusion (ARL/ARM need concat, AUG boost), so the ratio isolates the objective's c
 
     python bench/objectives.py [--model cnn|mlp] [--steps 30] [--batch 64]
 
-Targets (issue 3): MNL and ARL <= 1.10x, ARM <= 1.25x, AUG <= 1.5x of LF.
+Targets on the tiny MLP (``--model mlp``), where per-step host work shows most: MNL, ARL and
+AUG <= 1.15x of LF, ARM <= 1.3x.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mmbalance.objectives import OBJECTIVES, DistInfo, build_objective, objectiv
 
 # Each objective on its own declared fusion; LF on the same fusion is the reference.
 FUSION = {name: objective_requirements(name).default_fusion for name in OBJECTIVES if name != "lf"}
-TARGET = {"mnl": 1.10, "arl": 1.10, "arm": 1.25, "aug": 1.5}
+TARGET = {"mnl": 1.15, "arl": 1.15, "arm": 1.3, "aug": 1.15}  # tiny MLP; objectives not listed print no target
 SHAPES = {"cnn": {"audio": (40, 63), "image": (28, 28)}, "mlp": {"audio": (32,), "image": (32,)}}
 ENCODER = {"cnn": ("cnn", {"channels": [16, 32, 64], "out_dim": 64}), "mlp": ("mlp", {"hidden": [128], "out_dim": 64})}
 
