@@ -163,7 +163,9 @@ def main() -> None:
         bare = time_bare(size, device, precision, data, args.steps)
         engine = time_engine(size, device, precision, data, args.steps)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-        print(f"{precision:>9} {engine:10.1f} {bare:10.1f} {engine / bare:6.2f} {peak:9.0f}", flush=True)
+        # Four significant digits: a slow step on a busy CPU gives rates below 1/s, where one
+        # decimal would print a ratio that the printed rates contradict.
+        print(f"{precision:>9} {engine:10.4g} {bare:10.4g} {engine / bare:6.3g} {peak:9.0f}", flush=True)
     if args.ray_data is not None:
         print("Ray Data (bench/data.py " + " ".join(args.ray_data) + "):")
         print(ray_data_ratio(args.ray_data))
