@@ -2,7 +2,7 @@
 kind, and a combination of space values that cannot train is refused before Ray starts."""
 
 import threading
-from functools import partial
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -72,7 +72,12 @@ def test_a_search_whose_trials_all_die_exits_1_with_the_first_error(
 
     marker = tmp_path / "kill-marker"
     fault = {"rank": 0, "epoch": 0, "step": 0, "once_file": str(marker), "delay_s": 0.0}
-    monkeypatch.setattr(search, "run_search", partial(search.run_search, fault=fault))
+    real_run_search = search.run_search
+
+    def run_search_with_fault(space, base, output, run):
+        return real_run_search(space, base, output, replace(run, fault=fault))
+
+    monkeypatch.setattr(search, "run_search", run_search_with_fault)
     space, recipe = _files(
         tmp_path,
         small_shards,

@@ -14,7 +14,7 @@ import yaml
 
 from helpers import recipe_dict
 from helpers.ray_resources import settled_resources
-from mmbalance.tune.search import run_search
+from mmbalance.tune.search import SearchRun, run_search
 from mmbalance.tune.space import SearchSpace
 
 pytestmark = pytest.mark.integration
@@ -92,7 +92,7 @@ def _resume_changes_nothing(space, tree, out, trials, epochs):
     """A resume after a search that recovered by itself trains nothing and rewrites no trial record."""
     before = _finished(out)
     assert len(before) == trials
-    run_search(space, tree, out, resume=True)
+    run_search(space, tree, out, SearchRun(resume=True))
     assert _finished(out) == before
     _check_search(out, trials, epochs)
 
@@ -104,7 +104,7 @@ def test_killed_train_worker_is_restarted_from_its_checkpoint(ray_cluster, small
     marker = tmp_path / "worker-killed"
     space = SearchSpace.model_validate(_space(trials=2, workers=1, max_concurrent=2))
     tree, out = _recipe(small_shards, epochs=3), tmp_path / "search"
-    run_search(space, tree, out, fault={"rank": 0, "epoch": 1, "step": 2, "once_file": str(marker)})
+    run_search(space, tree, out, SearchRun(fault={"rank": 0, "epoch": 1, "step": 2, "once_file": str(marker)}))
     assert marker.exists(), "the fault hook must have killed a Train worker"
     _check_search(out, trials=2, epochs=3)
     # Exactly one trial was restarted, from epoch 0's checkpoint, not from scratch.
@@ -122,7 +122,9 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(ray_cluster, small_
     marker = tmp_path / "trial-killed"
     space = SearchSpace.model_validate(_space(trials=3, workers=0, max_concurrent=2))
     tree, out = _recipe(small_shards, epochs=4), tmp_path / "search"
-    run_search(space, tree, out, fault={"rank": 0, "epoch": 2, "step": 1, "once_file": str(marker), "delay_s": 2.0})
+    run_search(
+        space, tree, out, SearchRun(fault={"rank": 0, "epoch": 2, "step": 1, "once_file": str(marker), "delay_s": 2.0})
+    )
     assert marker.exists(), "the fault hook must have killed a trial process"
     _check_search(out, trials=3, epochs=4)
     assert sorted(_resumed_from(out).values(), key=str) == [2, None, None]

@@ -46,8 +46,8 @@ def test_user_set_beats_the_space_set_on_the_command_line(small_shards, tmp_path
 
     seen = {}
 
-    def fake_run_search(space, base, output, **options):
-        seen.update(base=base, overrides=options["overrides"], space=space)
+    def fake_run_search(space, base, output, run):
+        seen.update(base=base, overrides=run.overrides, space=space)
         return pd.DataFrame(columns=[*space.space, "seed", "stop_reason", "best_val", "test_acc"])
 
     monkeypatch.setattr(search, "run_search", fake_run_search)

@@ -45,6 +45,14 @@ class SearchOptions:
             if v is not None
         }
 
+    def search_run(self, overrides: dict[str, Any]):
+        """The ``SearchRun`` these options ask for, with the parsed ``--set`` keys."""
+        from mmbalance.tune.search import SearchRun
+
+        return SearchRun(
+            resume=self.resume, storage=self.storage, address=self.address, verbose=self.verbose, overrides=overrides
+        )
+
 
 def tune(space: str, recipe: str, options: SearchOptions, *, samples: int | None = None) -> None:
     from mmbalance.config import load_recipe_dict
@@ -71,16 +79,7 @@ def tune(space: str, recipe: str, options: SearchOptions, *, samples: int | None
         f"up to {loaded.max_concurrent} at once, {loaded.workers or 'in-process'} worker(s) per trial -> {output.path}"
     )
     try:
-        frame = run_search(
-            loaded,
-            base,
-            output.path,
-            resume=options.resume,
-            storage=options.storage,
-            address=options.address,
-            overrides=overrides,
-            verbose=options.verbose,
-        )
+        frame = run_search(loaded, base, output.path, options.search_run(overrides))
     except SearchFailed as err:  # the search ran: exit 1 (2 is for what was refused before it ran)
         if err.frame is not None:
             _print_search(err.frame, loaded, output)
@@ -126,15 +125,7 @@ def compare(
     )
     try:
         frame, chosen = run_study(
-            loaded,
-            base,
-            output.path,
-            resume=options.resume,
-            storage=options.storage,
-            address=options.address,
-            overrides=overrides,
-            say=lambda line: print(line, flush=True),
-            verbose=options.verbose,
+            loaded, base, output.path, options.search_run(overrides), say=lambda line: print(line, flush=True)
         )
     except SearchFailed as err:
         print(f"mmbalance {options.command}: error: {err}", file=sys.stderr, flush=True)

@@ -17,10 +17,12 @@ method (``records.experiment_group``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from mmbalance.layout import StudyDir
+from mmbalance.tune.search import Part, SearchRun, run_searches
 from mmbalance.tune.study import Study, final_space, method_base, search_space, validate_study
 
 
@@ -47,12 +49,8 @@ def run_study(
     study: Study,
     base: dict[str, Any],
     output: Path,
+    run: SearchRun = SearchRun(),
     *,
-    resume: bool = False,
-    storage: str | None = None,
-    address: str | None = None,
-    verbose: bool = False,
-    overrides: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
 ):
     """Run every method's search, then every method's final runs; write ``results.parquet``.
@@ -63,10 +61,9 @@ def run_study(
 
     from mmbalance.tracking.records import experiment_id
 
-    methods = validate_study(study, base, overrides)
+    methods = validate_study(study, base, run.overrides)
     output = Path(output).resolve()
-    experiment_id(output, fresh=not resume)  # the study's own id: its methods' W&B groups carry it
-    common = dict(resume=resume, storage=storage, address=address, verbose=verbose, overrides=overrides)
+    experiment_id(output, fresh=not run.resume)  # the study's own id: its methods' W&B groups carry it
     spaces = {name: search_space(study, method) for name, method in methods.items()}
     trials = sum(space.trial_count() for space in spaces.values())
     say(
@@ -77,7 +74,7 @@ def run_study(
         "search",
         {name: (spaces[name], method_base(base, method)) for name, method in methods.items()},
         output,
-        **common,
+        run,
     )
     chosen, finals = {}, {}
     for name, method in methods.items():
@@ -90,7 +87,7 @@ def run_study(
         f"phase 2/2, final runs: each method's best configuration on {len(study.seeds)} seeds "
         f"({len(methods) * len(study.seeds)} runs in one Tuner)"
     )
-    final = _stage("final", finals, output, **common)
+    final = _stage("final", finals, output, run)
     frames = [
         frame
         for name in methods
@@ -104,40 +101,23 @@ def run_study(
     return frame, chosen
 
 
-def _stage(
-    phase: str,
-    parts: dict[str, tuple[Any, dict[str, Any]]],
-    output: Path,
-    *,
-    resume: bool,
-    storage,
-    address,
-    verbose,
-    overrides,
-) -> dict[str, Any]:
+def _stage(phase: str, parts: dict[str, tuple[Any, dict[str, Any]]], output: Path, run: SearchRun) -> dict[str, Any]:
     """One phase of every method in one Tuner (``search.Part``): its state and W&B runs in
     ``<out>/stages/<phase>``, each method's trials and results in ``<out>/methods/<m>/<phase>``.
     A phase every method finished earlier (an interrupted study) is read back; an unfinished
     one is resumed."""
     import pandas as pd
 
-    from mmbalance.tune.search import Part, run_searches
-
     study = StudyDir(output)
     directories = {name: study.method_stage(name, phase) for name in parts}
     if all(d.results.is_file() for d in directories.values()):
         return {name: pd.read_parquet(d.results) for name, d in directories.items()}
     stage = study.stage_state(phase)
-    in_progress = resume and stage.tune_state.exists()
-    stage_storage = f"{storage.rstrip('/')}/{StudyDir.STAGES}/{phase}" if storage else None
+    storage = f"{run.storage.rstrip('/')}/{StudyDir.STAGES}/{phase}" if run.storage else None
     return run_searches(
         [Part(name, space, base, directories[name].path) for name, (space, base) in parts.items()],
         stage.path,
-        resume=in_progress,
-        storage=stage_storage,
-        address=address,
-        verbose=verbose,
-        overrides=overrides,
+        replace(run, resume=run.resume and stage.tune_state.exists(), storage=storage),
     )
 
 

@@ -36,6 +36,20 @@ FAILED = RunDir.FAILED  # in a trial's run directory: its deterministic error, r
 
 
 @dataclass(frozen=True)
+class SearchRun:
+    """How a search runs, as opposed to what it searches: resume, where Ray keeps state, which
+    cluster, console verbosity, the fault hook (tests) and the user's ``--set`` keys. One value
+    travels from the command through a study's stages to the Tuner instead of six keywords."""
+
+    resume: bool = False
+    storage: str | None = None
+    address: str | None = None
+    verbose: bool = False
+    fault: dict[str, Any] | None = None
+    overrides: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Part:
     """One of the searches a single Tuner runs (``run_searches``). A comparison study runs every
     method's search in one Tuner and every method's final runs in another: one Tuner start, one
@@ -492,53 +506,22 @@ class SearchInterrupted(RuntimeError):
     """The search stopped before every trial ended (SIGINT); it can be resumed."""
 
 
-def run_search(
-    space: SearchSpace,
-    base: dict[str, Any],
-    output: Path,
-    *,
-    resume: bool = False,
-    storage: str | None = None,
-    address: str | None = None,
-    verbose: bool = False,
-    fault: dict[str, Any] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> "Any":
+def run_search(space: SearchSpace, base: dict[str, Any], output: Path, run: SearchRun = SearchRun()) -> "Any":
     """Validate, connect, search, score, write results; returns the results DataFrame.
 
-    ``overrides`` are the user's ``--set`` keys: above the space's ``set:``, below the draw
+    ``run.overrides`` are the user's ``--set`` keys: above the space's ``set:``, below the draw
     (``space.trial_recipe``). A search whose trials failed (all, or more than the space's
     ``max_failed_fraction``) raises ``SearchFailed`` after its results are written.
 
     Quiet by default: one line per ended trial (``trial_progress_callback``) and whatever the
     caller prints; Ray's worker output, Tune's banner and slow-operation warnings stay off the
     console (``quiet_tune``). Errors and the tracebacks of failed trials are always shown.
-    ``verbose=True`` lets everything through."""
+    ``run.verbose`` lets everything through."""
     output = Path(output).resolve()
-    frames = run_searches(
-        [Part(None, space, base, output)],
-        output,
-        resume=resume,
-        storage=storage,
-        address=address,
-        verbose=verbose,
-        fault=fault,
-        overrides=overrides,
-    )
-    return frames[None]
+    return run_searches([Part(None, space, base, output)], output, run)[None]
 
 
-def run_searches(
-    parts: list[Part],
-    output: Path,
-    *,
-    resume: bool = False,
-    storage: str | None = None,
-    address: str | None = None,
-    verbose: bool = False,
-    fault: dict[str, Any] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> "dict[str | None, Any]":
+def run_searches(parts: list[Part], output: Path, run: SearchRun = SearchRun()) -> "dict[str | None, Any]":
     """``run_search`` for several searches in one Tuner (``Part`` says why); ``output`` holds the
     Tuner's state and W&B runs, each part's results go to its own directory. Every part must
     ask for the same trial resources and concurrency. Returns each part's results DataFrame; the
@@ -549,7 +532,7 @@ def run_searches(
     from mmbalance.launch.cluster import Request, check_fits, connect
     from mmbalance.tune.space import validate_against
 
-    overrides = dict(overrides or {})
+    overrides = dict(run.overrides or {})
     space = parts[0].space
     shape = {(p.space.workers, p.space.gpus_per_worker, p.space.max_concurrent) for p in parts}
     if len(shape) != 1:
@@ -566,8 +549,8 @@ def run_searches(
     per_trial = Request(workers=max(space.workers, 1), gpus_per_worker=space.gpus_per_worker)
     started_here = connect(
         Request(workers=per_trial.workers * space.max_concurrent, gpus_per_worker=space.gpus_per_worker),
-        address,
-        verbose=verbose,
+        run.address,
+        verbose=run.verbose,
     )
     check_fits(per_trial, autoscaling=not started_here)
     ready = [
@@ -578,15 +561,15 @@ def run_searches(
     max_t = {p.name: p.space.scheduler.max_t or fixed[p.name].schedule.epochs for p in parts}
     tracking = fixed[parts[0].name].tracking
     total = sum(p.space.trial_count() for p in parts)
-    with quiet_tune(enabled=not verbose), tune_interrupts() as presses:
+    with quiet_tune(enabled=not run.verbose), tune_interrupts() as presses:
         grid = build_tuner(
             ready,
             output,
-            resume,
+            run.resume,
             max_t,
-            storage,
+            run.storage,
             tracking,
-            fault,
+            run.fault,
             overrides,
             checked_data=frozenset(storage_absolute(path) for path in checked),
         ).fit()
