@@ -375,6 +375,23 @@ class StatelessObjective:
         return None
 
 
+class LastEpochMetrics:
+    """Mixin for an objective whose only state is its last epoch's diagnostics
+    (``self._epoch_metrics``, set in ``on_epoch_end``): kept in the checkpoint, so a resumed run
+    logs the same epoch record as an uninterrupted one. Put it before ``StatelessObjective``."""
+
+    _epoch_metrics: dict[str, float]
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return dict(getattr(self, "_epoch_metrics", {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_metrics": self.epoch_metrics()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch_metrics = dict(state.get("epoch_metrics", {}))
+
+
 # name -> Registered(class, Params), filled by ``register_objective`` as each module of the
 # package is imported (``mmbalance.objectives`` imports them all); read it from there.
 OBJECTIVES: dict[str, Registered] = {}

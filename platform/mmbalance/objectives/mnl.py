@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mmbalance.objectives.base import (
     DistInfo,
+    LastEpochMetrics,
     LossGroup,
     Requirements,
     StatelessObjective,
@@ -129,7 +130,7 @@ def pair_losses(
 
 
 @register_objective
-class MNL(StatelessObjective):
+class MNL(LastEpochMetrics, StatelessObjective):
     """Multimodal Negative Learning (Gong et al., NeurIPS'25, arXiv:2510.20877).
 
     Official code: github.com/BaoquanGong/Multimodal-Negative-Learning at commit 64cea5624d
@@ -212,13 +213,3 @@ class MNL(StatelessObjective):
         metrics["mnl_active"] = float(epoch >= self.params.warmup_epochs)
         self._epoch_metrics = metrics
         return []
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return dict(self._epoch_metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        # Stateless method: only the last epoch's diagnostics, so a resumed run logs the same record.
-        return {"epoch_metrics": dict(self._epoch_metrics)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._epoch_metrics = dict(state.get("epoch_metrics", {}))

@@ -21,6 +21,7 @@ from torch import Tensor
 from mmbalance.objectives.base import (
     DistInfo,
     GradientContext,
+    LastEpochMetrics,
     LossGroup,
     Requirements,
     StatelessObjective,
@@ -119,7 +120,7 @@ def gradient_noise_std(grad: Tensor) -> Tensor:
 
 
 @register_objective
-class OGMGE(StatelessObjective):
+class OGMGE(LastEpochMetrics, StatelessObjective):
     """OGM-GE, "Balanced Multimodal Learning via On-the-fly Gradient Modulation" (Peng et al., CVPR 2022).
 
     Official code: GeWu-Lab/OGM-GE_CVPR2022 at commit ``343dc1d95c`` (``main.py``, ``train_epoch``).
@@ -246,13 +247,3 @@ class OGMGE(StatelessObjective):
                 metrics[key] = float(total / count)
         self._epoch_metrics = metrics
         return []
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return dict(self._epoch_metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        # The step scores are consumed within their step; only the last epoch's diagnostics persist.
-        return {"epoch_metrics": dict(self._epoch_metrics)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._epoch_metrics = dict(state["epoch_metrics"])
