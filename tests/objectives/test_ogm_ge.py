@@ -158,19 +158,25 @@ def grads(model: LateFusion) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def test_only_the_dominant_encoder_is_scaled_without_noise():
+def hooked_once(**params):
+    """One step on the concat model and the hook after it: (objective, result, gradients
+    before the hook, gradients after it)."""
     model = make_model()
-    obj = make_objective("concat", alpha=0.7, noise_scale=0.0)
+    obj = make_objective("concat", **params)
     obj.bind(model.modalities, CLASSES, model.info)
     batch, labels = make_batch()
     result = backward_once(model, obj, batch, labels)
+    before = grads(model)
+    obj.perturb_gradients(gradient_context(model, result))
+    return obj, result, before, grads(model)
+
+
+def test_only_the_dominant_encoder_is_scaled_without_noise():
+    obj, result, before, after = hooked_once(alpha=0.7, noise_scale=0.0)
     mod = obj.step_modulation(0)
     assert int(mod["dominant"]) == 0  # audio leads by construction
     k = float(mod["coeff"][0])
     assert 0.0 < k < 1.0
-    before = grads(model)
-    obj.perturb_gradients(gradient_context(model, result))
-    after = grads(model)
     for name, g in before.items():
         factor = k if name.startswith("encoders.audio.") else 1.0
         torch.testing.assert_close(after[name], factor * g, rtol=1e-6, atol=0)
@@ -211,14 +217,7 @@ def test_noise_std_matches_the_gradient_std_on_a_large_tensor():
 
 
 def test_noise_on_dominant_leaves_the_other_modality_exact():
-    model = make_model()
-    obj = make_objective("concat", alpha=0.7, noise_on="dominant")
-    obj.bind(model.modalities, CLASSES, model.info)
-    batch, labels = make_batch()
-    result = backward_once(model, obj, batch, labels)
-    before = grads(model)
-    obj.perturb_gradients(gradient_context(model, result))
-    after = grads(model)
+    obj, _, before, after = hooked_once(alpha=0.7, noise_on="dominant")
     k = float(obj.step_modulation(0)["coeff"][0])
     for key, g in before.items():
         if key.startswith("encoders.visual."):
@@ -228,14 +227,7 @@ def test_noise_on_dominant_leaves_the_other_modality_exact():
 
 
 def test_conv_filter_touches_only_4d_gradients():
-    model = make_model()
-    obj = make_objective("concat", alpha=0.7, modulated_params="conv")
-    obj.bind(model.modalities, CLASSES, model.info)
-    batch, labels = make_batch()
-    result = backward_once(model, obj, batch, labels)
-    before = grads(model)
-    obj.perturb_gradients(gradient_context(model, result))
-    after = grads(model)
+    _, _, before, after = hooked_once(alpha=0.7, modulated_params="conv")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"encoders.audio.conv.weight", "encoders.visual.conv.weight"}
 
