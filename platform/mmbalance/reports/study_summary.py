@@ -25,6 +25,7 @@ from typing import Any
 
 from mmbalance.layout import RunDir, StudyDir
 from mmbalance.reports.significance import compare_to_reference, mean_interval
+from mmbalance.tracking.records import json_safe
 from mmbalance.tune.study import ALONE_PREFIX, Method, Study
 
 SUMMARY_FILE = StudyDir.SUMMARY
@@ -74,7 +75,7 @@ def summarize(frame, study: Study, methods: dict[str, Method], chosen: dict[str,
 def write_summary(summary: dict[str, Any], output: Path) -> Path:
     path = Path(output) / SUMMARY_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite(summary), indent=1, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(summary), indent=1, sort_keys=False, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 
@@ -230,15 +231,3 @@ def _curve(rows, key: str) -> list[float]:
         return []
     steps = min(len(c) for c in curves)
     return [sum(c[e] for c in curves) / len(curves) for e in range(steps)]
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if hasattr(value, "item"):
-        return _finite(value.item())
-    return value

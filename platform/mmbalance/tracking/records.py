@@ -23,9 +23,21 @@ from mmbalance.layout import EXPERIMENT_ID_FILE, RunDir, StudyDir
 ID_LENGTH = 16  # hex digits: 64 random bits, so ids never collide in practice
 
 
-def _finite(value: Any) -> Any:
-    # JSON has no NaN; a metric that could not be computed is recorded as null.
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth, replaced by None.
+
+    JSON has no NaN or infinity (``json.dumps`` writes the non-standard ``NaN`` that strict
+    readers reject), so a metric that could not be computed is recorded as null. Tensor and
+    numpy scalars (anything with ``.item()``) become Python numbers first."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return json_safe(value.item())
+    return value
 
 
 def new_id() -> str:
@@ -130,7 +142,7 @@ class RunRecord:
 
     def append_metrics(self, metrics: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps({k: _finite(v) for k, v in metrics.items()}) + "\n")
+            handle.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
@@ -146,7 +158,7 @@ class RunRecord:
 
     def write_result(self, result: dict[str, Any]) -> None:
         tmp = self.layout.result.with_name(f"{RunDir.RESULT}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=_finite) + "\n")
+        tmp.write_text(json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False) + "\n")
         os.replace(tmp, self.layout.result)
 
     def checkpoint_dir(self, which: str) -> Path:
