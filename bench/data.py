@@ -3,7 +3,8 @@
 Both paths run the engine's training step on one worker: the in-process path from arrays in
 memory, the Ray Data path from ``read_parquet -> map_batches(decode)`` iterated exactly as a
 Ray Train worker consumes its shard (``engine/ray_data.iter_train_batches``: whole blocks,
-seeded shuffle windows, tensors built in a background thread). Samples/s is measured over
+seeded shuffle windows, tensors built in a background thread, the next epoch's read started
+while the last window trains: ``TrainBlocks``). Samples/s is measured over
 epochs after the first (steady state: Ray Data's first epoch also pays for task start-up).
 Two cases, each printed with its in-process number and the ratio in one run:
 
@@ -20,10 +21,11 @@ Two cases, each printed with its in-process number and the ratio in one run:
   at a few hundred samples/s the input path is what the ratio measures. Target: >= 0.8.
 
 ``--paths ray-buffer`` adds the previous worker loop (Ray's ``iter_torch_batches`` with
-``local_shuffle_buffer_size``) for comparison. Defaults take about 2 minutes on 2 cores (shards
+``local_shuffle_buffer_size``) for comparison, ``--paths no-read-ahead`` the windows without
+``TrainBlocks`` (every epoch's read starts when the epoch does). Defaults take about 2 minutes on 2 cores (shards
 are generated once and kept under ``--out``; 4 epochs per path, 3 timed).
 
-    python bench/data.py [--cases avdigits cremad] [--epochs 4] [--paths window ray-buffer]
+    python bench/data.py [--cases avdigits cremad] [--epochs 4] [--paths window no-read-ahead ray-buffer]
 """
 
 from __future__ import annotations
@@ -62,17 +64,21 @@ class InProcess:
 class RayDataWorker:
     """The train shard as a Ray Train worker iterates it, without the TorchTrainer around it."""
 
-    def __init__(self, name, dataset, recipe, manifest, cached, legacy=False):
+    def __init__(self, name, dataset, recipe, manifest, cached, path="window"):
+        from mmbalance.engine.ray_data import TrainBlocks
+
         self.name, self.dataset, self.recipe, self.manifest = name, dataset, recipe, manifest
         self.modalities = list(recipe.modalities)
         self.rows = manifest.splits[recipe.data.train_split].rows
-        self.cached, self.legacy = cached, legacy
+        self.cached, self.path = cached, path
+        # One iterator for all epochs, as a worker's shard; the next epoch's read starts early.
+        self.blocks = TrainBlocks(dataset.iterator(), lead_rows=0)
 
     def train_batches(self, epoch, batch_size):
         from mmbalance.engine.batches import epoch_seed
 
         seed = epoch_seed(self.recipe.seed, epoch)
-        if self.legacy:  # the loop before engine/ray_data's windows: Ray's local shuffle buffer
+        if self.path == "ray-buffer":  # the loop before engine/ray_data's windows: Ray's local shuffle buffer
             buffer = self.rows if self.cached else max(4 * batch_size, 256)
             batches = self.dataset.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed
@@ -81,8 +87,11 @@ class RayDataWorker:
             from mmbalance.engine.ray_data import iter_train_batches, row_bytes, shuffle_window
 
             window = shuffle_window(batch_size, row_bytes(self.recipe, self.manifest), self.rows, cached=self.cached)
+            self.blocks.lead_rows = window
+            # "no-read-ahead": each epoch's read starts when the epoch does (before TrainBlocks).
+            shard = self.blocks if self.path == "window" else self.dataset.iterator()
             batches = iter_train_batches(
-                self.dataset.iterator(),
+                shard,
                 batch_size,
                 buffer=window,
                 seed=seed,
@@ -193,7 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=["avdigits", "cremad"], default=["avdigits", "cremad"])
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--paths", nargs="+", choices=["window", "ray-buffer"], default=["window"])
+    parser.add_argument("--paths", nargs="+", choices=["window", "no-read-ahead", "ray-buffer"], default=["window"])
     parser.add_argument("--avdigits-shards", default=None, help="existing AV-digits shards (default: --out/avdigits)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mmbalance-bench-data"))
     args = parser.parse_args()
@@ -221,10 +230,11 @@ def main() -> None:
             for label, cached in variants:
                 for path in args.paths:
                     train = build_datasets(recipe, manifest, str(shards), workers=1, cache_train=cached)["train"]
-                    how = "windows" if path == "window" else "Ray local shuffle buffer"
-                    shuffle_buffer = path != "window"
+                    how = {"window": "windows", "no-read-ahead": "windows, no read-ahead"}.get(
+                        path, "Ray local shuffle buffer"
+                    )
                     title = f"Ray Data, {label} ({how})"
-                    source = RayDataWorker(title, train, recipe, manifest, cached, shuffle_buffer)
+                    source = RayDataWorker(title, train, recipe, manifest, cached, path)
                     results[name].append((source.name, measure(recipe, manifest, source, args.epochs)))
                     del train, source
                     gc.collect()

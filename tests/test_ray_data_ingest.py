@@ -240,3 +240,279 @@ def test_two_ranks_get_equal_steps_disjoint_rows_and_a_reproducible_epoch(ray_cl
     again = _epoch_on_two_ranks(recipe, manifest, shards, epoch=1, batch=batch)
     for rank in range(2):
         assert all(np.array_equal(a, b) for a, b in zip(first[rank], again[rank]))
+
+
+class _CountingShard:
+    """A shard whose ``k``-th execution yields ``epochs[k]``'s blocks, recording each pull."""
+
+    def __init__(self, epochs, fail_on=None):
+        self.epochs, self.fail_on = epochs, fail_on
+        self.pulled: list[tuple[int, int]] = []  # (execution, block index) in pull order
+        self.executions = 0
+
+    def iter_batches(self, *, batch_size, batch_format, prefetch_batches):
+        assert batch_size is None and batch_format == "numpy"
+        k = self.executions
+        self.executions += 1
+        return self._run(k)
+
+    def _run(self, k):
+        for i, block in enumerate(self.epochs[k]):
+            if self.fail_on == (k, i):
+                raise RuntimeError(f"read of execution {k} failed")
+            self.pulled.append((k, i))
+            yield block
+
+
+def test_train_blocks_give_each_execution_in_turn_and_read_one_lead_ahead():
+    from mmbalance.engine.ray_data import TrainBlocks
+
+    epochs = [_blocks([10, 20, 30]), _blocks([5, 5, 5, 5]), _blocks([40])]
+    shard = _CountingShard(epochs)
+    blocks = TrainBlocks(shard, lead_rows=12)
+    first = list(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    assert [len(b["label"]) for b in first] == [10, 20, 30]
+    # Exhausting epoch 0 started execution 1, which reads blocks until it holds >= 12 rows (3 of 5).
+    blocks._lead.join(5)
+    assert shard.executions == 2 and shard.pulled[3:] == [(1, 0), (1, 1), (1, 2)]
+    second = list(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    assert [len(b["label"]) for b in second] == [5, 5, 5, 5]
+    for got, ref in zip(second, epochs[1]):
+        np.testing.assert_array_equal(got["label"], ref["label"])
+    third = list(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    assert [len(b["label"]) for b in third] == [40] and shard.executions == 4  # the 4th: read ahead of an epoch 3
+
+
+def test_train_blocks_raise_a_read_ahead_error_in_the_epoch_that_needs_it():
+    from mmbalance.engine.ray_data import TrainBlocks
+
+    shard = _CountingShard([_blocks([10, 10]), _blocks([10, 10, 10])], fail_on=(1, 1))
+    blocks = TrainBlocks(shard, lead_rows=100)
+    assert len(list(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))) == 2
+    got = []
+    with pytest.raises(RuntimeError, match="read of execution 1 failed"):
+        for block in blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            got.append(block)
+    assert len(got) == 1  # the block read before the failure still comes first
+
+
+def test_an_epoch_of_train_blocks_waits_until_the_previous_epoch_has_ended():
+    from mmbalance.engine.ray_data import TrainBlocks
+
+    shard = _CountingShard([_blocks([5, 5]), _blocks([7])])
+    blocks = TrainBlocks(shard, lead_rows=1)
+    first = blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    next(first)
+    got: list = []
+    later = threading.Thread(
+        target=lambda: got.extend(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    )
+    later.start()
+    later.join(0.5)
+    assert later.is_alive() and not got and shard.executions == 1  # no second execution alongside the first
+    assert len(list(first)) == 1
+    later.join(5)
+    assert [len(b["label"]) for b in got] == [7] and shard.executions == 3
+
+
+def test_batches_through_train_blocks_equal_those_of_the_shard_itself():
+    from mmbalance.engine.ray_data import TrainBlocks
+
+    def epochs():
+        return [_blocks([50, 70, 30]), _blocks([64, 64, 22])]
+
+    direct, ahead = _CountingShard(epochs()), TrainBlocks(_CountingShard(epochs()), lead_rows=64)
+    for epoch in range(2):
+        seed = epoch_seed(0, epoch)
+        kw = dict(buffer=64, seed=seed, corruptor=None, epoch=epoch, modalities=["x"])
+        ref = [b["label"].numpy() for b in iter_train_batches(direct, 32, **kw)]
+        got = [b["label"].numpy() for b in iter_train_batches(ahead, 32, **kw)]
+        assert len(got) == len(ref) == 150 // 32
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+
+
+def _shares(array: np.ndarray, buffer) -> bool:
+    base = np.frombuffer(buffer, dtype=np.uint8)
+    return np.shares_memory(array, base)
+
+
+def test_tensor_column_views_one_chunk_and_concatenates_several():
+    import pyarrow as pa
+
+    from mmbalance.engine.ray_data import tensor_column
+
+    values = np.arange(4 * 6, dtype=np.float32)
+    chunk = pa.FixedSizeListArray.from_arrays(pa.array(values), 6)
+    got = tensor_column(pa.chunked_array([chunk]), "float32", [2, 3])
+    assert got.shape == (4, 2, 3) and np.array_equal(got.reshape(-1), values)
+    assert _shares(got, chunk.values.buffers()[1])  # a view, no copy
+    sliced = tensor_column(pa.chunked_array([chunk.slice(1, 2)]), "float32", [2, 3])
+    np.testing.assert_array_equal(sliced.reshape(-1), values[6:18])
+    two = tensor_column(pa.chunked_array([chunk.slice(0, 1), chunk.slice(2, 2)]), "float32", [6])
+    np.testing.assert_array_equal(two, np.stack([values[0:6], values[12:18], values[18:24]]))
+    empty = tensor_column(pa.chunked_array([], type=chunk.type), "float32", [2, 3])
+    assert empty.shape == (0, 2, 3) and empty.dtype == np.float32
+
+
+def test_tensor_column_reads_raw_bytes_and_up_casts_float16():
+    import pyarrow as pa
+
+    from mmbalance.engine.ray_data import tensor_column
+
+    exact = np.array([0.1, -2.5, 1000.3, 3.14159, 1e-3, 65504.0], dtype=np.float32)
+    half = exact.astype(np.float16)
+    # float16 elements in a fixed_size_list: up-cast to float32 equal to the rounded values.
+    as_list = pa.FixedSizeListArray.from_arrays(pa.array(half), 3)
+    got = tensor_column(pa.chunked_array([as_list]), "float32", [3], stored="float16")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.reshape(-1), half.astype(np.float32))
+    assert not np.array_equal(got.reshape(-1), exact)  # 0.1, 1000.3, 3.14159, 1e-3 do not survive float16
+    # The same bytes as fixed_size_binary rows, second row only (the offset is honoured).
+    raw = pa.FixedSizeBinaryArray.from_buffers(pa.binary(6), 2, [None, pa.py_buffer(half.tobytes())])
+    got = tensor_column(pa.chunked_array([raw.slice(1, 1)]), "float32", [3], stored="float16")
+    np.testing.assert_array_equal(got, half[3:].astype(np.float32)[None])
+
+
+def test_decode_batch_up_casts_a_stored_float16_modality_only():
+    import pyarrow as pa
+
+    from mmbalance.engine.ray_data import decode_batch
+
+    audio = np.array([[0.1, 0.2], [0.3, 0.4]], dtype=np.float32)
+    pixels = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8)
+    table = pa.table(
+        {
+            "label": pa.array([1, 0], pa.int64()),
+            "audio": pa.FixedSizeListArray.from_arrays(pa.array(audio.astype(np.float16).reshape(-1)), 2),
+            "image": pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 3),
+        }
+    )
+    out = decode_batch(
+        table,
+        {"audio": [2], "image": [3]},
+        {"audio": "float32", "image": "uint8"},
+        {"audio": "float16", "image": "uint8"},
+    )
+    assert out["audio"].dtype == np.float32 and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["audio"], audio.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(out["image"], pixels)
+    np.testing.assert_array_equal(out["label"], [1, 0])
+
+
+def test_manifest_records_float16_storage_and_old_manifests_read_and_write_as_before(tmp_path):
+    import json
+
+    from pydantic import ValidationError
+
+    from mmbalance.data.manifest import Manifest, ModalitySpec
+
+    old = {
+        "format_version": 1,
+        "dataset": "d",
+        "classes": ["a", "b"],
+        "modalities": {"audio": {"dtype": "float32", "shape": [2], "encoding": "tensor", "normalize": None}},
+        "splits": {s: {"rows": 0, "files": []} for s in ("train", "val", "test")},
+        "generator": {},
+        "preprocessing": {},
+    }
+    manifest = Manifest.model_validate(old)
+    assert manifest.modalities["audio"].stored is None and manifest.modalities["audio"].storage_dtype == "float32"
+    manifest.dump(tmp_path / "old.json")
+    assert "stored" not in json.loads((tmp_path / "old.json").read_text())["modalities"]["audio"]
+    old["modalities"]["audio"]["stored"] = "float16"
+    half = Manifest.model_validate(old)
+    half.dump(tmp_path / "half.json")
+    again = Manifest.model_validate(json.loads((tmp_path / "half.json").read_text()))
+    assert again.modalities["audio"].storage_dtype == "float16" and again.modalities["audio"].nbytes == 8
+    with pytest.raises(ValidationError, match="float32 modalities"):
+        ModalitySpec(dtype="uint8", shape=[3], stored="float16")
+
+
+def test_float16_spectrogram_shards_round_trip_to_float32(tmp_path):
+    """Writer stores float16, the manifest records it, both readers return the rounded values as float32."""
+    import pyarrow.parquet as pq
+
+    from mmbalance.data.manifest import ModalitySpec, read_manifest
+    from mmbalance.data.shards import SplitArrays, load_split, validate_shards, write_shards
+    from mmbalance.engine.ray_data import decode_batch
+
+    out = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal((6, 4, 5)) * 7).astype(np.float32)
+    labels = np.arange(6) % 2
+    splits = {s: SplitArrays([f"{s}-{i}" for i in range(6)], labels, {"audio": audio}) for s in ("train", "val")}
+    splits["test"] = splits["val"]
+    spec = ModalitySpec(dtype="float32", shape=[4, 5], stored="float16")
+    info = {"generator": {}, "preprocessing": {}}
+    write_shards(out, dataset="d", classes=["a", "b"], modalities={"audio": spec}, splits=splits, **info)
+    manifest = validate_shards(out)
+    assert read_manifest(out).modalities["audio"].stored == "float16"
+    table = pq.read_table(out / manifest.splits["train"].files[0].path, columns=["label", "audio"])
+    assert str(table.schema.field("audio").type.value_type) == "halffloat"
+    rounded = audio.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(load_split(out, manifest, "train").modalities["audio"], rounded)
+    decoded = decode_batch(table, {"audio": [4, 5]}, {"audio": "float32"}, {"audio": "float16"})
+    assert decoded["audio"].dtype == np.float32
+    np.testing.assert_array_equal(decoded["audio"], rounded)
+
+
+def test_the_converter_option_records_float16_spectrograms_and_rounds_them_before_the_statistics():
+    from mmbalance.data.convert.base import BadInput, RawSample
+    from mmbalance.data.convert.clips import audio_visual_outputs
+    from mmbalance.data.convert.media import AudioParams, ImageParams
+    from mmbalance.data.convert.pipeline import _stored_values
+
+    default = audio_visual_outputs(AudioParams(), ImageParams(), 1)
+    assert default["audio"].spec.stored is None and default["visual"].spec.stored is None  # manifests as before
+    outputs = audio_visual_outputs(AudioParams(storage="float16"), ImageParams(), 1)
+    specs = {m: o.spec for m, o in outputs.items()}
+    assert specs["audio"].stored == "float16" and specs["audio"].dtype == "float32"
+    sample = RawSample(sample_id="s", label=0, split="train", files={})
+    x = np.array([[0.1, -3.3337, 12.5]], dtype=np.float32)
+    pixels = np.zeros(specs["visual"].shape, np.uint8)
+    got = _stored_values(sample, {"audio": x, "visual": pixels}, specs)
+    assert got["audio"].dtype == np.float32 and got["visual"] is pixels
+    np.testing.assert_array_equal(got["audio"], [[np.float16(0.1), np.float16(-3.3337), 12.5]])
+    with pytest.raises(BadInput, match="range of float16"):
+        _stored_values(sample, {"audio": np.array([7e4], np.float32)}, specs)
+
+
+@pytest.mark.integration
+def test_train_blocks_on_two_ranks_keep_equal_steps_and_each_epochs_batches(ray_cluster, tmp_path):
+    """Reading each epoch ahead (``TrainBlocks``, as ``RayShardSource`` does) over the real split
+    gives every epoch the batches the plain shard gives it: same execution order, same seeds."""
+    from helpers import recipe_dict
+    from mmbalance.config import validate_recipe
+    from mmbalance.data.manifest import read_manifest
+    from mmbalance.engine.ray_data import TrainBlocks, build_datasets, split_config
+
+    shards = _multi_file_shards(tmp_path)
+    manifest = read_manifest(shards)
+    recipe = validate_recipe(recipe_dict(shards))
+    rows, batch = manifest.splits["train"].rows, 16
+    window = shuffle_window(batch, 8 + 2 * 8 * 4, rows // 2)
+
+    def two_epochs(ahead: bool):
+        datasets = build_datasets(recipe, manifest, str(shards), workers=2)
+        split = split_config().configure(datasets, world_size=2, worker_handles=None, worker_node_ids=None)
+        out: list = [[], []]
+
+        def consume(rank):
+            shard = TrainBlocks(split[rank]["train"], lead_rows=window) if ahead else split[rank]["train"]
+            for epoch in range(2):
+                kw = dict(buffer=window, seed=epoch_seed(recipe.seed, epoch), corruptor=None, epoch=epoch)
+                batches = iter_train_batches(shard, batch, modalities=list(recipe.modalities), **kw)
+                out[rank].append([b["audio"].numpy().copy() for b in batches])
+
+        threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        return out
+
+    plain, ahead = two_epochs(False), two_epochs(True)
+    for rank in range(2):
+        for epoch in range(2):
+            assert len(ahead[rank][epoch]) == train_steps(rows, 2, batch)
+            assert all(np.array_equal(a, b) for a, b in zip(ahead[rank][epoch], plain[rank][epoch]))

@@ -62,6 +62,11 @@ class ModalitySpec(_Strict):
     shape: list[int] = Field(min_length=1)
     encoding: Literal["tensor"] = "tensor"
     normalize: Normalization | None = None
+    stored: Literal["float16"] | None = Field(
+        None,
+        description="element type of the Parquet column where it is narrower than dtype (float16 halves a "
+        "float32 spectrogram's bytes); readers up-cast to dtype, so training sees dtype. None: dtype itself",
+    )
 
     @model_validator(mode="after")
     def _check_normalize(self) -> "ModalitySpec":
@@ -72,6 +77,17 @@ class ModalitySpec(_Strict):
                     f"normalize: axis {norm.axis} of shape {self.shape} must have {len(norm.mean)} entries"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _check_stored(self) -> "ModalitySpec":
+        if self.stored is not None and self.dtype != "float32":
+            raise ValueError(f"stored: {self.stored} storage is for float32 modalities, not {self.dtype}")
+        return self
+
+    @property
+    def storage_dtype(self) -> str:
+        """The element type in the file: ``stored`` where set, else ``dtype``."""
+        return self.stored or self.dtype
 
     @property
     def size(self) -> int:
@@ -127,7 +143,13 @@ class Manifest(_Strict):
 
     def dump(self, path: Path) -> None:
         # sort_keys + fixed indent: same content -> same bytes (prepare is byte-reproducible).
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        # A modality stored as its dtype gets no ``stored`` key: manifests read before the field
+        # existed are written back byte for byte.
+        data = self.model_dump(mode="json")
+        for spec in data["modalities"].values():
+            if spec.get("stored") is None:
+                spec.pop("stored", None)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class ManifestError(ValueError):

@@ -24,7 +24,7 @@ from mmbalance import outputs
 from mmbalance.data import storage
 from mmbalance.data.manifest import MANIFEST_NAME, Manifest, ModalitySpec, ShardFile, SplitInfo, read_manifest
 
-ARROW_DTYPES = {"float32": pa.float32(), "uint8": pa.uint8(), "int64": pa.int64()}
+ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8(), "int64": pa.int64()}
 
 
 class ShardError(ValueError):
@@ -53,7 +53,7 @@ def sha256_of(path: str | Path) -> str:
 
 def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
     fields = [pa.field("sample_id", pa.string()), pa.field("label", pa.int64()), pa.field("split", pa.string())]
-    fields += [pa.field(m, pa.list_(ARROW_DTYPES[spec.dtype], spec.size)) for m, spec in modalities.items()]
+    fields += [pa.field(m, pa.list_(ARROW_DTYPES[spec.storage_dtype], spec.size)) for m, spec in modalities.items()]
     return pa.schema(fields)
 
 
@@ -72,8 +72,8 @@ def rows_table(
         "split": pa.array(list(splits), pa.string()),
     }
     for m, spec in modalities.items():
-        values = np.ascontiguousarray(arrays[m], dtype=spec.dtype).reshape(n, spec.size)
-        flat = pa.array(values.reshape(-1), ARROW_DTYPES[spec.dtype])
+        values = np.ascontiguousarray(arrays[m], dtype=spec.storage_dtype).reshape(n, spec.size)
+        flat = pa.array(values.reshape(-1), ARROW_DTYPES[spec.storage_dtype])
         columns[m] = pa.FixedSizeListArray.from_arrays(flat, spec.size)
     return pa.table(columns, schema=arrow_schema(modalities))
 

@@ -2,8 +2,9 @@
 
 Driver side, ``build_datasets`` reads each split's files from the manifest with
 ``read_parquet`` (local paths or any pyarrow/fsspec URI), shuffles the file order of the
-training split afresh each epoch with a seed, and decodes in ``map_batches`` (flattened
-fixed-size lists -> ``[B, *shape]`` arrays). ``split_config`` splits train equally across
+training split afresh each epoch with a seed, and decodes in ``map_batches`` fused with the
+read (flattened fixed-size lists -> ``[B, *shape]`` numpy views of the Arrow buffers, float16
+storage up-cast to float32). ``split_config`` splits train equally across
 workers (same number of steps on every rank) and val/test unequally (no row dropped, so
 all-reduced counts equal the split size). Worker side, ``RayShardSource`` takes its train
 shard a whole decoded block at a time and shuffles it in windows (below). With
@@ -41,7 +42,9 @@ The window replaces Ray's local shuffle buffer (``iter_torch_batches(local_shuff
 which cost the streamed path two thirds of its throughput (``bench/data.py``): blocks are taken
 whole (zero-copy numpy views of the object store), each row is copied once into its window and
 once into its batch, and the batches become tensors without a copy, all in a background thread
-that stays ``TRAIN_PREFETCH_BATCHES`` batches ahead of the training step.
+that stays ``TRAIN_PREFETCH_BATCHES`` batches ahead of the training step. ``TrainBlocks`` starts
+each epoch's execution as soon as the previous epoch's last block has arrived, so the seconds
+before an execution's first block overlap the training of the last window.
 """
 
 from __future__ import annotations
@@ -57,7 +60,6 @@ from torch import Tensor
 
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
-from mmbalance.data.shards import column_tensor
 from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import Batch, epoch_seed
 
@@ -69,15 +71,44 @@ BLOCK_PREFETCH = 2  # decoded blocks Ray fetches ahead of the window
 T = TypeVar("T")
 
 
-def decode_batch(table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
-    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` (runs in Ray Data tasks).
-    A selected ``sample_id`` column passes through as a ``[B]`` object array of str."""
-    out = {"label": table.column("label").to_numpy().astype(np.int64)}
+def decode_batch(
+    table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str], stored: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` of the manifest's
+    dtypes (runs in Ray Data tasks). A selected ``sample_id`` column passes through as a ``[B]``
+    object array of str. ``stored`` names a modality's element type in the file where it differs
+    (``ModalitySpec.stored``); those elements are up-cast to ``dtypes``."""
+    out = {"label": table.column("label").to_numpy().astype(np.int64, copy=False)}
     if "sample_id" in table.column_names:
         out["sample_id"] = table.column("sample_id").to_numpy(zero_copy_only=False)
     for m, shape in shapes.items():
-        out[m] = column_tensor(table, m, dtypes[m], shape)
+        out[m] = tensor_column(table.column(m), dtypes[m], shape, (stored or {}).get(m))
     return out
+
+
+def tensor_column(column: pa.ChunkedArray, dtype: str, shape: list[int], stored: str | None = None) -> np.ndarray:
+    """A fixed-size tensor column -> ``[rows, *shape]`` in ``dtype``.
+
+    Each chunk is a ``fixed_size_list`` (the shard format) or a ``fixed_size_binary`` holding a
+    row's raw bytes in element type ``stored`` (default ``dtype``); either way its values are one
+    contiguous buffer that numpy views without a copy (unlike ``combine_chunks``, which copies
+    even a single chunk). Several chunks are concatenated once. Elements stored narrower than
+    ``dtype`` (float16 spectrograms) are up-cast here, so training always sees ``dtype``."""
+    size = 1
+    for dim in shape:
+        size *= dim
+    parts = [_chunk_values(chunk, stored or dtype, size) for chunk in column.chunks]
+    if not parts:
+        return np.empty((0, *shape), dtype=dtype)
+    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return flat.astype(dtype, copy=False).reshape(len(column), *shape)
+
+
+def _chunk_values(chunk: pa.Array, stored: str, size: int) -> np.ndarray:
+    if pa.types.is_fixed_size_binary(chunk.type):
+        start = chunk.offset * chunk.type.byte_width
+        return np.frombuffer(chunk.buffers()[1], dtype=stored, count=len(chunk) * size, offset=start)
+    return chunk.flatten().to_numpy(zero_copy_only=False)
 
 
 def row_bytes(recipe: Recipe, manifest: Manifest) -> int:
@@ -228,6 +259,7 @@ def build_datasets(
     modalities = list(recipe.modalities)
     shapes = {m: manifest.modalities[m].shape for m in modalities}
     dtypes = {m: manifest.modalities[m].dtype for m in modalities}
+    stored = {m: manifest.modalities[m].storage_dtype for m in modalities}
     datasets = {}
     for key in SPLIT_KEYS:
         split = getattr(recipe.data, f"{key}_split")
@@ -240,7 +272,11 @@ def build_datasets(
             # Several blocks per worker: an unequal split hands out whole blocks, and a
             # one-file split would otherwise be evaluated by one worker alone.
             ds = ds.repartition(num_blocks=4 * workers)
-        ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes})
+        # Train's decode fuses with its read into one task per file (no block is copied
+        # between the two); ``decode_batch`` views the Arrow buffers instead of copying them.
+        ds = ds.map_batches(
+            decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes, "stored": stored}
+        )
         if key == "train":
             # Blocks in file order (the seeded one), not in task completion order.
             ds.context.execution_options.preserve_order = True
@@ -273,6 +309,70 @@ def split_config():
     return ExactEvalSplit()
 
 
+class TrainBlocks:
+    """A train shard's decoded blocks, epoch after epoch, with each epoch's read started early.
+
+    Ray Data executes the train dataset afresh for every epoch, and the first block of an
+    execution comes seconds after it starts (file listing, task start-up, one whole file read
+    and decoded), while a window cannot be shuffled before all its blocks are there. So as soon
+    as an epoch's last block has arrived (the trainer is still on that epoch's last window),
+    the next execution starts in a thread and reads up to ``lead_rows`` rows ahead; the next
+    epoch begins with them. Executions still run one after another, one per epoch, so the
+    file order of epoch ``i`` is still that of execution ``i`` (module docstring); only their
+    start moves earlier. At most about one window of the next epoch is held in memory."""
+
+    def __init__(self, shard: Any, lead_rows: int):
+        self.shard, self.lead_rows = shard, lead_rows
+        self._lead: threading.Thread | None = None
+        self._turn = threading.Lock()  # one epoch at a time: the next waits until this one ended
+        self._read: tuple[list[dict[str, np.ndarray]], Iterator | None, BaseException | None] | None = None
+
+    def iter_batches(self, *, batch_size: None, batch_format: str, prefetch_batches: int):
+        """The next epoch's blocks, as ``DataIterator.iter_batches(batch_size=None)`` gives them."""
+        if batch_size is not None or batch_format != "numpy":
+            raise ValueError("TrainBlocks hands out whole numpy blocks (batch_size=None, batch_format='numpy')")
+        return self._epoch(prefetch_batches)
+
+    def _epoch(self, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+        with self._turn:
+            if self._lead is None:
+                head, rest, err = [], self._blocks(prefetch_batches), None
+            else:
+                self._lead.join()
+                assert self._read is not None
+                (head, rest, err), self._lead, self._read = self._read, None, None
+            yield from head
+            if err is not None:
+                raise err
+            if rest is not None:
+                yield from rest
+            # Only an epoch read to its end starts the next: a closed one leaves the next to start afresh.
+            self._start_lead(prefetch_batches)
+
+    def _blocks(self, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches))
+
+    def _start_lead(self, prefetch_batches: int) -> None:
+        def read_ahead() -> None:
+            head: list[dict[str, np.ndarray]] = []
+            blocks: Iterator | None = self._blocks(prefetch_batches)
+            try:
+                rows = 0
+                while rows < self.lead_rows:
+                    block = next(blocks, None)
+                    if block is None:
+                        blocks = None
+                        break
+                    head.append(block)
+                    rows += _rows(block)
+                self._read = (head, blocks, None)
+            except BaseException as err:  # raised in the epoch that needs these blocks
+                self._read = (head, None, err)
+
+        self._lead = threading.Thread(target=read_ahead, name="mmbalance-train-read-ahead", daemon=True)
+        self._lead.start()
+
+
 class RayShardSource:
     """This worker's share of each split, as device tensors.
 
@@ -289,13 +389,15 @@ class RayShardSource:
         self.world = ray.train.get_context().get_world_size()
         self.rows = manifest.splits[recipe.data.train_split].rows
         self.row_nbytes = row_bytes(recipe, manifest)
+        self.train_blocks = TrainBlocks(self.shards["train"], lead_rows=0)
         self.train_cached = train_cached
         self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
         window = shuffle_window(batch_size, self.row_nbytes, self.rows // self.world, cached=self.train_cached)
+        self.train_blocks.lead_rows = window  # read one window of the next epoch ahead
         batches = iter_train_batches(
-            self.shards["train"],
+            self.train_blocks,
             batch_size,
             buffer=window,
             seed=epoch_seed(self.recipe.seed, epoch),
@@ -325,9 +427,9 @@ def iter_train_batches(
     modalities: list[str],
     prefetch: int = TRAIN_PREFETCH_BATCHES,
 ) -> Iterator[dict[str, Tensor]]:
-    """A train shard (a Ray ``DataIterator``, or anything with its ``iter_batches``) as CPU
-    tensor batches of exactly ``batch_size`` rows, shuffled in windows of at least ``buffer``
-    rows with ``seed`` (``shuffled_batches``).
+    """A train shard (a Ray ``DataIterator``, a ``TrainBlocks``, or anything with their
+    ``iter_batches``) as CPU tensor batches of exactly ``batch_size`` rows, shuffled in windows
+    of at least ``buffer`` rows with ``seed`` (``shuffled_batches``).
 
     Ray hands over whole decoded blocks as numpy views; the windows, the batches and, with a
     corruptor, ``collate_train_batch`` run in one background thread, ``prefetch`` batches ahead.

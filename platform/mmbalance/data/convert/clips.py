@@ -36,8 +36,9 @@ class TenSecondClipAudio(AudioParams):
 
 
 def audio_visual_outputs(audio: AudioParams, image: ImageParams, frames: int) -> dict[str, ModalityOutput]:
+    stored = None if audio.storage == "float32" else audio.storage  # float32: no ``stored`` key, as before
     return {
-        "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=audio.shape), "train_stats"),
+        "audio": ModalityOutput(ModalitySpec(dtype="float32", shape=audio.shape, stored=stored), "train_stats"),
         "visual": ModalityOutput(
             ModalitySpec(dtype="uint8", shape=[frames, 3, image.crop, image.crop]),
             (IMAGENET_MEAN, IMAGENET_STD),

@@ -50,6 +50,11 @@ class AudioParams(_Params):
     n_fft: int = Field(512, ge=16)
     hop_length: int = Field(353, ge=1)
     log_eps: float = Field(1e-7, gt=0.0)
+    storage: Literal["float32", "float16"] = Field(
+        "float32",
+        description="element type of the spectrogram in the shards: float16 halves its bytes (values are "
+        "rounded to float16 at conversion; training reads them back as float32)",
+    )
 
     @property
     def clip_samples(self) -> int:

@@ -169,7 +169,7 @@ def convert_chunk(converter: Converter, index: int, samples: list[RawSample], wo
     bad: list[str] = []
     for sample in samples:
         try:
-            arrays = converter.extract(sample)
+            arrays = _stored_values(sample, converter.extract(sample), specs)
             _check_arrays(sample, arrays, specs)
         except BadInput as err:
             bad.append(f"{err} (sample {sample.sample_id})")
@@ -191,6 +191,22 @@ def convert_chunk(converter: Converter, index: int, samples: list[RawSample], wo
     }
     _write_atomic(_summary_path(work, index), lambda tmp: Path(tmp).write_text(json.dumps(summary)))
     return summary
+
+
+def _stored_values(sample: RawSample, arrays: dict[str, np.ndarray], specs: dict[str, ModalitySpec]) -> dict:
+    """Round a modality stored narrower than its dtype (``ModalitySpec.stored``) to the stored
+    type, kept in its dtype: the train statistics and the written rows are then the values the
+    reader returns. A value the stored type cannot hold (beyond float16's 65504) is a bad input."""
+    out = dict(arrays)
+    for m, spec in specs.items():
+        if spec.stored is None or out.get(m) is None or out[m].dtype != np.dtype(spec.dtype):
+            continue
+        with np.errstate(over="ignore"):
+            rounded = out[m].astype(spec.stored).astype(spec.dtype)
+        if not np.isfinite(rounded[np.isfinite(out[m])]).all():
+            raise BadInput(f"modality {m!r} holds values outside the range of {spec.stored}")
+        out[m] = rounded
+    return out
 
 
 def _check_arrays(sample: RawSample, arrays: dict[str, np.ndarray], specs: dict[str, ModalitySpec]) -> None:
