@@ -129,6 +129,7 @@ class ARL(StatelessObjective):
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
         self.modalities = list(modalities)
         self.num_classes = num_classes
+        self._names = {key: [f"arl_{key}_{m}" for m in self.modalities] for key in ("k", "mult", "d", "q")}
         self._last_k = torch.full((len(modalities),), 1.0 / len(modalities))
 
     def gamma_e(self, epoch: int) -> float:
@@ -139,7 +140,7 @@ class ARL(StatelessObjective):
 
     def step(self, inputs: StepInputs) -> StepResult:
         out, y, mods = inputs.outputs, inputs.labels, self.modalities
-        logits = torch.stack([out.unimodal_logits[m].detach().float() for m in mods])  # [M, B, C]
+        logits = torch.stack([out.unimodal_logits[m] for m in mods]).detach().float()  # [M, B, C]
         reduced = inputs.world.all_reduce_sum(batch_statistics(logits))  # [2M+1], same on every rank
         analysis = arl_coefficients(reduced, len(mods), self.params.T, self.params.entropy_clamp)
         k = analysis["k"]  # [M]
@@ -153,15 +154,16 @@ class ARL(StatelessObjective):
         else:
             multipliers = self._multipliers(k)  # [M]
             self._last_k = k
-            grad_multipliers = {m: multipliers[i] for i, m in enumerate(mods)}
+            grad_multipliers = dict(zip(mods, multipliers.unbind()))
 
+        # Per-modality entries are views from one unbind per tensor (one op, not one per modality).
         one = k.new_ones(())
-        stats = {f"arl_k_{m}": (k[i], one) for i, m in enumerate(mods)}
-        stats.update({f"arl_mult_{m}": (multipliers[i], one) for i, m in enumerate(mods)})
+        stats = dict(zip(self._names["k"], ((v, one) for v in k.unbind())))
+        stats.update(zip(self._names["mult"], ((v, one) for v in multipliers.unbind())))
         metrics = {"loss_fused": fused.detach()}
         metrics.update({f"loss_{m}": v.detach() for m, v in unimodal.items()})
-        metrics.update({f"arl_d_{m}": analysis["d"][i] for i, m in enumerate(mods)})
-        metrics.update({f"arl_q_{m}": analysis["q"][i] for i, m in enumerate(mods)})
+        metrics.update(zip(self._names["d"], analysis["d"].unbind()))
+        metrics.update(zip(self._names["q"], analysis["q"].unbind()))
         return StepResult(losses=[LossGroup(total)], grad_multipliers=grad_multipliers, stats=stats, metrics=metrics)
 
     def _multipliers(self, k: Tensor) -> Tensor:

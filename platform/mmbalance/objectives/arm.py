@@ -221,9 +221,9 @@ class ARM(StatelessObjective):
                 old = self._log_scales.to(batch_scales.device)
                 self._log_scales = p.ema * old + (1.0 - p.ema) * batch_scales.log()  # [M]
         one = torch.ones((), device=contrib.device)
-        for i, m in enumerate(self.modalities):
-            result.stats[f"arm_contrib_{m}"] = (contrib[i], one)
-            metrics[f"arm_batch_scale_{m}"] = batch_scales[i]
+        # Per-modality entries are views from one unbind per tensor (one op, not one per modality).
+        result.stats.update((f"arm_contrib_{m}", (c, one)) for m, c in zip(self.modalities, contrib.unbind()))
+        metrics.update((f"arm_batch_scale_{m}", s) for m, s in zip(self.modalities, batch_scales.unbind()))
         result.metrics.update(metrics)
         return result
 
@@ -232,14 +232,9 @@ class ARM(StatelessObjective):
         n_mod = len(self.modalities)
         scales = self._log_scales.to(outputs.fused_logits.device).exp()  # [M], as in this forward
         u, g, w = raw_logits(outputs, scales, self.modalities)
-        conf = torch.cat(
-            [
-                true_class_prob_sum(g, labels).view(1),
-                true_class_prob_sum(u, labels),
-                true_class_prob_sum(w, labels),
-                torch.full((1,), float(labels.numel()), device=g.device),
-            ]
-        )
+        probes = torch.cat([g.unsqueeze(0), u, w])  # [2M+1, B, C]: one softmax for every probe
+        count = torch.full((1,), float(labels.numel()), device=g.device)
+        conf = torch.cat([true_class_prob_sum(probes, labels), count])  # [2M+2]
         if self.params.estimator == "zero_out_surrogate":
             conf = world.all_reduce_sum(conf.float())  # [2M + 2]
             p = conf[:-1] / conf[-1]

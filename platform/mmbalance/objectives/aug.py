@@ -139,7 +139,9 @@ def true_class_score(heads: list[Tensor], labels: Tensor) -> ScorePair:
 
     ``heads``: the modality's per-head logits [B, C]; a (sum, count) pair so ranks can be summed.
     """
-    ensemble = torch.stack([z.detach() for z in heads]).sum(0).float()  # [B, C]
+    # One head (no head added yet): its logits are the ensemble; stacking one tensor and
+    # summing it would only copy the same values.
+    ensemble = (heads[0] if len(heads) == 1 else torch.stack(heads).sum(0)).detach().float()  # [B, C]
     true_prob = ensemble.softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)  # [B]
     count = torch.full((), labels.shape[0], dtype=true_prob.dtype, device=labels.device)  # []
     return true_prob.sum(), count
@@ -222,14 +224,17 @@ class AUG(StatelessObjective):
                 "AUG needs StepInputs.recompute_heads: later modalities see the shared head after earlier steps"
             )
         stats: dict[str, ScorePair] = {}
-        losses = [LossGroup(self._loss(out.head_logits[first], y), modalities=(first,))]
+        first_loss = self._loss(out.head_logits[first], y)
+        losses = [LossGroup(first_loss, modalities=(first,))]
         losses += [LossGroup(partial(self._recomputed_loss, inputs, m, stats), modalities=(m,)) for m in later]
-        metrics = {}
+        # Logged from this forward for every modality (later groups' losses are lazy); the first
+        # modality's is the value of its loss group, not computed twice.
+        metrics = {f"loss_{first}": first_loss.detach()}
         for m in self.modalities:
             if m == first or self.params.score_order == "first_forward":
                 stats[f"aug_score_{m}"] = true_class_score(out.head_logits[m], y)
-            # Logged from this forward for every modality (later groups' losses are lazy).
-            metrics[f"loss_{m}"] = self._loss([z.detach() for z in out.head_logits[m]], y)
+            if m != first:
+                metrics[f"loss_{m}"] = self._loss([z.detach() for z in out.head_logits[m]], y)
         return StepResult(losses=losses, stats=stats, metrics=metrics)
 
     def _loss(self, heads: list[Tensor], labels: Tensor) -> Tensor:
