@@ -23,7 +23,7 @@ from mmbalance.objectives import OBJECTIVES
 pytestmark = pytest.mark.integration
 
 GLOBAL_BATCH, EPOCH_STEPS = 16, (2, 2, 1)  # epochs of 2, 2 and 1 steps -> 5 steps
-EXTRA_VARIANTS = {  # label -> (objective section, optim extras)
+EXTRA_VARIANTS = {  # label -> (objective section, optim extras[, model extras])
     "arm-ema-0.5": ({"name": "arm", "ema": 0.5}, {}),
     "arl-start-0": ({"name": "arl", "start": 0, "T": 2.0}, {}),
     "aug-check-every-epoch": ({"name": "aug", "check_every_epochs": 1, "tau": 0.0}, {}),
@@ -44,6 +44,25 @@ EXTRA_VARIANTS = {  # label -> (objective section, optim extras)
     # PMR: the official constant coefficient, and the moving average with epoch-end prototypes only.
     "pmr-official": ({"name": "pmr", "coeff_form": "official_step", "mu": 0.0}, {}),
     "pmr-momentum-no-initial": ({"name": "pmr", "momentum": 0.5, "initial_prototypes": "none"}, {}),
+    "mmpareto-official-accumulate-2-clipped": (
+        {"name": "mmpareto", "rescale_scope": "parameter", "solver_edges": "official"},
+        {"accumulate": 2, "grad_clip": 0.5},
+    ),
+    # MLA: the released projector as written (GSPlugin), under clipping; and micro-batch accumulation.
+    "mla-official-projection-clipped": (
+        {
+            "name": "mla",
+            "projector_update": "before_step",
+            "denominator": "elementwise",
+            "alpha_decay": True,
+            "normalize_projector": True,
+            "skip_first_step": True,
+        },
+        {"grad_clip": 0.5},
+    ),
+    "mla-accumulate-2": ({"name": "mla"}, {"accumulate": 2}),
+    # PDF's per-sample weights and confidence loss on top of MNL and LF (the MNL paper's PDF rows).
+    **{f"{name}-pdf": ({"name": name}, {}, {"fusion": "pdf"}) for name in ("mnl", "lf")},
 }
 # Objectives whose loss is a mean of per-sample terms: accumulation is exactly the full-batch step.
 ACCUMULATION_REFERENCES = {"lf-accumulate-2": "lf", "mnl-accumulate-2": "mnl"}
@@ -51,12 +70,12 @@ VARIANTS = {**{name: ({"name": name}, {}) for name in OBJECTIVES}, **EXTRA_VARIA
 
 
 def test_every_registered_objective_is_covered():
-    assert {objective["name"] for objective, _ in VARIANTS.values()} == set(OBJECTIVES)
+    assert {objective["name"] for objective, *_ in VARIANTS.values()} == set(OBJECTIVES)
 
 
 def train_params(shards, variant, group):
-    objective, optim = VARIANTS[variant]
-    tree = recipe_dict(shards, objective=dict(objective), model={"boost_hidden": 8})
+    objective, optim, *model = VARIANTS[variant]
+    tree = recipe_dict(shards, objective=dict(objective), model={"boost_hidden": 8, **(model[0] if model else {})})
     tree["schedule"] = {"epochs": len(EPOCH_STEPS), "batch_size": GLOBAL_BATCH}
     tree["optim"] = {"name": "sgd", "lr": 0.1, "momentum": 0.9, **optim}
     recipe = validate_recipe(tree)

@@ -15,7 +15,7 @@ def _batch(n=5):
     return {f"m{i}": torch.randn(n, 7) for i in range(3)}
 
 
-@pytest.mark.parametrize("fusion", ["mean", "sum", "concat", "boost"])
+@pytest.mark.parametrize("fusion", ["mean", "sum", "concat", "boost", "pdf"])
 def test_outputs_have_per_modality_and_fused_logits(fusion):
     features, out = _model(fusion)(_batch())
     assert {m: f.shape for m, f in features.items()} == {"m0": (5, 3), "m1": (5, 4), "m2": (5, 5)}
@@ -76,7 +76,7 @@ def test_cnn_resnet_and_text_encoders_produce_features():
     assert text(ids).shape == (2, 16)
 
 
-@pytest.mark.parametrize("fusion", ["mean", "sum", "concat", "boost"])
+@pytest.mark.parametrize("fusion", ["mean", "sum", "concat", "boost", "pdf"])
 def test_one_modality_is_a_unimodal_model_whose_fused_logits_are_its_own(fusion):
     model = LateFusion({"a": build_encoder("mlp", {}, (3,))}, 2, fusion=fusion, boost_hidden=4)
     _, out = model({"a": torch.randn(5, 3)})

@@ -161,6 +161,22 @@ class ModelConfig(_Strict):
         description="fusion=concat only: width of a linear layer G before "
         "the classifier, F(G[h]) (ARM's official head); null: one linear layer",
     )
+    # PDF (docs/methods/pdf.md): defaults are the official code's.
+    pdf_hidden: int | None = Field(
+        None, ge=1, description="fusion=pdf only: width of the confidence predictors' two hidden layers; null: 2D, D"
+    )
+    pdf_relu: bool = Field(
+        False, description="fusion=pdf only: ReLU between the predictors' layers (official: none, affine then sigmoid)"
+    )
+    pdf_loss_weight: float = Field(
+        1.0, ge=0.0, description="fusion=pdf only: weight of the confidence loss added to every objective's loss"
+    )
+    pdf_calibration: Literal["eval", "always", "never"] = Field(
+        "eval", description="fusion=pdf only: when relative calibration scales the co-beliefs (official: eval only)"
+    )
+    pdf_detach_features: bool = Field(
+        True, description="fusion=pdf only: predictors read detached features, their loss skips the encoders"
+    )
 
 
 class ObjectiveConfig(BaseModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping, NamedTuple
 
 # The late-fusion heads (models/fusion.py), here so the recipe validator can name them without torch.
-FUSIONS = ("mean", "sum", "concat", "boost")
+FUSIONS = ("mean", "sum", "concat", "boost", "pdf", "shared")
 
 
 class Registered(NamedTuple):

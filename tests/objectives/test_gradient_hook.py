@@ -402,3 +402,141 @@ def test_the_equivalence_test_would_see_a_wrong_hook(toy_two_rank_results):
     assert _max_diff(single["ogm-ge"], single["ogm"]) > 1e-3  # the noise acted
     rank0, rank1 = (r["process-rng-noise"] for r in toy_two_rank_results)
     assert _max_diff(rank0, rank1) > 1e-4  # noise from each rank's own RNG splits the ranks
+
+
+# -- (d) loss groups with named parts --------------------------------------------------------------
+
+
+class PartsToy(StatelessObjective):
+    """One loss group of named parts: CE of audio's logits, and, lazily, CE of the fused logits
+    (or the two as one plain summed loss). The hook records what it received and changes nothing."""
+
+    name = "toy_parts"
+    Params = ToyParams
+    requirements = Requirements(fusions=("mean", "sum"))
+
+    def __init__(self, params: ToyParams | None = None, plain: bool = False, only_audio: bool = False):
+        super().__init__(params)
+        self.plain, self.only_audio = plain, only_audio
+        self.received: list[tuple[object, dict[int, torch.Tensor]]] = []
+
+    def step(self, inputs: StepInputs) -> StepResult:
+        out, y = inputs.outputs, inputs.labels
+        audio = cross_entropy_per_sample(out.unimodal_logits["a"], y).mean()
+        if self.only_audio:
+            return StepResult(losses=[LossGroup(parts={"audio": audio})])
+
+        def fused():
+            return cross_entropy_per_sample(out.fused_logits, y).mean()
+
+        if self.plain:
+            return StepResult(losses=[LossGroup(audio + fused())])
+        return StepResult(losses=[LossGroup(parts={"audio": audio, "fused": fused})])
+
+    def perturb_gradients(self, ctx: GradientContext) -> None:
+        grads = {id(p): p.grad.clone() for p in ctx.params.all() if p.grad is not None}
+        self.received.append((ctx.part_grads, grads))
+
+
+def parts_step(objective, model, batch, labels, ranks=None, accumulate: int = 1, steps: int = 1):
+    objective.bind(model.modalities, CLASSES, model.info)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        clock = StepClock(step, 0, steps)
+        train_batch(
+            model, objective, optimizer, batch, labels, clock, DistInfo(), ranks or ProcessGroup(), None, SumCounter(),
+            accumulate=accumulate,
+        )  # fmt: skip
+    return model
+
+
+def test_loss_group_takes_loss_or_parts_and_sums_its_parts():
+    with pytest.raises(ValueError, match="exactly one"):
+        LossGroup()
+    with pytest.raises(ValueError, match="exactly one"):
+        LossGroup(torch.ones(()), parts={"x": torch.ones(())})
+    with pytest.raises(ValueError, match="at least one"):
+        LossGroup(parts={})
+    group = LossGroup(parts={"x": torch.tensor(2.0), "y": lambda: torch.tensor(0.5)})
+    assert float(group.value()) == 2.5 and float(group.part_value("y")) == 0.5
+
+
+def test_each_part_gradient_is_that_part_alone_and_p_grad_is_their_sum():
+    batch, labels = make_batch()
+    reference = make_model()
+    _, out = reference(batch, None)
+    params = list(reference.parameters())
+    alone = {
+        "audio": torch.autograd.grad(
+            cross_entropy_per_sample(out.unimodal_logits["a"], labels).mean(),
+            params,
+            retain_graph=True,
+            allow_unused=True,
+        ),  # fmt: skip
+        "fused": torch.autograd.grad(cross_entropy_per_sample(out.fused_logits, labels).mean(), params),
+    }
+    toy = PartsToy()
+    model = parts_step(toy, make_model(), batch, labels)
+    ((part_grads, at_hook),) = toy.received
+    assert part_grads.names == ("audio", "fused")
+    for index, p in enumerate(model.parameters()):
+        g_audio, g_fused = alone["audio"][index], alone["fused"][index]
+        got_audio = part_grads.of("audio", p)
+        assert (got_audio is None) == (g_audio is None)  # visual's encoder and head: the audio part never reaches them
+        if g_audio is not None:
+            torch.testing.assert_close(got_audio, g_audio, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(part_grads.of("fused", p), g_fused, rtol=1e-6, atol=1e-7)
+        total = g_fused if g_audio is None else g_fused + g_audio
+        torch.testing.assert_close(at_hook[id(p)], total, rtol=1e-6, atol=1e-7)
+    flat = part_grads.flat("audio", list(model.encoders["v"].parameters()))
+    assert flat.shape == (sum(p.numel() for p in model.encoders["v"].parameters()),) and not flat.any()
+
+
+def test_a_parameter_no_part_reaches_keeps_grad_none_and_takes_no_step():
+    batch, labels = make_batch()
+    toy = PartsToy(only_audio=True)
+    before = [p.detach().clone() for p in make_model().encoders["v"].parameters()]
+    model = parts_step(toy, make_model(), batch, labels)
+    _, at_hook = toy.received[0]
+    visual = {id(p) for p in model.encoders["v"].parameters()} | {id(p) for p in model.heads["v"].parameters()}
+    assert visual and not visual & at_hook.keys()
+    for p, old in zip(model.encoders["v"].parameters(), before):
+        torch.testing.assert_close(p.detach(), old, rtol=0, atol=0)
+
+
+def test_parts_with_a_no_op_hook_take_the_step_of_the_summed_loss():
+    batch, labels = make_batch()
+    parts = parts_step(PartsToy(), make_model(), batch, labels, steps=3)
+    plain = parts_step(PartsToy(plain=True), make_model(), batch, labels, steps=3)
+    for (name, got), want in zip(parts.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_part_gradients_add_up_over_micro_batches_to_the_full_batch_ones():
+    batch, labels = make_batch()
+    whole, halves = PartsToy(), PartsToy()
+    whole_model = parts_step(whole, make_model(), batch, labels)
+    halves_model = parts_step(halves, make_model(), batch, labels, accumulate=2)
+    ((full, _),), ((split, _),) = whole.received, halves.received
+    for name in full.names:
+        for p_whole, p_halves in zip(whole_model.parameters(), halves_model.parameters()):
+            want, got = full.of(name, p_whole), split.of(name, p_halves)
+            assert (want is None) == (got is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_each_part_is_averaged_over_ranks_before_the_hook():
+    events: list = []
+    batch, labels = make_batch()
+    ranks = HalvingGroup(events)
+    toy = PartsToy()
+    model = parts_step(toy, make_model(), batch, labels, ranks=ranks)
+    assert events == ["average", "average"]  # one per part, both before the hook
+    ((part_grads, at_hook),) = toy.received
+    for index, name in enumerate(part_grads.names):
+        for key, grad in part_grads.grads[name].items():
+            torch.testing.assert_close(grad, 0.5 * ranks.before[index][key], rtol=0, atol=0)
+    for p in model.parameters():
+        reached = [part_grads.grads[n][id(p)] for n in part_grads.names if id(p) in part_grads.grads[n]]
+        torch.testing.assert_close(at_hook[id(p)], sum(reached), rtol=1e-6, atol=0)

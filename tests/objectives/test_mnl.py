@@ -276,7 +276,7 @@ def test_mnl_invalid_params_are_refused(bad):
 
 
 def test_mnl_declares_fusions_with_per_modality_heads():
-    assert MNL.requirements.fusions == ("mean", "sum") and MNL.requirements.warmup_key == "warmup_epochs"
+    assert MNL.requirements.fusions == ("mean", "sum", "pdf") and MNL.requirements.warmup_key == "warmup_epochs"
     assert MNL.requirements.fusion_problem("mnl", "concat") is not None
     assert bound(fusion="sum").modalities == ["t", "v"]
 

@@ -24,7 +24,20 @@ def build_model(recipe: Recipe, manifest: Manifest) -> LateFusion:
         fusion=recipe.model.fusion,
         boost_hidden=recipe.model.boost_hidden,
         concat_hidden=recipe.model.concat_hidden,
+        pdf_options=_pdf_options(recipe),
     )
+
+
+def _pdf_options(recipe: Recipe) -> dict:
+    """The ``model.pdf_*`` keys as PredictiveDynamicFusion's keyword arguments."""
+    m = recipe.model
+    return {
+        "hidden": m.pdf_hidden,
+        "activation": m.pdf_relu,
+        "loss_weight": m.pdf_loss_weight,
+        "calibration": m.pdf_calibration,
+        "detach_features": m.pdf_detach_features,
+    }
 
 
 def _encoder(modality: str, cfg, manifest: Manifest) -> nn.Module:

@@ -76,4 +76,5 @@ def float32_outputs(outputs: HeadOutputs) -> HeadOutputs:
         unimodal_logits={m: z.float() for m, z in outputs.unimodal_logits.items()},
         fused_logits=outputs.fused_logits.float(),
         head_logits={m: [z.float() for z in heads] for m, heads in outputs.head_logits.items()},
+        auxiliary_losses=outputs.auxiliary_losses,  # computed in float32 by the fusion itself
     )

@@ -10,7 +10,11 @@ alone. Fusion variants (``model.fusion`` in a recipe):
   ``concat_hidden`` the head is two linear layers ``F(G [h_1; ...; h_M])`` (ARM's official
   head: G 2D->D, then F), still affine, so the same identity holds with ``b = F b_G + b_F``;
 - ``boost``: AUG's configurable classifiers ``F(ReLU(A_m^k h_m))`` with a head ``F`` shared by
-  every modality and classifier; ``z_m`` is the ensemble sum and heads can be added.
+  every modality and classifier; ``z_m`` is the ensemble sum and heads can be added;
+- ``pdf``: the ``mean`` heads with PDF's per-sample weights ``z_f = sum_m w_m z_m`` from predicted
+  confidences (``pdf_fusion.py``); its confidence loss rides on ``HeadOutputs.auxiliary_losses``;
+- ``shared``: MLA's one head ``z_m = W h_m + b`` for every modality, ``z_f`` the uncertainty-weighted
+  sum of the ``z_m`` under ``ctx.fusion_rule`` (``shared_head.py``; fixed ``fusion_weights`` win).
 
 Every variant multiplies ``h_m`` by ``ctx.feature_scales[m]`` before the heads (ARM).
 """
@@ -22,9 +26,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mmbalance.models.pdf_fusion import PredictiveDynamicFusion
+from mmbalance.models.shared_head import adapters, shared_fuse
 from mmbalance.objectives.base import ForwardContext, HeadOutputs
 
-Fusion = Literal["mean", "sum", "concat", "boost"]
+Fusion = Literal["mean", "sum", "concat", "boost", "pdf", "shared"]
 
 
 class LateFusion(nn.Module):
@@ -35,6 +41,7 @@ class LateFusion(nn.Module):
         fusion: Fusion = "mean",
         boost_hidden: int = 256,
         concat_hidden: int | None = None,
+        pdf_options: dict | None = None,
     ):
         super().__init__()
         if not encoders:
@@ -45,8 +52,10 @@ class LateFusion(nn.Module):
         self.fusion = fusion
         dims = {m: enc.out_dim for m, enc in encoders.items()}
         self.dims = dims
-        if fusion in ("mean", "sum"):
+        if fusion in ("mean", "sum", "pdf"):
             self.heads = nn.ModuleDict({m: nn.ModuleList([nn.Linear(d, num_classes)]) for m, d in dims.items()})
+            if fusion == "pdf":  # keyword arguments of PredictiveDynamicFusion (model.pdf_* keys)
+                self.pdf = PredictiveDynamicFusion(dims, **(pdf_options or {}))
         elif fusion == "concat":
             width = concat_hidden or sum(dims.values())
             # G: the optional linear layer before the classifier (no nonlinearity between them).
@@ -56,8 +65,12 @@ class LateFusion(nn.Module):
             self.boost_hidden = boost_hidden
             self.shared_head = nn.Linear(boost_hidden, num_classes)
             self.heads = nn.ModuleDict({m: nn.ModuleList([nn.Linear(d, boost_hidden)]) for m, d in dims.items()})
+        elif fusion == "shared":
+            # heads[m]: modality m's own adapter onto the common width (identity when it matches).
+            self.heads = adapters(dims)
+            self.shared_head = nn.Linear(max(dims.values()), num_classes)
         else:
-            raise ValueError(f"unknown fusion {fusion!r}; allowed: mean, sum, concat, boost")
+            raise ValueError(f"unknown fusion {fusion!r}; allowed: mean, sum, concat, boost, pdf, shared")
 
     # -- capabilities (docs/methods/protocol.md §6.1), read by objectives in ``bind`` -----------------
     @property
@@ -67,7 +80,7 @@ class LateFusion(nn.Module):
             "supports_feature_scales": True,
             "supports_zero_out_unimodal": self.fusion == "concat",
             "supports_add_head": self.fusion == "boost",
-            "shared_head": self.fusion in ("concat", "boost"),
+            "shared_head": self.fusion in ("concat", "boost", "shared"),
             "feature_dims": dict(self.dims),
         }
 
@@ -84,9 +97,18 @@ class LateFusion(nn.Module):
             head_logits = {
                 m: [self.shared_head(torch.relu(layer(h[m]))) for layer in self.heads[m]] for m in self.modalities
             }
+        elif self.fusion == "shared":
+            head_logits = {m: [self.shared_head(self.heads[m](h[m]))] for m in self.modalities}
         else:
             head_logits = {m: [self.heads[m][0](h[m])] for m in self.modalities}
         unimodal = {m: torch.stack(zs).sum(0) if len(zs) > 1 else zs[0] for m, zs in head_logits.items()}
+        if self.fusion == "pdf" and ctx.fusion_weights is None:
+            fused, _, conf = self.pdf(h, unimodal)  # [B, C], [M, B] weights, [M, B] confidences
+            losses = {"pdf_confidence": lambda labels: self.pdf.loss(conf, unimodal, labels)}
+            return HeadOutputs(unimodal, fused, head_logits, auxiliary_losses=losses)
+        if self.fusion == "shared" and ctx.fusion_weights is None:
+            fused = shared_fuse(unimodal, ctx.fusion_rule or "entropy")
+            return HeadOutputs(unimodal_logits=unimodal, fused_logits=fused, head_logits=head_logits)
         fused = self._fuse(unimodal, ctx.fusion_weights)
         return HeadOutputs(unimodal_logits=unimodal, fused_logits=fused, head_logits=head_logits)
 
@@ -137,6 +159,6 @@ class LateFusion(nn.Module):
         return list(layer.parameters())
 
     def head_counts(self) -> dict[str, int]:
-        if self.fusion in ("mean", "sum", "boost"):
+        if self.fusion in ("mean", "sum", "boost", "pdf"):
             return {m: len(self.heads[m]) for m in self.modalities}
         return {m: 1 for m in self.modalities}

@@ -121,6 +121,10 @@ class HeadOutputs:
     unimodal_logits: dict[str, Tensor]  # m -> [B, C]
     fused_logits: Tensor  # [B, C]
     head_logits: dict[str, list[Tensor]]  # m -> K_m+1 tensors [B, C]
+    # name -> (labels [B] -> scalar): the fusion's own training losses, which need the labels a
+    # forward never sees (PDF's confidence regression). The engine adds them to the first loss
+    # group whatever the objective and logs each as ``loss_<name>``; evaluation ignores them.
+    auxiliary_losses: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,11 +133,15 @@ class ForwardContext:
 
     ``feature_scales[m]`` multiplies modality m's features before fusion (ARM);
     ``fusion_weights[m]`` weights the unimodal logits in the fused prediction (AUG's
-    merge alpha). ``None`` means the model's default.
+    merge alpha); ``fusion_rule`` names how a fusion with several label-free rules combines
+    them (``shared``: ``entropy`` per sample, ``entropy_batch`` per batch, for MLA's test-time
+    fusion; other fusions have one rule and ignore it), and fixed ``fusion_weights`` take
+    precedence over it. ``None`` means the model's default.
     """
 
     feature_scales: dict[str, Tensor | float] | None = None
     fusion_weights: dict[str, float] | None = None
+    fusion_rule: str | None = None
 
 
 @dataclass
@@ -165,21 +173,68 @@ class LossGroup:
     ``loss`` is a scalar tensor, or a callable producing one when its turn comes (so it can
     read parameters updated by the previous group). ``modalities`` names the modalities the
     group is for (``None``: all).
+
+    A group may instead carry named ``parts`` (name -> tensor or callable, no ``loss``): the
+    engine then backpropagates each part on its own, keeps each part's gradient, sets ``p.grad``
+    to their sum and hands the parts to ``perturb_gradients`` as ``ctx.part_grads``, so a method
+    that integrates per-objective gradients (MMPareto's Pareto combination) can rewrite ``p.grad``
+    from them (docs/methods/protocol.md §6.3). Summing is the default, so an objective that does
+    nothing in the hook takes the step of the plain summed loss.
     """
 
-    loss: LossValue
+    loss: LossValue | None = None
     # Informational: the engine zeroes grads (set to None) before each group, so a step moves
     # only parameters this loss reaches — the named modality's and any shared head.
     modalities: tuple[str, ...] | None = None
+    parts: dict[str, LossValue] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.parts is None):
+            raise ValueError("a LossGroup takes exactly one of loss or parts")
+        if self.parts is not None and not self.parts:
+            raise ValueError("a LossGroup's parts must name at least one loss")
 
     def value(self) -> Tensor:
+        """The group's loss; for a parts group, the sum of its parts (evaluating callables)."""
+        if self.parts is not None:
+            values = [self.part_value(name) for name in self.parts]
+            return torch.stack(values).sum()
         return self.loss() if callable(self.loss) else self.loss
+
+    def part_value(self, name: str) -> Tensor:
+        part = self.parts[name]
+        return part() if callable(part) else part
+
+
+@dataclass(frozen=True)
+class PartGradients:
+    """The gradient each part of a ``LossGroup`` left on each parameter, as the hook receives it.
+
+    Each part's gradients are summed over the step's micro-batches and averaged over ranks before
+    the hook runs, so every rank holds the part gradients one process computes on the global
+    batch, and anything decided from them (cosines, min-norm weights, norm ratios) is the same on
+    every rank. ``names`` keeps the group's part order. A parameter a part did not reach has no
+    entry for that part. Read-only for the hook: it writes ``p.grad``.
+    """
+
+    names: tuple[str, ...]
+    grads: dict[str, dict[int, Tensor]]  # part -> id(parameter) -> gradient
+
+    def of(self, part: str, param: nn.Parameter) -> Tensor | None:
+        """``part``'s gradient on ``param`` (None where the part did not reach it)."""
+        return self.grads[part].get(id(param))
+
+    def flat(self, part: str, params: list[nn.Parameter]) -> Tensor:
+        """``params``' gradients from ``part`` as one vector, zeros where the part did not reach."""
+        grads = [self.of(part, p) for p in params]
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
 @dataclass
 class StepResult:
     losses: list[LossGroup]
-    # m -> multiplier on d(loss)/d(features[m]) (ARL's 1 + k_m); applied in this backward.
+    # m -> multiplier on d(loss)/d(features[m]) (ARL's 1 + k_m); applied in the first group's
+    # backward (in each of its parts' backwards when it has parts).
     grad_multipliers: dict[str, Tensor | float] = field(default_factory=dict)
     # name -> (sum, count), detached; the engine accumulates them over the epoch. The engine reads
     # stats and metrics after every loss group ran, so a lazy loss may still add entries (AUG
@@ -206,8 +261,9 @@ class ParameterGroups:
 
     ``encoders[m]``: modality m's encoder. ``heads[m]``: the classifier layers only modality m's
     logits use (mean/sum: its linear head; boost: its ``A_m^k``, added heads included; concat:
-    none). ``shared``: what every modality's logits pass through (the concat head and its ``G``,
-    boost's ``F``). A parameter's ``grad`` is None when this loss group did not reach it.
+    none; shared: its width adapter, none when the widths match). ``shared``: what every
+    modality's logits pass through (the concat head and its ``G``, boost's ``F``, the shared
+    fusion's one head). A parameter's ``grad`` is None when this loss group did not reach it.
     """
 
     encoders: dict[str, list[nn.Parameter]]
@@ -231,6 +287,8 @@ class GradientContext:
     use from ``seed``): noise drawn from it is identical across ranks. ``params`` groups the
     parameters by modality (built on first use). ``result`` is this batch's ``StepResult`` (its
     ``stats`` / ``metrics`` carry what ``step`` measured, e.g. per-modality scores).
+    ``part_grads`` is set for a group with ``parts``: each part's rank-averaged gradient, while
+    ``p.grad`` holds their sum (None for a plain group).
     """
 
     group: LossGroup
@@ -242,6 +300,7 @@ class GradientContext:
     seed: int
     device: torch.device
     collect_params: Callable[[], ParameterGroups]
+    part_grads: PartGradients | None = None
 
     @cached_property
     def params(self) -> ParameterGroups:
@@ -293,6 +352,10 @@ class Objective(Protocol):
         the number of workers), so the result would depend on the worker count. It sits before
         clipping so the clip bounds what is actually stepped. A parameter whose ``grad`` is None
         takes no step: leave it None.
+
+        For a group with ``parts`` the hook is also where the parts are combined: ``p.grad`` arrives
+        as the sum of the parts' gradients and ``ctx.part_grads`` holds each part's own (both
+        rank-averaged); the hook may overwrite ``p.grad`` with any combination of them.
         """
 
     def on_epoch_end(

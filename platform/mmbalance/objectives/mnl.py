@@ -52,24 +52,33 @@ class MNLParams(BaseModel):
     )
 
 
-def competitor_classes(logits: Tensor, labels: Tensor) -> Tensor:
+def competitor_classes(logits: Tensor, labels: Tensor, probs: Tensor | None = None) -> Tensor:
     """[..., B, C], [B] -> [..., B]: the strongest non-target class. The official code masks the
-    target probability to -1 before the argmax, done the same way here so ties break alike."""
-    target = F.one_hot(labels, logits.shape[-1]).bool()  # [B, C]
-    return logits.detach().softmax(-1).masked_fill(target, -1.0).argmax(-1)
+    target probability to -1 before the argmax, done the same way here so ties break alike.
+    ``probs``: ``softmax(logits)`` when the caller already has it (the same values, computed once)."""
+    probs = logits.detach().softmax(-1) if probs is None else probs  # [..., B, C]
+    target = labels.expand(probs.shape[:-1]).unsqueeze(-1)  # [..., B, 1]
+    return probs.scatter(-1, target, -1.0).argmax(-1)  # scatter, not one_hot: no host sync on CPU
 
 
-def criteria(unimodal: Tensor, fused: Tensor, labels: Tensor, competitor: Competitor) -> tuple[Tensor, Tensor]:
-    """[M, B, C] unimodal logits -> (pi, xi), each [M, B] and free of gradient (they only build masks)."""
+def criteria(
+    unimodal: Tensor, fused: Tensor, labels: Tensor, competitor: Competitor, probs: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """[M, B, C] unimodal logits -> (pi, xi), each [M, B] and free of gradient (they only build masks).
+
+    ``probs``: ``softmax(unimodal)`` when the caller already has it (MNL's step shares it with
+    ``pair_losses``, so the softmax of the same logits runs once)."""
     z = unimodal.detach()  # [M, B, C]
+    probs = z.softmax(-1) if probs is None else probs  # [M, B, C]
     target = labels.expand(z.shape[0], -1).unsqueeze(-1)  # [M, B, 1]
-    pi = z.softmax(-1).gather(-1, target).squeeze(-1)  # [M, B]
+    pi = probs.gather(-1, target).squeeze(-1)  # [M, B]
     j = (
         competitor_classes(fused, labels).expand(z.shape[0], -1)
         if competitor == "fused"
-        else competitor_classes(z, labels)
-    )
-    xi = (z.gather(-1, target) - z.gather(-1, j.unsqueeze(-1))).squeeze(-1)  # [M, B], UCoM in logit space
+        else competitor_classes(z, labels, probs)
+    )  # [M, B]
+    picked = z.gather(-1, torch.cat([target, j.unsqueeze(-1)], dim=-1))  # [M, B, 2]: (z_y, z_j)
+    xi = picked[..., 0] - picked[..., 1]  # [M, B], UCoM in logit space
     return pi, xi
 
 
@@ -86,11 +95,11 @@ def guidance_masks(pi: Tensor, xi: Tensor, guidance: str, prior_index: int | Non
         masks[prior_index] = True
         masks[prior_index, prior_index] = False
         return masks
-    crits = [pi, xi] if guidance == "confidence_ucom" else [pi]
-    better = torch.stack([c[:, None] > c[None, :] for c in crits])  # [K, M, M, B]
+    crits = torch.stack([pi, xi]) if guidance == "confidence_ucom" else pi.unsqueeze(0)  # [K, M, B]
+    better = crits[:, :, None] > crits[:, None]  # [K, M, M, B]: d better than w on criterion k
     masks = better.all(0)  # [M, M, B]; diagonal False (strict)
     if num_mod == 2:
-        masks[1, 0] = (~better[:, 0, 1]).all(0)  # official b_i uses <= on every criterion
+        masks[1, 0] = ~better[:, 0, 1].any(0)  # official b_i uses <= on every criterion
     return masks
 
 
@@ -103,30 +112,38 @@ def pair_losses(
     include_target_ce: bool,
     normalize: Normalize,
     world: DistInfo | None = None,
+    probs: Tensor | None = None,
+    log_q: Tensor | None = None,
 ) -> Tensor:
     """[M, B, C] logits, bool [M, M, B] masks -> [M, M] with L_{d->w} at [d, w] (§1.2 step 7).
 
-    Only ``log q_w`` carries gradient: the dominant distribution ``p_d`` is detached.
+    Only ``log q_w`` carries gradient: the dominant distribution ``p_d`` is detached. Every
+    detached factor (``lam p_d``, the target CE's one-hot, the mask, the normaliser) is folded
+    into one weight first, so the graph holds a single product with ``log q`` (one backward
+    node per step instead of one per term). ``probs`` / ``log_q``: ``softmax`` / ``log_softmax``
+    of ``unimodal`` when the caller already has them.
     """
     num_mod, batch, num_classes = unimodal.shape
-    log_q = unimodal.log_softmax(-1)  # [M, B, C], indexed by the weak modality w
-    p_dom = unimodal.detach().softmax(-1)  # [M, B, C], indexed by the dominant modality d
-    onehot = F.one_hot(labels, num_classes).to(unimodal.dtype)  # [B, C]
+    log_q = unimodal.log_softmax(-1) if log_q is None else log_q  # [M, B, C], indexed by the weak w
+    p_dom = unimodal.detach().softmax(-1) if probs is None else probs  # [M, B, C], indexed by d
+    target = labels.expand(num_mod, -1).unsqueeze(-1)  # [M, B, 1]
+    weight = lam * p_dom  # [M, B, C]: -lam * sum_c p_d log q_w
+    # (1 - Y) p_d zeroes the target entry; the official target CE -log q_w,y adds one unit there.
     if scope == "nontarget":
-        p_dom = p_dom * (1.0 - onehot)  # [M, B, C]
-    per_sample = lam * -torch.einsum("dbc,wbc->dwb", p_dom, log_q)  # [M, M, B]
-    if include_target_ce:
-        per_sample = per_sample - (log_q * onehot).sum(-1)[None]  # [M, M, B]; + CE(z_w, y)
-    summed = torch.where(masks, per_sample, torch.zeros_like(per_sample)).sum(-1)  # [M, M]
-    if normalize == "BC":
-        return summed / (batch * num_classes)
-    if normalize == "B":
-        return summed / batch
-    # Per guided sample over the whole global batch: the engine averages rank gradients, so
-    # dividing by (global count / world_size) makes that average the exact global mean.
-    world = world or DistInfo()
-    count = world.all_reduce_sum(masks.sum(-1).to(unimodal.dtype))  # [M, M]
-    return summed * world.world_size / count.clamp(min=1.0)
+        weight = weight.scatter(-1, target, 1.0 if include_target_ce else 0.0)
+    elif include_target_ce:
+        weight = weight.scatter_add(-1, target, torch.ones_like(target, dtype=weight.dtype))
+    if normalize == "selected":
+        # Per guided sample over the whole global batch: the engine averages rank gradients, so
+        # dividing by (global count / world_size) makes that average the exact global mean.
+        world = world or DistInfo()
+        count = world.all_reduce_sum(masks.sum(-1).to(unimodal.dtype))  # [M, M]
+        scale = (-float(world.world_size) / count.clamp(min=1.0)).unsqueeze(-1)  # [M, M, 1]
+    else:  # BC: the official mean over all B*C entries (unguided samples count); B: per sample
+        scale = -1.0 / (batch * num_classes if normalize == "BC" else batch)
+    coef = masks.to(unimodal.dtype) * scale  # [M, M, B]: 0 where d does not guide w
+    weighted = coef.unsqueeze(-1) * weight.unsqueeze(1)  # [M, M, B, C], detached
+    return (weighted * log_q.unsqueeze(0)).sum((2, 3))  # [M, M]
 
 
 @register_objective
@@ -155,14 +172,15 @@ class MNL(LastEpochMetrics, StatelessObjective):
     name = "mnl"
     Params = MNLParams
     params: MNLParams
-    # One linear head per modality with z_f their mean / sum: the guidance terms act on z_m.
-    requirements = Requirements(fusions=("mean", "sum"), warmup_key="warmup_epochs")
+    # One linear head per modality with z_f their mean / sum / PDF-weighted sum: the guidance terms act on z_m.
+    requirements = Requirements(fusions=("mean", "sum", "pdf"), warmup_key="warmup_epochs")
     variants = {"paper": ("objective.warmup_epochs=2", "objective.include_target_ce=false")}
 
     def __init__(self, params: MNLParams | None = None):
         super().__init__(params)
         self.prior_index: int | None = None
         self.modalities: list[str] = []
+        self._pairs: list[tuple[int, str]] = []  # set by bind
         self._epoch_metrics: dict[str, float] = {}
 
     def bind(self, modalities: list[str], num_classes: int, model_info: dict[str, Any]) -> None:
@@ -173,36 +191,48 @@ class MNL(LastEpochMetrics, StatelessObjective):
                 allowed = ["prior:" + m for m in self.modalities]
                 raise ValueError(f"guidance {self.params.guidance!r} names no modality; allowed: {allowed}")
             self.prior_index = self.modalities.index(prior)
+        # (flat index into a [M, M] tensor, "d_to_w") of every ordered pair, built once: the
+        # step reads all pairs off one unbind instead of indexing each.
+        num_mod = len(self.modalities)
+        self._pairs = [
+            (d * num_mod + w, f"{self.modalities[d]}_to_{self.modalities[w]}")
+            for d in range(num_mod)
+            for w in range(num_mod)
+            if d != w
+        ]
 
     def step(self, inputs: StepInputs) -> StepResult:
         out, y = inputs.outputs, inputs.labels
+        num_mod = len(self.modalities)
+        z = torch.stack([out.unimodal_logits[m] for m in self.modalities])  # [M, B, C]
+        # One log-softmax serves the LF terms and the guidance: CE(z_m, y) = nll(log_softmax z_m),
+        # row by row the same values as cross_entropy_per_sample, so the LF part stays exact.
+        log_q = z.log_softmax(-1)  # [M, B, C]
         fused = cross_entropy_per_sample(out.fused_logits, y).mean()
-        unimodal = {m: cross_entropy_per_sample(out.unimodal_logits[m], y).mean() for m in self.modalities}
+        unimodal = {m: F.nll_loss(log_q[i], y, reduction="none").mean() for i, m in enumerate(self.modalities)}
         base = fused + sum(unimodal.values())  # LF with omega = 1, summed as LF does (exact equality)
         metrics = {"loss_fused": fused.detach(), **{f"loss_{m}": v.detach() for m, v in unimodal.items()}}
         if inputs.epoch < self.params.warmup_epochs:
-            masks = torch.zeros(
-                len(self.modalities), len(self.modalities), y.shape[0], dtype=torch.bool, device=y.device
-            )
+            masks = torch.zeros(num_mod, num_mod, y.shape[0], dtype=torch.bool, device=y.device)
             return StepResult(losses=[LossGroup(base)], stats=self._stats(masks), metrics=metrics)
-        z = torch.stack([out.unimodal_logits[m] for m in self.modalities])  # [M, B, C]
-        pi, xi = criteria(z, out.fused_logits, y, self.params.competitor)  # [M, B] each
+        probs = z.detach().softmax(-1)  # [M, B, C], shared by the criteria and the guidance
+        pi, xi = criteria(z, out.fused_logits, y, self.params.competitor, probs)  # [M, B] each
         masks = guidance_masks(pi, xi, self.params.guidance, self.prior_index)  # [M, M, B]
         p = self.params
-        pairs = pair_losses(z, y, masks, p.lam, p.scope, p.include_target_ce, p.normalize, inputs.world)  # [M, M]
+        pairs = pair_losses(
+            z, y, masks, p.lam, p.scope, p.include_target_ce, p.normalize, inputs.world, probs, log_q
+        )  # [M, M]
         guidance = pairs.sum()
         metrics["loss_mnl"] = guidance.detach()
-        metrics.update({f"loss_mnl_{d}_to_{w}": pairs[i, k].detach() for (i, d), (k, w) in self._pairs()})
+        flat = pairs.detach().flatten().unbind()  # M*M views from one op
+        metrics.update({f"loss_mnl_{name}": flat[index] for index, name in self._pairs})
         return StepResult(losses=[LossGroup(base + guidance)], stats=self._stats(masks), metrics=metrics)
-
-    def _pairs(self) -> list[tuple[tuple[int, str], tuple[int, str]]]:
-        named = list(enumerate(self.modalities))
-        return [(d, w) for d in named for w in named if d[0] != w[0]]
 
     def _stats(self, masks: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Guided-sample counts as (sum, count) so the engine's epoch/rank sums give exact fractions."""
         total = torch.full((), float(masks.shape[-1]), device=masks.device)
-        stats = {f"mnl_guided_{d}_to_{w}": (masks[i, k].sum().float(), total) for (i, d), (k, w) in self._pairs()}
+        guided = masks.sum(-1).float().flatten().unbind()  # M*M counts from one reduction
+        stats = {f"mnl_guided_{name}": (guided[index], total) for index, name in self._pairs}
         stats["mnl_unguided"] = ((~masks.flatten(0, 1).any(0)).sum().float(), total)
         return stats
 
