@@ -283,6 +283,21 @@ def test_train_blocks_give_each_execution_in_turn_and_read_one_lead_ahead():
     assert [len(b["label"]) for b in third] == [40] and shard.executions == 4  # the 4th: read ahead of an epoch 3
 
 
+def test_train_blocks_start_no_read_after_an_epoch_with_no_lead_rows():
+    """The source sets ``lead_rows = 0`` for the run's last epoch: nothing may read past it (an
+    unconsumed execution would compete with the final evaluation and outlive the Ray session)."""
+    from mmbalance.engine.ray_data import TrainBlocks
+
+    shard = _CountingShard([_blocks([10, 20]), _blocks([5, 5])])
+    blocks = TrainBlocks(shard, lead_rows=8)
+    assert len(list(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))) == 2
+    blocks._lead.join(5)
+    assert shard.executions == 2  # epoch 1 read ahead
+    blocks.lead_rows = 0  # epoch 1 is the last
+    assert len(list(blocks.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))) == 2
+    assert blocks._lead is None and shard.executions == 2
+
+
 def test_train_blocks_raise_a_read_ahead_error_in_the_epoch_that_needs_it():
     from mmbalance.engine.ray_data import TrainBlocks
 

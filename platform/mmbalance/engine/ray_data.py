@@ -346,8 +346,10 @@ class TrainBlocks:
                 raise err
             if rest is not None:
                 yield from rest
-            # Only an epoch read to its end starts the next: a closed one leaves the next to start afresh.
-            self._start_lead(prefetch_batches)
+            # Only an epoch read to its end starts the next: a closed one leaves the next to start
+            # afresh. No lead rows (the last epoch) means no read ahead at all.
+            if self.lead_rows > 0:
+                self._start_lead(prefetch_batches)
 
     def _blocks(self, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
         return iter(self.shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches))
@@ -395,7 +397,10 @@ class RayShardSource:
 
     def train_batches(self, epoch: int, batch_size: int) -> tuple[Iterator[Batch], int]:
         window = shuffle_window(batch_size, self.row_nbytes, self.rows // self.world, cached=self.train_cached)
-        self.train_blocks.lead_rows = window  # read one window of the next epoch ahead
+        # Read one window of the next epoch ahead, unless this is the last epoch: a read nobody
+        # consumes would compete with the final evaluation and outlive the run's Ray session.
+        last = epoch + 1 >= self.recipe.schedule.epochs
+        self.train_blocks.lead_rows = 0 if last else window
         batches = iter_train_batches(
             self.train_blocks,
             batch_size,
