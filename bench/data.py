@@ -64,13 +64,13 @@ class InProcess:
 class RayDataWorker:
     """The train shard as a Ray Train worker iterates it, without the TorchTrainer around it."""
 
-    def __init__(self, name, dataset, recipe, manifest, cached, path="window"):
+    def __init__(self, name, dataset, recipe, manifest, cached, path="window", epochs=None):
         from mmbalance.engine.ray_data import TrainBlocks
 
         self.name, self.dataset, self.recipe, self.manifest = name, dataset, recipe, manifest
         self.modalities = list(recipe.modalities)
         self.rows = manifest.splits[recipe.data.train_split].rows
-        self.cached, self.path = cached, path
+        self.cached, self.path, self.epochs = cached, path, epochs
         # One iterator for all epochs, as a worker's shard; the next epoch's read starts early.
         self.blocks = TrainBlocks(dataset.iterator(), lead_rows=0)
 
@@ -87,7 +87,9 @@ class RayDataWorker:
             from mmbalance.engine.ray_data import iter_train_batches, row_bytes, shuffle_window
 
             window = shuffle_window(batch_size, row_bytes(self.recipe, self.manifest), self.rows, cached=self.cached)
-            self.blocks.lead_rows = window
+            # As the worker does: no read ahead of an epoch that will not run.
+            last = self.epochs is not None and epoch + 1 >= self.epochs
+            self.blocks.lead_rows = 0 if last else window
             # "no-read-ahead": each epoch's read starts when the epoch does (before TrainBlocks).
             shard = self.blocks if self.path == "window" else self.dataset.iterator()
             batches = iter_train_batches(
@@ -234,7 +236,7 @@ def main() -> None:
                         path, "Ray local shuffle buffer"
                     )
                     title = f"Ray Data, {label} ({how})"
-                    source = RayDataWorker(title, train, recipe, manifest, cached, path)
+                    source = RayDataWorker(title, train, recipe, manifest, cached, path, epochs=args.epochs)
                     results[name].append((source.name, measure(recipe, manifest, source, args.epochs)))
                     del train, source
                     gc.collect()
