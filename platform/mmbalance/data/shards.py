@@ -79,9 +79,33 @@ def rows_table(
 
 
 def column_tensor(table: pa.Table, column: str, dtype: str, shape: Sequence[int]) -> np.ndarray:
-    """A flattened fixed-size-list column -> ``[rows, *shape]`` (zero-copy where Arrow allows)."""
-    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return flat.astype(dtype, copy=False).reshape(table.num_rows, *shape)
+    """A flattened fixed-size-list column of ``table`` -> ``[rows, *shape]`` (``tensor_column``)."""
+    return tensor_column(table.column(column), dtype, list(shape))
+
+
+def tensor_column(column: pa.ChunkedArray, dtype: str, shape: list[int], stored: str | None = None) -> np.ndarray:
+    """A fixed-size tensor column -> ``[rows, *shape]`` in ``dtype``.
+
+    Each chunk is a ``fixed_size_list`` (the shard format) or a ``fixed_size_binary`` holding a
+    row's raw bytes in element type ``stored`` (default ``dtype``); either way its values are one
+    contiguous buffer that numpy views without a copy (unlike ``combine_chunks``, which copies
+    even a single chunk). Several chunks are concatenated once. Elements stored narrower than
+    ``dtype`` (float16 spectrograms) are up-cast here, so training always sees ``dtype``."""
+    size = 1
+    for dim in shape:
+        size *= dim
+    parts = [_chunk_values(chunk, stored or dtype, size) for chunk in column.chunks]
+    if not parts:
+        return np.empty((0, *shape), dtype=dtype)
+    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return flat.astype(dtype, copy=False).reshape(len(column), *shape)
+
+
+def _chunk_values(chunk: pa.Array, stored: str, size: int) -> np.ndarray:
+    if pa.types.is_fixed_size_binary(chunk.type):
+        start = chunk.offset * chunk.type.byte_width
+        return np.frombuffer(chunk.buffers()[1], dtype=stored, count=len(chunk) * size, offset=start)
+    return chunk.flatten().to_numpy(zero_copy_only=False)
 
 
 def write_shards(

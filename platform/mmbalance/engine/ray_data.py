@@ -60,6 +60,7 @@ from torch import Tensor
 
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
+from mmbalance.data.shards import tensor_column
 from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import Batch, epoch_seed
 
@@ -84,31 +85,6 @@ def decode_batch(
     for m, shape in shapes.items():
         out[m] = tensor_column(table.column(m), dtypes[m], shape, (stored or {}).get(m))
     return out
-
-
-def tensor_column(column: pa.ChunkedArray, dtype: str, shape: list[int], stored: str | None = None) -> np.ndarray:
-    """A fixed-size tensor column -> ``[rows, *shape]`` in ``dtype``.
-
-    Each chunk is a ``fixed_size_list`` (the shard format) or a ``fixed_size_binary`` holding a
-    row's raw bytes in element type ``stored`` (default ``dtype``); either way its values are one
-    contiguous buffer that numpy views without a copy (unlike ``combine_chunks``, which copies
-    even a single chunk). Several chunks are concatenated once. Elements stored narrower than
-    ``dtype`` (float16 spectrograms) are up-cast here, so training always sees ``dtype``."""
-    size = 1
-    for dim in shape:
-        size *= dim
-    parts = [_chunk_values(chunk, stored or dtype, size) for chunk in column.chunks]
-    if not parts:
-        return np.empty((0, *shape), dtype=dtype)
-    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return flat.astype(dtype, copy=False).reshape(len(column), *shape)
-
-
-def _chunk_values(chunk: pa.Array, stored: str, size: int) -> np.ndarray:
-    if pa.types.is_fixed_size_binary(chunk.type):
-        start = chunk.offset * chunk.type.byte_width
-        return np.frombuffer(chunk.buffers()[1], dtype=stored, count=len(chunk) * size, offset=start)
-    return chunk.flatten().to_numpy(zero_copy_only=False)
 
 
 def row_bytes(recipe: Recipe, manifest: Manifest) -> int:
