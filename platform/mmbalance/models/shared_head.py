@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mmbalance.objectives.base import entropy_per_sample
+
 SHARED_RULES = ("entropy", "entropy_batch")
 
 
@@ -39,8 +41,7 @@ def adapters(dims: dict[str, int]) -> nn.ModuleDict:
 def sample_entropy(logits: Tensor) -> Tensor:
     """[..., B, C] -> [..., B]: entropy of the softmax over classes, from log-softmax (finite even
     where a probability underflows to 0, where ``p * log p`` would give NaN)."""
-    log_p = logits.float().log_softmax(dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1)
+    return entropy_per_sample(logits.float())
 
 
 def entropy_weights(logits: Tensor) -> Tensor:

@@ -526,3 +526,11 @@ def _variant_problems(variants: Any, params: type[BaseModel]) -> list[str]:
 def cross_entropy_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
     """[B, C], [B] -> [B]; plain CE kept in one place so every objective uses the same one."""
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def entropy_per_sample(logits: Tensor) -> Tensor:
+    """[..., C] -> [...]: entropy of ``softmax(logits)`` over the last axis, from the log-softmax
+    (finite where a probability underflows to 0, where ``p * log p`` would give NaN); one place,
+    as for the cross-entropy."""
+    log_p = logits.log_softmax(dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)

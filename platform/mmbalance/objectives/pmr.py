@@ -25,6 +25,7 @@ from mmbalance.objectives.base import (
     StepResult,
     StructuralChange,
     cross_entropy_per_sample,
+    entropy_per_sample,
     register_objective,
 )
 
@@ -62,12 +63,6 @@ def prototype_logits(features: Tensor, prototypes: Tensor, temperature: float, s
     if seen is not None:
         logits = logits.masked_fill(~seen.to(logits.device), _NO_CLASS)
     return logits
-
-
-def entropy_per_sample(logits: Tensor) -> Tensor:
-    """[B, C] -> [B] entropy of softmax(logits)."""
-    log_p = logits.log_softmax(dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1)
 
 
 def pce_coefficients(scores: Tensor, alpha: float, form: CoeffForm) -> Tensor:
