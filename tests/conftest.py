@@ -39,4 +39,16 @@ def ray_cluster():
     # placement groups of trials Tune stops; without it they leak (docs/architecture.md §R3).
     ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False)
     yield ray
+    _no_read_ahead_outlives(ray)
     ray.shutdown()
+
+
+def _no_read_ahead_outlives(ray) -> None:
+    """A ``TrainBlocks`` read left running in this process when Ray shuts down kills the process
+    (exit 1, no report) once the next module starts its Ray: fail the module here instead."""
+    import threading
+
+    alive = [t for t in threading.enumerate() if t.name == "mmbalance-train-read-ahead" and t.is_alive()]
+    for thread in alive:  # let them end before the shutdown, so only this module fails
+        thread.join(120)
+    assert not alive, f"{len(alive)} TrainBlocks read-ahead thread(s) still running at the end of the module"
