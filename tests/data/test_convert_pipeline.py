@@ -94,6 +94,22 @@ def test_round_trip_and_train_statistics(tmp_path):
     assert not work_dir_for(tmp_path / "out").exists()  # cleaned up after success
 
 
+def test_shards_are_written_in_the_chosen_encoding_with_the_same_values(tmp_path):
+    make_toy(tmp_path / "raw")
+    default = convert(ToyConverter(), tmp_path / "raw", tmp_path / "bytes", engine="local", chunk_size=3, **QUIET)
+    lists = convert(
+        ToyConverter(), tmp_path / "raw", tmp_path / "tensor", engine="local", chunk_size=3, encoding="tensor", **QUIET
+    )
+    assert {s.encoding for s in default.modalities.values()} == {"bytes"}  # chunks are lists, re-encoded at assembly
+    assert {s.encoding for s in lists.modalities.values()} == {"tensor"}
+    for split in default.splits:
+        a, b = load_split(tmp_path / "bytes", default, split), load_split(tmp_path / "tensor", lists, split)
+        assert a.sample_ids == b.sample_ids
+        for m in a.modalities:
+            np.testing.assert_array_equal(a.modalities[m], b.modalities[m])
+    assert default.modalities["a"].normalize == lists.modalities["a"].normalize
+
+
 def test_output_does_not_depend_on_chunking(tmp_path):
     make_toy(tmp_path / "raw", n=37)
     digests = []

@@ -13,7 +13,7 @@ from mmbalance import outputs
 from mmbalance.config import ConfigError
 from mmbalance.data import storage
 from mmbalance.data.convert import CONVERTERS, build_converter
-from mmbalance.data.manifest import split_order
+from mmbalance.data.manifest import ENCODINGS, split_order
 
 
 def prepare(
@@ -28,15 +28,20 @@ def prepare(
     chunk_size: int = 64,
     address: str | None = None,
     num_cpus: int | None = None,
+    encoding: str | None = None,
 ) -> None:
-    """Validate ``settings`` and the paths, then write the shards of dataset ``name`` to ``out``."""
+    """Validate ``settings`` and the paths, then write the shards of dataset ``name`` to ``out``
+    with tensor columns in ``encoding`` (``None``: the dataset's default, ``Entry.encoding``)."""
     entry = CONVERTERS[name]
+    encoding = encoding or entry.encoding
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"--encoding {encoding!r}: expected one of {list(ENCODINGS)}")
     try:
         converter = build_converter(name, settings)
     except ValueError as err:  # a setting the dataset refuses (pydantic's errors are ValueErrors)
         raise ConfigError(str(err)) from None
     if entry.in_memory:
-        _write_in_memory(converter, root, out, overwrite)
+        _write_in_memory(converter, root, out, overwrite, encoding)
         return
     if chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
@@ -61,12 +66,13 @@ def prepare(
         chunk_size=chunk_size,
         address=address,
         num_cpus=num_cpus,
+        encoding=encoding,
     )
 
 
-def _write_in_memory(writer, root: str | None, out: str, overwrite: bool) -> None:
+def _write_in_memory(writer, root: str | None, out: str, overwrite: bool, encoding: str) -> None:
     check_shards_out(out, overwrite, reads=[root] if root else [])
-    print_prepared(out, writer.write(Path(root) if root else None, out, overwrite=overwrite))
+    print_prepared(out, writer.write(Path(root) if root else None, out, overwrite=overwrite, encoding=encoding))
 
 
 def _convert(
@@ -80,13 +86,21 @@ def _convert(
     chunk_size: int,
     address: str | None,
     num_cpus: int | None,
+    encoding: str,
 ) -> None:
     from mmbalance.data.convert.pipeline import convert
 
     started_ray = engine == "ray" and _start_ray(address, num_cpus)
     try:
         manifest = convert(
-            converter, root, out, engine=engine, skip_bad=skip_bad, overwrite=overwrite, chunk_size=chunk_size
+            converter,
+            root,
+            out,
+            engine=engine,
+            skip_bad=skip_bad,
+            overwrite=overwrite,
+            chunk_size=chunk_size,
+            encoding=encoding,
         )
     finally:
         if started_ray:

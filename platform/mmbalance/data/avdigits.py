@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mmbalance import outputs
 from mmbalance.data.convert.base import MAX_LISTED, listing_text
 from mmbalance.data.convert.media import fit_length
-from mmbalance.data.manifest import Manifest, ModalitySpec
+from mmbalance.data.manifest import Encoding, Manifest, ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
 
 GENERATOR = {"name": "mmbalance.data.avdigits", "version": 1}
@@ -71,6 +71,7 @@ def prepare_avdigits(
     seed: int = 0,
     overwrite: bool = False,
     spectrogram: SpectrogramParams | None = None,
+    encoding: Encoding | None = None,
 ) -> Manifest:
     """Convert the fsdd_mnist tree at ``root`` into shards at ``out``; return the manifest."""
     params = spectrogram or SpectrogramParams()
@@ -128,6 +129,7 @@ def prepare_avdigits(
         generator=dict(GENERATOR),
         preprocessing=preprocessing,
         overwrite=overwrite,
+        encoding=encoding,
     )
 
 
@@ -288,7 +290,14 @@ class AvdigitsWriter:
     def __init__(self, params: AvdigitsSettings) -> None:
         self.params = params
 
-    def write(self, root: Path | None, out: str | Path, *, overwrite: bool = False) -> Manifest:
+    def write(
+        self, root: Path | None, out: str | Path, *, overwrite: bool = False, encoding: Encoding | None = None
+    ) -> Manifest:
         return prepare_avdigits(
-            root, out, val_fraction=self.params.val_fraction, seed=self.params.seed, overwrite=overwrite
+            root,
+            out,
+            val_fraction=self.params.val_fraction,
+            seed=self.params.seed,
+            overwrite=overwrite,
+            encoding=encoding,
         )

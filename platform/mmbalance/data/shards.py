@@ -22,7 +22,15 @@ import pyarrow.parquet as pq
 
 from mmbalance import outputs
 from mmbalance.data import storage
-from mmbalance.data.manifest import MANIFEST_NAME, Manifest, ModalitySpec, ShardFile, SplitInfo, read_manifest
+from mmbalance.data.manifest import (
+    MANIFEST_NAME,
+    Encoding,
+    Manifest,
+    ModalitySpec,
+    ShardFile,
+    SplitInfo,
+    read_manifest,
+)
 
 ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8(), "int64": pa.int64()}
 
@@ -51,10 +59,68 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def tensor_type(spec: ModalitySpec) -> pa.DataType:
+    """The Arrow type of a modality column in the file (``ModalitySpec.encoding``)."""
+    if spec.encoding == "bytes":
+        return pa.binary(spec.stored_nbytes)
+    return pa.list_(ARROW_DTYPES[spec.storage_dtype], spec.size)
+
+
 def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
     fields = [pa.field("sample_id", pa.string()), pa.field("label", pa.int64()), pa.field("split", pa.string())]
-    fields += [pa.field(m, pa.list_(ARROW_DTYPES[spec.storage_dtype], spec.size)) for m, spec in modalities.items()]
+    fields += [pa.field(m, tensor_type(spec)) for m, spec in modalities.items()]
     return pa.schema(fields)
+
+
+def column_compression(schema: pa.Schema) -> str | dict[str, str]:
+    """Parquet codec per column: ``bytes`` tensors are written uncompressed (their read is then a
+    buffer copy; decompressing would be most of its cost), everything else with zstd. Without a
+    ``bytes`` column, plain ``"zstd"``: the files stay byte for byte what they were before."""
+    if not any(pa.types.is_fixed_size_binary(f.type) for f in schema):
+        return "zstd"
+    # Keys are Parquet leaf paths: a list column's values live at "<name>.list.element".
+    return {
+        f"{f.name}.list.element" if pa.types.is_fixed_size_list(f.type) else f.name: (
+            "none" if pa.types.is_fixed_size_binary(f.type) else "zstd"
+        )
+        for f in schema
+    }
+
+
+def with_encoding(modalities: dict[str, ModalitySpec], encoding: Encoding | None) -> dict[str, ModalitySpec]:
+    """``modalities`` with every spec in ``encoding`` (``None``: as given)."""
+    if encoding is None:
+        return dict(modalities)
+    return {m: spec.model_copy(update={"encoding": encoding}) for m, spec in modalities.items()}
+
+
+def _little_endian(dtype: str) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("<")
+
+
+def encode_tensor(values: np.ndarray, spec: ModalitySpec) -> pa.Array:
+    """``[N, *shape]`` values -> one modality column of ``spec``'s type (flattened row-major)."""
+    n = values.shape[0]
+    flat = np.ascontiguousarray(values, dtype=_little_endian(spec.storage_dtype)).reshape(n * spec.size)
+    if spec.encoding == "bytes":
+        return pa.FixedSizeBinaryArray.from_buffers(tensor_type(spec), n, [None, pa.py_buffer(flat)])
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, ARROW_DTYPES[spec.storage_dtype]), spec.size)
+
+
+def conform_table(table: pa.Table, schema: pa.Schema, modalities: dict[str, ModalitySpec]) -> pa.Table:
+    """``table`` with each modality column re-encoded to ``schema``'s layout where it is in the
+    other one (a converter builds its chunks as ``tensor``; the shards may be ``bytes``). A table
+    with other columns is returned as it is, for the writer's schema check to name them."""
+    if table.schema == schema or set(table.column_names) != set(schema.names):
+        return table
+    columns = {}
+    for field in schema:
+        column, spec = table.column(field.name), modalities.get(field.name)
+        if spec is not None and column.type != field.type:
+            # Same spec, other layout: a list column's values carry their own type, raw bytes are ``stored``.
+            column = encode_tensor(tensor_column(column, spec.dtype, spec.shape, spec.storage_dtype), spec)
+        columns[field.name] = column
+    return pa.table(columns)
 
 
 def rows_table(
@@ -72,22 +138,21 @@ def rows_table(
         "split": pa.array(list(splits), pa.string()),
     }
     for m, spec in modalities.items():
-        values = np.ascontiguousarray(arrays[m], dtype=spec.storage_dtype).reshape(n, spec.size)
-        flat = pa.array(values.reshape(-1), ARROW_DTYPES[spec.storage_dtype])
-        columns[m] = pa.FixedSizeListArray.from_arrays(flat, spec.size)
+        columns[m] = encode_tensor(np.asarray(arrays[m]).reshape(n, spec.size), spec)
     return pa.table(columns, schema=arrow_schema(modalities))
 
 
-def column_tensor(table: pa.Table, column: str, dtype: str, shape: Sequence[int]) -> np.ndarray:
-    """A flattened fixed-size-list column of ``table`` -> ``[rows, *shape]`` (``tensor_column``)."""
-    return tensor_column(table.column(column), dtype, list(shape))
+def column_tensor(table: pa.Table, column: str, spec: ModalitySpec) -> np.ndarray:
+    """A modality column of ``table`` in either encoding -> ``[rows, *shape]`` in ``spec.dtype``."""
+    return tensor_column(table.column(column), spec.dtype, list(spec.shape), spec.storage_dtype)
 
 
 def tensor_column(column: pa.ChunkedArray, dtype: str, shape: list[int], stored: str | None = None) -> np.ndarray:
     """A fixed-size tensor column -> ``[rows, *shape]`` in ``dtype``.
 
-    Each chunk is a ``fixed_size_list`` (the shard format) or a ``fixed_size_binary`` holding a
-    row's raw bytes in element type ``stored`` (default ``dtype``); either way its values are one
+    Each chunk is a ``fixed_size_list`` (``encoding: tensor``) or a ``fixed_size_binary`` holding a
+    row's raw little-endian bytes in element type ``stored`` (``encoding: bytes``; default
+    ``dtype``); either way its values are one
     contiguous buffer that numpy views without a copy (unlike ``combine_chunks``, which copies
     even a single chunk). Several chunks are concatenated once. Elements stored narrower than
     ``dtype`` (float16 spectrograms) are up-cast here, so training always sees ``dtype``."""
@@ -104,7 +169,7 @@ def tensor_column(column: pa.ChunkedArray, dtype: str, shape: list[int], stored:
 def _chunk_values(chunk: pa.Array, stored: str, size: int) -> np.ndarray:
     if pa.types.is_fixed_size_binary(chunk.type):
         start = chunk.offset * chunk.type.byte_width
-        return np.frombuffer(chunk.buffers()[1], dtype=stored, count=len(chunk) * size, offset=start)
+        return np.frombuffer(chunk.buffers()[1], dtype=_little_endian(stored), count=len(chunk) * size, offset=start)
     return chunk.flatten().to_numpy(zero_copy_only=False)
 
 
@@ -119,8 +184,12 @@ def write_shards(
     preprocessing: dict[str, Any],
     rows_per_file: int = 2048,
     overwrite: bool = False,
+    encoding: Encoding | None = None,
 ) -> Manifest:
-    """Write in-memory ``splits`` as ``out_dir/<split>/part-NNNNN.parquet`` + ``manifest.json``, atomically."""
+    """Write in-memory ``splits`` as ``out_dir/<split>/part-NNNNN.parquet`` + ``manifest.json``, atomically.
+    ``encoding`` sets every modality's column layout (``ModalitySpec.encoding``); ``None`` keeps
+    each spec's own."""
+    modalities = with_encoding(modalities, encoding)
     for split, arrays in splits.items():
         _check_arrays(split, arrays, modalities, len(classes))
 
@@ -152,13 +221,17 @@ class _SplitFileWriter:
     """Regroups a stream of Arrow tables into files of exactly ``rows_per_file`` rows (the last
     may be shorter), so the file layout depends on the rows alone, not on how they arrived."""
 
-    def __init__(self, root: Path, split: str, schema: pa.Schema, rows_per_file: int):
+    def __init__(
+        self, root: Path, split: str, schema: pa.Schema, rows_per_file: int, modalities: dict[str, ModalitySpec]
+    ):
         self.root, self.split, self.schema, self.rows_per_file = root, split, schema, rows_per_file
+        self.modalities = modalities
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.files: list[ShardFile] = []
 
     def add(self, table: pa.Table) -> None:
+        table = conform_table(table, self.schema, self.modalities)
         if table.schema != self.schema:
             raise ValueError(f"split {self.split!r}: table schema {table.schema} differs from {self.schema}")
         self.pending.append(table)
@@ -175,7 +248,7 @@ class _SplitFileWriter:
         table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
         head, rest = table.slice(0, rows), table.slice(rows)
         rel = f"{self.split}/part-{len(self.files):05d}.parquet"
-        pq.write_table(head.combine_chunks(), self.root / rel, compression="zstd")
+        pq.write_table(head.combine_chunks(), self.root / rel, compression=column_compression(self.schema))
         self.files.append(ShardFile(path=rel, rows=rows, sha256=sha256_of(self.root / rel)))
         self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
@@ -191,9 +264,12 @@ def write_split_tables(
     preprocessing: dict[str, Any],
     rows_per_file: int = 2048,
     overwrite: bool = False,
+    encoding: Encoding | None = None,
 ) -> Manifest:
-    """Stream each split's Arrow tables (schema ``arrow_schema(modalities)``) into shards, so a
-    dataset larger than memory is written one file at a time. Atomic like ``write_shards``."""
+    """Stream each split's Arrow tables (schema ``arrow_schema(modalities)``, each modality in
+    either encoding) into shards, so a dataset larger than memory is written one file at a time.
+    Atomic like ``write_shards``; ``encoding`` as there."""
+    modalities = with_encoding(modalities, encoding)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -210,7 +286,7 @@ def write_split_tables(
         split_infos = {}
         for split, tables in split_tables.items():
             (tmp / split).mkdir()
-            writer = _SplitFileWriter(tmp, split, schema, rows_per_file)
+            writer = _SplitFileWriter(tmp, split, schema, rows_per_file, modalities)
             for table in tables:
                 _check_table(split, table, len(classes))
                 writer.add(table)
@@ -319,7 +395,7 @@ def _validate_values(path: str, table: pa.Table, manifest: Manifest) -> None:
     for m, spec in manifest.modalities.items():
         if spec.dtype != "float32":
             continue
-        flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        flat = column_tensor(table, m, spec).reshape(-1)
         nonfinite = np.flatnonzero(~np.isfinite(flat))
         if nonfinite.size:
             raise ShardError(f"{path}: column {m!r} row {nonfinite[0] // spec.size} holds a non-finite value")
@@ -336,7 +412,7 @@ def load_split(shard_dir: str | Path, manifest: Manifest, split: str, columns: l
         for f in manifest.splits[split].files
     ]
     table = pa.concat_tables(tables)
-    arrays = {m: column_tensor(table, m, manifest.modalities[m].dtype, manifest.modalities[m].shape) for m in mods}
+    arrays = {m: column_tensor(table, m, manifest.modalities[m]) for m in mods}
     return SplitArrays(
         sample_ids=table.column("sample_id").to_pylist(),
         labels=table.column("label").to_numpy().astype(np.int64),
@@ -360,7 +436,7 @@ def feature_std(shard_dir: str | Path, manifest: Manifest, split: str, modality:
         table = pq.read_table(storage.join(root, entry.path), columns=[modality], filesystem=fs)
         if table.num_rows == 0:
             continue
-        x = column_tensor(table, modality, spec.dtype, spec.shape).astype(np.float64)  # [n, *shape]
+        x = column_tensor(table, modality, spec).astype(np.float64)  # [n, *shape]
         n = x.shape[0]
         part_mean = x.mean(axis=0)
         part_m2 = np.square(x - part_mean).sum(axis=0)

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mmbalance.data.manifest import Manifest, ModalitySpec
+from mmbalance.data.manifest import Encoding, Manifest, ModalitySpec
 from mmbalance.data.shards import SplitArrays, write_shards
 
 GENERATOR_VERSION = 2
@@ -148,7 +148,9 @@ def generate(spec: SyntheticSpec) -> dict[str, SplitArrays]:
     return splits
 
 
-def prepare_synthetic(out: str | Path, spec: SyntheticSpec | None = None, *, overwrite: bool = False) -> Manifest:
+def prepare_synthetic(
+    out: str | Path, spec: SyntheticSpec | None = None, *, overwrite: bool = False, encoding: Encoding | None = None
+) -> Manifest:
     spec = spec or SyntheticSpec()
     return write_shards(
         out,
@@ -161,6 +163,7 @@ def prepare_synthetic(out: str | Path, spec: SyntheticSpec | None = None, *, ove
         # manifests keep their exact bytes).
         preprocessing=spec.model_dump(mode="json", exclude={"version"}, exclude_none=True),
         overwrite=overwrite,
+        encoding=encoding,
     )
 
 
@@ -232,5 +235,7 @@ class SyntheticWriter:
         self.params = params
         self.spec = params.spec()  # a spec the generator refuses fails here, before anything is written
 
-    def write(self, root: Path | None, out: str | Path, *, overwrite: bool = False) -> Manifest:
-        return prepare_synthetic(out, self.spec, overwrite=overwrite)
+    def write(
+        self, root: Path | None, out: str | Path, *, overwrite: bool = False, encoding: Encoding | None = None
+    ) -> Manifest:
+        return prepare_synthetic(out, self.spec, overwrite=overwrite, encoding=encoding)

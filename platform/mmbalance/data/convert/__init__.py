@@ -31,17 +31,26 @@ class Entry(NamedTuple):
     text: bool = False  # tokenises text: takes a local tokenizer (`--tokenizer`)
     in_memory: bool = False  # writes every split itself in one process (no Ray Data pipeline)
     root: str | None = RAW_TREE  # help of --root; None: generated, reads no raw tree
+    # Tensor column layout of the shards (``ModalitySpec.encoding``) unless --encoding says otherwise:
+    # the papers' benchmarks are streamed by Ray Data every epoch, so they get the fast-reading raw
+    # bytes; the two small in-memory datasets keep ``tensor``, so their files stay byte-identical.
+    encoding: str = "bytes"
 
 
 CONVERTERS = {
     "synthetic": Entry(
-        "mmbalance.data.synthetic:SyntheticWriter", "the embedded seeded synthetic dataset", in_memory=True, root=None
+        "mmbalance.data.synthetic:SyntheticWriter",
+        "the embedded seeded synthetic dataset",
+        in_memory=True,
+        root=None,
+        encoding="tensor",
     ),
     "avdigits": Entry(
         "mmbalance.data.avdigits:AvdigitsWriter",
         "spoken digits (FSDD) + MNIST digits, paired by pairs.csv",
         in_memory=True,
         root="the fsdd_mnist folder (pairs.csv, audio/, image/)",
+        encoding="tensor",
     ),
     "cremad": Entry(
         "mmbalance.data.convert.cremad:CremadConverter",

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from mmbalance import outputs
 from mmbalance.data.convert.base import BadInput, Converter, Listing, RawSample, listing_text, missing_files
-from mmbalance.data.manifest import Manifest, ModalitySpec, Normalization, split_order
+from mmbalance.data.manifest import Encoding, Manifest, ModalitySpec, Normalization, split_order
 from mmbalance.data.shards import rows_per_file_for, rows_table, write_split_tables
 
 Engine = Literal["ray", "local"]
@@ -59,8 +59,11 @@ def convert(
     overwrite: bool = False,
     chunk_size: int = 64,
     progress: Callable[[str], None] | None = None,
+    encoding: Encoding = "bytes",
 ) -> Manifest:
-    """Convert the raw tree at ``root`` into shards at ``out``; return the manifest."""
+    """Convert the raw tree at ``root`` into shards at ``out``; return the manifest. ``encoding``:
+    the tensor columns' layout in the shards (``ModalitySpec.encoding``; chunks are built as
+    ``tensor`` and re-encoded when the shards are assembled, so it does not affect resume)."""
     progress = progress or _print_now
     root, out = Path(root), Path(out)
     if out.exists() and not overwrite:  # before any listing or decoding
@@ -91,7 +94,7 @@ def convert(
             f"Fix or remove them and rerun (converted chunks are kept in {work}), "
             f"or pass --skip-bad to leave those samples out."
         )
-    manifest = _assemble(converter, listing, samples, work, out, summaries, missing, corrupt, overwrite)
+    manifest = _assemble(converter, listing, samples, work, out, summaries, missing, corrupt, overwrite, encoding)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 
@@ -318,6 +321,7 @@ def _assemble(
     missing: list[str],
     corrupt: list[str],
     overwrite: bool,
+    encoding: Encoding,
 ) -> Manifest:
     outputs = converter.outputs()
     modalities = {m: _final_spec(m, o, summaries) for m, o in outputs.items()}
@@ -357,6 +361,7 @@ def _assemble(
         preprocessing=preprocessing,
         rows_per_file=rows_per_file_for(modalities),
         overwrite=overwrite,
+        encoding=encoding,
     )
 
 
