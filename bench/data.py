@@ -20,12 +20,18 @@ Two cases, each printed with its in-process number and the ratio in one run:
   ResNet-18s, which train at a few samples/s on CPU and would hide the input path entirely;
   at a few hundred samples/s the input path is what the ratio measures. Target: >= 0.8.
 
+Both cases are written with the tensor columns in ``--encoding`` (default ``bytes``, the layout
+``mmbalance prepare`` gives the streamed benchmarks; ``tensor`` for Parquet fixed-size lists,
+whose read costs about twenty times more CPU: docs/data-format.md). The in-process reader loads
+the shards into memory before timing, so the layout changes only the Ray Data numbers.
+
 ``--paths ray-buffer`` adds the previous worker loop (Ray's ``iter_torch_batches`` with
 ``local_shuffle_buffer_size``) for comparison, ``--paths no-read-ahead`` the windows without
 ``TrainBlocks`` (every epoch's read starts when the epoch does). Defaults take about 2 minutes on 2 cores (shards
 are generated once and kept under ``--out``; 4 epochs per path, 3 timed).
 
     python bench/data.py [--cases avdigits cremad] [--epochs 4] [--paths window no-read-ahead ray-buffer]
+        [--encoding bytes|tensor]
 """
 
 from __future__ import annotations
@@ -131,7 +137,7 @@ def cremad_train_rows() -> int:
     return math.ceil(4 * CACHE_SHARE * OBJECT_STORE / cremad_row_bytes())
 
 
-def write_cremad_sized(out: Path, train_rows: int, seed: int = 0):
+def write_cremad_sized(out: Path, train_rows: int, seed: int = 0, encoding: str = "bytes"):
     """Synthetic shards shaped like CREMA-D's (random pixels and spectrograms, random labels)."""
     from mmbalance.data.convert.media import IMAGENET_MEAN, IMAGENET_STD
     from mmbalance.data.manifest import ModalitySpec, Normalization
@@ -168,30 +174,34 @@ def write_cremad_sized(out: Path, train_rows: int, seed: int = 0):
         preprocessing={},
         rows_per_file=rows_per_file_for(modalities),
         overwrite=True,
+        encoding=encoding,
     )
 
 
-def prepare_cases(names: list[str], out: Path, avdigits_shards: str | None) -> dict[str, tuple]:
-    """name -> (recipe, manifest, shard dir), generating shards that are not there yet."""
+def prepare_cases(
+    names: list[str], out: Path, avdigits_shards: str | None, encoding: str = "bytes"
+) -> dict[str, tuple]:
+    """name -> (recipe, manifest, shard dir), generating shards (tensor columns in ``encoding``)
+    that are not there yet."""
     from mmbalance.config import load_recipe_dict, validate_recipe
     from mmbalance.data.manifest import read_manifest
     from mmbalance.data.shards import validate_shards
 
     cases = {}
     if "avdigits" in names:
-        shards = Path(avdigits_shards) if avdigits_shards else out / "avdigits"
+        shards = Path(avdigits_shards) if avdigits_shards else out / f"avdigits-{encoding}"
         if not (shards / "manifest.json").is_file():
             from mmbalance.data.avdigits import prepare_avdigits
 
-            prepare_avdigits(FSDD_MNIST, shards, overwrite=True)
+            prepare_avdigits(FSDD_MNIST, shards, overwrite=True, encoding=encoding)
         tree = load_recipe_dict(REPO / "trainables" / "avdigits.yaml", [f"data.path={shards}"])
         cases["avdigits"] = (validate_recipe(tree), validate_shards(shards), shards)
     if "cremad" in names:
         rows = cremad_train_rows()
-        shards = out / f"cremad-sized-{rows}"
+        shards = out / f"cremad-sized-{rows}-{encoding}"
         manifest_path = shards / "manifest.json"
         if not manifest_path.is_file() or read_manifest(shards).splits["train"].rows != rows:
-            write_cremad_sized(shards, rows)
+            write_cremad_sized(shards, rows, encoding=encoding)
         tree = load_recipe_dict(REPO / "trainables" / "cremad.yaml", [f"data.path={shards}"])
         tree["modalities"] = {m: dict(CREMAD_MODEL) for m in ("audio", "visual")}
         tree["optim"] = {"name": "adam", "lr": 0.001}
@@ -205,7 +215,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=["avdigits", "cremad"], default=["avdigits", "cremad"])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--paths", nargs="+", choices=["window", "no-read-ahead", "ray-buffer"], default=["window"])
-    parser.add_argument("--avdigits-shards", default=None, help="existing AV-digits shards (default: --out/avdigits)")
+    parser.add_argument(
+        "--avdigits-shards", default=None, help="existing AV-digits shards (default: --out/avdigits-<encoding>)"
+    )
+    parser.add_argument("--encoding", choices=["bytes", "tensor"], default="bytes", help="tensor column layout")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mmbalance-bench-data"))
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -214,7 +227,7 @@ def main() -> None:
 
     from mmbalance.engine.ray_data import build_datasets, train_fits_in_cache
 
-    cases = prepare_cases(args.cases, args.out, args.avdigits_shards)
+    cases = prepare_cases(args.cases, args.out, args.avdigits_shards, args.encoding)
     results: dict[str, list[tuple[str, float]]] = {name: [] for name in cases}
     for name, (recipe, manifest, _) in cases.items():
         source = InProcess(recipe, manifest)
@@ -248,7 +261,8 @@ def main() -> None:
         print(
             f"\n{name}: train rows={rows} row={sum(manifest.modalities[m].nbytes for m in recipe.modalities)} B "
             f"batch={recipe.schedule.batch_size} epochs timed={args.epochs - 1} threads={torch.get_num_threads()} "
-            f"object store={OBJECT_STORE >> 20} MiB; the trainer uses the {'cached' if fits[name] else 'streamed'} path"
+            f"object store={OBJECT_STORE >> 20} MiB encoding={args.encoding}; "
+            f"the trainer uses the {'cached' if fits[name] else 'streamed'} path"
         )
         local = results[name][0][1]
         for label, rate in results[name]:
