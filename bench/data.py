@@ -1,8 +1,8 @@
 """Training throughput fed by Ray Data vs by the in-process reader, same model and batches.
 
 Both paths run the engine's training step on one worker: the in-process path from arrays in
-memory, the Ray Data path from ``read_parquet -> map_batches(decode)`` iterated exactly as a
-Ray Train worker consumes its shard (``engine/ray_data.iter_train_batches``: whole blocks,
+memory, the Ray Data path from ``read_parquet`` iterated exactly as a Ray Train worker consumes
+its shard (``engine/ray_data.iter_train_batches``: whole Arrow blocks decoded to numpy views,
 seeded shuffle windows, tensors built in a background thread, the next epoch's read started
 while the last window trains: ``TrainBlocks``). Samples/s is measured over
 epochs after the first (steady state: Ray Data's first epoch also pays for task start-up).
@@ -85,12 +85,17 @@ class RayDataWorker:
 
         seed = epoch_seed(self.recipe.seed, epoch)
         if self.path == "ray-buffer":  # the loop before engine/ray_data's windows: Ray's local shuffle buffer
+            from mmbalance.engine.ray_data import BlockDecoder, decode_batch
+
             buffer = self.rows if self.cached else max(4 * batch_size, 256)
-            batches = self.dataset.iter_torch_batches(
+            decoder = BlockDecoder.of(self.recipe, self.manifest)  # decoded in the read tasks, as that loop did
+            fn_kwargs = {"shapes": decoder.shapes, "dtypes": decoder.dtypes, "stored": decoder.stored}
+            decoded = self.dataset.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+            batches = decoded.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed
             )
         else:
-            from mmbalance.engine.ray_data import iter_train_batches, row_bytes, shuffle_window
+            from mmbalance.engine.ray_data import BlockDecoder, iter_train_batches, row_bytes, shuffle_window
 
             window = shuffle_window(batch_size, row_bytes(self.recipe, self.manifest), self.rows, cached=self.cached)
             # As the worker does: no read ahead of an epoch that will not run.
@@ -106,6 +111,7 @@ class RayDataWorker:
                 corruptor=None,
                 epoch=epoch,
                 modalities=self.modalities,
+                decode=BlockDecoder.of(self.recipe, self.manifest),
             )
         pairs = (({m: b[m] for m in self.modalities}, b["label"]) for b in batches)
         return pairs, self.rows // batch_size

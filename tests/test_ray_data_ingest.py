@@ -171,6 +171,43 @@ def test_iter_train_batches_gives_tensors_of_the_shuffled_batches():
         np.testing.assert_array_equal(batch["label"].numpy(), ref["label"])
 
 
+class _ArrowShard:
+    """A shard handing out its blocks as Arrow tables, as ``build_datasets``' train split does."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def iter_batches(self, *, batch_size, batch_format, prefetch_batches):
+        assert batch_size is None and batch_format == "pyarrow"
+        return iter(self.tables)
+
+
+def test_arrow_blocks_decoded_in_the_batch_thread_give_the_decoded_blocks_batches():
+    """``decode``: the worker turns raw Arrow blocks (lists or raw bytes) into the same batches
+    as blocks decoded beforehand."""
+    import pyarrow as pa
+
+    from mmbalance.engine.ray_data import BlockDecoder
+
+    blocks = _blocks([50, 70, 30])
+    tables = []
+    for i, block in enumerate(blocks):
+        flat = block["x"].reshape(-1)
+        as_list = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), 3)
+        as_bytes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(12), len(block["x"]), [None, pa.py_buffer(flat)])
+        tables.append(pa.table({"label": block["label"], "x": as_list if i % 2 else as_bytes}))
+    decode = BlockDecoder(shapes={"x": [3, 1]}, dtypes={"x": "float32"}, stored={"x": "float32"})
+    kw = dict(buffer=64, seed=epoch_seed(0, 1), corruptor=None, epoch=1, modalities=["x"])
+    reshaped = [{"label": b["label"], "x": b["x"].reshape(len(b["x"]), 3, 1)} for b in blocks]
+    expected = list(iter_train_batches(_FakeShard(reshaped), 32, **kw))
+    got = list(iter_train_batches(_ArrowShard(tables), 32, decode=decode, **kw))
+    assert len(got) == len(expected) == 150 // 32
+    for batch, ref in zip(got, expected):
+        assert batch["x"].shape == (32, 3, 1) and batch["x"].dtype == torch.float32
+        np.testing.assert_array_equal(batch["x"].numpy(), ref["x"].numpy())
+        np.testing.assert_array_equal(batch["label"].numpy(), ref["label"].numpy())
+
+
 def _multi_file_shards(tmp_path):
     from helpers import small_spec
     from mmbalance.data.manifest import ModalitySpec
@@ -194,7 +231,7 @@ def _multi_file_shards(tmp_path):
 
 def _epoch_on_two_ranks(recipe, manifest, shards, epoch, batch):
     """One epoch of both ranks' train shards, as ``split_config`` hands them to a 2-worker run."""
-    from mmbalance.engine.ray_data import build_datasets, split_config
+    from mmbalance.engine.ray_data import BlockDecoder, build_datasets, split_config
 
     datasets = build_datasets(recipe, manifest, str(shards), workers=2)
     shards_of = split_config().configure(datasets, world_size=2, worker_handles=None, worker_node_ids=None)
@@ -211,6 +248,7 @@ def _epoch_on_two_ranks(recipe, manifest, shards, epoch, batch):
             corruptor=None,
             epoch=epoch,
             modalities=list(recipe.modalities),
+            decode=BlockDecoder.of(recipe, manifest),
         )
         out[rank] = [b["audio"].numpy().copy() for b in batches]
 
@@ -240,6 +278,41 @@ def test_two_ranks_get_equal_steps_disjoint_rows_and_a_reproducible_epoch(ray_cl
     again = _epoch_on_two_ranks(recipe, manifest, shards, epoch=1, batch=batch)
     for rank in range(2):
         assert all(np.array_equal(a, b) for a, b in zip(first[rank], again[rank]))
+
+
+@pytest.mark.integration
+def test_train_reads_through_the_first_parquet_datasource_and_reshuffles_files_each_execution(
+    ray_cluster, tmp_path, capsys
+):
+    """No per-epoch ListFiles stage (engine/ray_data.py), the caller's DataContext untouched, and
+    still a new seeded file order on every execution of train (the epoch's block order)."""
+    import ray.data
+
+    from helpers import recipe_dict
+    from mmbalance.config import validate_recipe
+    from mmbalance.data.manifest import read_manifest
+    from mmbalance.engine.ray_data import BlockDecoder, build_datasets
+
+    shards = _multi_file_shards(tmp_path)
+    manifest = read_manifest(shards)
+    recipe = validate_recipe(recipe_dict(shards))
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    train = build_datasets(recipe, manifest, str(shards), workers=1)["train"]
+    assert context.use_datasource_v2 == before
+    capsys.readouterr()
+    train.explain()  # prints the logical and physical plans
+    plan = capsys.readouterr().out
+    assert "ListFiles" not in plan and "ReadParquet" in plan, plan
+    decode = BlockDecoder.of(recipe, manifest)
+    iterator = train.iterator()
+    firsts = []
+    for _ in range(3):  # three executions, as three epochs
+        blocks = [decode(b) for b in iterator.iter_batches(batch_size=None, batch_format="pyarrow")]
+        assert sum(len(b["label"]) for b in blocks) == manifest.splits["train"].rows
+        firsts.append(blocks[0]["audio"][0].tobytes())
+    # 11 files: three seeded orders all starting with the same file would have odds of 1 in 121.
+    assert len(set(firsts)) > 1, "every execution began with the same file: the file order was not reseeded"
 
 
 class _CountingShard:
@@ -499,7 +572,7 @@ def test_train_blocks_on_two_ranks_keep_equal_steps_and_each_epochs_batches(ray_
     from helpers import recipe_dict
     from mmbalance.config import validate_recipe
     from mmbalance.data.manifest import read_manifest
-    from mmbalance.engine.ray_data import TrainBlocks, build_datasets, split_config
+    from mmbalance.engine.ray_data import BlockDecoder, TrainBlocks, build_datasets, split_config
 
     shards = _multi_file_shards(tmp_path)
     manifest = read_manifest(shards)
@@ -518,7 +591,9 @@ def test_train_blocks_on_two_ranks_keep_equal_steps_and_each_epochs_batches(ray_
                 if ahead:  # as RayShardSource: no read ahead after the last epoch
                     shard.lead_rows = 0 if epoch == 1 else window
                 kw = dict(buffer=window, seed=epoch_seed(recipe.seed, epoch), corruptor=None, epoch=epoch)
-                batches = iter_train_batches(shard, batch, modalities=list(recipe.modalities), **kw)
+                batches = iter_train_batches(
+                    shard, batch, modalities=list(recipe.modalities), decode=BlockDecoder.of(recipe, manifest), **kw
+                )
                 out[rank].append([b["audio"].numpy().copy() for b in batches])
 
         threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]

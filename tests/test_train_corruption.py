@@ -212,7 +212,7 @@ def test_resumed_run_with_train_corruption_equals_uninterrupted_run(tmp_path, sm
 def test_ray_data_train_shard_gets_the_in_process_noise_per_sample(ray_cluster, small_shards):
     """Ray Data end to end (read_parquet with sample_id -> decode -> local shuffle -> collate in
     the prefetch threads), iterated through the same DataIterator API a Train worker's shard has."""
-    from mmbalance.engine.ray_data import build_datasets, iter_train_batches
+    from mmbalance.engine.ray_data import BlockDecoder, build_datasets, iter_train_batches
 
     recipe = _recipe(small_shards, SNR)
     manifest = read_manifest(small_shards)
@@ -221,7 +221,14 @@ def test_ray_data_train_shard_gets_the_in_process_noise_per_sample(ray_cluster, 
     shard = build_datasets(recipe, manifest, str(small_shards), workers=1)["train"].iterator()
     batches = list(
         iter_train_batches(
-            shard, 32, buffer=256, seed=epoch_seed(recipe.seed, 1), corruptor=corruptor, epoch=1, modalities=modalities
+            shard,
+            32,
+            buffer=256,
+            seed=epoch_seed(recipe.seed, 1),
+            corruptor=corruptor,
+            epoch=1,
+            modalities=modalities,
+            decode=BlockDecoder.of(recipe, manifest),
         )
     )
     assert len(batches) == 512 // 32 and set(batches[0]) == {"audio", "visual", "label"}

@@ -1,10 +1,13 @@
 """Ray Data input: Parquet shards -> decoded tensors -> each worker's share.
 
 Driver side, ``build_datasets`` reads each split's files from the manifest with
-``read_parquet`` (local paths or any pyarrow/fsspec URI), shuffles the file order of the
-training split afresh each epoch with a seed, and decodes in ``map_batches`` fused with the
-read (flattened fixed-size lists -> ``[B, *shape]`` numpy views of the Arrow buffers, float16
-storage up-cast to float32). ``split_config`` splits train equally across
+``read_parquet`` (local paths or any pyarrow/fsspec URI) and shuffles the file order of the
+training split afresh each epoch with a seed. Train blocks travel as the Arrow tables the read
+gives; the worker decodes them (``BlockDecoder``: flattened fixed-size lists or raw row bytes
+-> ``[B, *shape]`` numpy views of the Arrow buffers, float16 storage up-cast to float32) in its
+background thread, which costs a view, where a ``map_batches`` decode in the read task would
+copy every block once more into Ray's tensor columns. Val and test are decoded in
+``map_batches`` once and kept. ``split_config`` splits train equally across
 workers (same number of steps on every rank) and val/test unequally (no row dropped, so
 all-reduced counts equal the split size). Worker side, ``RayShardSource`` takes its train
 shard a whole decoded block at a time and shuffles it in windows (below). With
@@ -38,6 +41,13 @@ again every epoch. What it gives up against a full permutation: two rows whose f
 apart in that epoch's order never share a batch. A train split that fits a quarter of the
 object store is cached decoded and gets the full permutation (one window is the shard).
 
+Reads go through Ray Data's first Parquet datasource (``DataContext.use_datasource_v2 = False``
+while the datasets are built): the second one, Ray 2.60's default, lists the files in a
+``ListFiles`` task that starts 32 footer-reader actors on every execution, i.e. every epoch, and
+on 2 cores its first block came 3-5 s after the execution started against 0.1-0.9 s here
+(``bench/data.py``). The first datasource reads the footers once, on the driver, when the
+dataset is created, and supports the same seeded per-execution file shuffle.
+
 The window replaces Ray's local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size)``),
 which cost the streamed path two thirds of its throughput (``bench/data.py``): blocks are taken
 whole (zero-copy numpy views of the object store), each row is copied once into its window and
@@ -49,8 +59,10 @@ before an execution's first block overlap the training of the last window.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -85,6 +97,28 @@ def decode_batch(
     for m, shape in shapes.items():
         out[m] = tensor_column(table.column(m), dtypes[m], shape, (stored or {}).get(m))
     return out
+
+
+@dataclass(frozen=True)
+class BlockDecoder:
+    """A train block as the read gives it (an Arrow table) -> ``decode_batch``'s numpy arrays.
+    Runs in the worker's batch thread; every array views the block's buffers (no copy)."""
+
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    stored: dict[str, str]
+
+    @classmethod
+    def of(cls, recipe: Recipe, manifest: Manifest) -> "BlockDecoder":
+        specs = {m: manifest.modalities[m] for m in recipe.modalities}
+        return cls(
+            shapes={m: list(s.shape) for m, s in specs.items()},
+            dtypes={m: s.dtype for m, s in specs.items()},
+            stored={m: s.storage_dtype for m, s in specs.items()},
+        )
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        return decode_batch(table, self.shapes, self.dtypes, self.stored)
 
 
 def row_bytes(recipe: Recipe, manifest: Manifest) -> int:
@@ -144,7 +178,9 @@ def shuffled_batches(
         yield from _emit_window(pending, pending_rows, carry, batch_size, rng)
 
 
-def _rows(block: dict[str, np.ndarray]) -> int:
+def _rows(block: dict[str, np.ndarray] | pa.Table) -> int:
+    if isinstance(block, pa.Table):
+        return block.num_rows
     return len(next(iter(block.values()))) if block else 0
 
 
@@ -243,24 +279,35 @@ def build_datasets(
         shuffle = ray.data.FileShuffleConfig(seed=recipe.seed, reseed_after_execution=True) if key == "train" else None
         # Train corruption is seeded per sample id, so only then does train carry the ids.
         ids = ["sample_id"] if key == "train" and recipe.data.train_corruptions else []
-        ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(["label", *ids, *modalities])
-        if key != "train":
+        with _first_parquet_datasource(ray.data.DataContext.get_current()):
+            ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(["label", *ids, *modalities])
+        if key == "train":
+            # Blocks in file order (the seeded one), not in task completion order; left as Arrow
+            # tables for the worker's BlockDecoder.
+            ds.context.execution_options.preserve_order = True
+        else:
             # Several blocks per worker: an unequal split hands out whole blocks, and a
             # one-file split would otherwise be evaluated by one worker alone.
-            ds = ds.repartition(num_blocks=4 * workers)
-        # Train's decode fuses with its read into one task per file (no block is copied
-        # between the two); ``decode_batch`` views the Arrow buffers instead of copying them.
-        ds = ds.map_batches(
-            decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes, "stored": stored}
-        )
-        if key == "train":
-            # Blocks in file order (the seeded one), not in task completion order.
-            ds.context.execution_options.preserve_order = True
+            ds = ds.repartition(num_blocks=4 * workers).map_batches(
+                decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes, "stored": stored}
+            )
         # Eval splits never change between epochs: decode them once instead of re-reading and
         # re-partitioning every epoch. Train streams (file order reshuffled per epoch) unless
-        # it is small enough to cache decoded; then each epoch shuffles the whole shard instead.
+        # it is small enough to cache; then each epoch shuffles the whole shard instead.
         datasets[key] = ds if key == "train" and not cache_train else ds.materialize()
     return datasets
+
+
+@contextlib.contextmanager
+def _first_parquet_datasource(context: Any) -> Iterator[None]:
+    """``read_parquet`` through Ray Data's first Parquet datasource (module docstring), leaving
+    the caller's ``DataContext`` as it was afterwards."""
+    before = getattr(context, "use_datasource_v2", False)
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = before
 
 
 def split_config():
@@ -301,15 +348,18 @@ class TrainBlocks:
         self.shard, self.lead_rows = shard, lead_rows
         self._lead: threading.Thread | None = None
         self._turn = threading.Lock()  # one epoch at a time: the next waits until this one ended
-        self._read: tuple[list[dict[str, np.ndarray]], Iterator | None, BaseException | None] | None = None
+        self._read: tuple[list[Any], Iterator | None, BaseException | None] | None = None
+        self._format = "pyarrow"
 
     def iter_batches(self, *, batch_size: None, batch_format: str, prefetch_batches: int):
-        """The next epoch's blocks, as ``DataIterator.iter_batches(batch_size=None)`` gives them."""
-        if batch_size is not None or batch_format != "numpy":
-            raise ValueError("TrainBlocks hands out whole numpy blocks (batch_size=None, batch_format='numpy')")
+        """The next epoch's blocks, as ``DataIterator.iter_batches(batch_size=None)`` gives them
+        (``batch_format`` "pyarrow" or "numpy"; the same for every epoch)."""
+        if batch_size is not None or batch_format not in ("pyarrow", "numpy"):
+            raise ValueError("TrainBlocks hands out whole blocks (batch_size=None, batch_format='pyarrow' or 'numpy')")
+        self._format = batch_format
         return self._epoch(prefetch_batches)
 
-    def _epoch(self, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    def _epoch(self, prefetch_batches: int) -> Iterator[Any]:
         with self._turn:
             if self._lead is None:
                 head, rest, err = [], self._blocks(prefetch_batches), None
@@ -327,12 +377,14 @@ class TrainBlocks:
             if self.lead_rows > 0:
                 self._start_lead(prefetch_batches)
 
-    def _blocks(self, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches))
+    def _blocks(self, prefetch_batches: int) -> Iterator[Any]:
+        return iter(
+            self.shard.iter_batches(batch_size=None, batch_format=self._format, prefetch_batches=prefetch_batches)
+        )
 
     def _start_lead(self, prefetch_batches: int) -> None:
         def read_ahead() -> None:
-            head: list[dict[str, np.ndarray]] = []
+            head: list[Any] = []
             blocks: Iterator | None = self._blocks(prefetch_batches)
             try:
                 rows = 0
@@ -368,6 +420,7 @@ class RayShardSource:
         self.rows = manifest.splits[recipe.data.train_split].rows
         self.row_nbytes = row_bytes(recipe, manifest)
         self.train_blocks = TrainBlocks(self.shards["train"], lead_rows=0)
+        self.decode = BlockDecoder.of(recipe, manifest)
         self.train_cached = train_cached
         self.corruptor = TrainCorruptor.from_recipe(recipe, manifest)
 
@@ -385,6 +438,7 @@ class RayShardSource:
             corruptor=self.corruptor,
             epoch=epoch,
             modalities=self.modalities,
+            decode=self.decode,
         )
         # equal=True gives every rank the same rows, so the step count agrees across ranks.
         return self._to_device(batches), train_steps(self.rows, self.world, batch_size)
@@ -407,15 +461,21 @@ def iter_train_batches(
     epoch: int,
     modalities: list[str],
     prefetch: int = TRAIN_PREFETCH_BATCHES,
+    decode: BlockDecoder | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """A train shard (a Ray ``DataIterator``, a ``TrainBlocks``, or anything with their
     ``iter_batches``) as CPU tensor batches of exactly ``batch_size`` rows, shuffled in windows
     of at least ``buffer`` rows with ``seed`` (``shuffled_batches``).
 
-    Ray hands over whole decoded blocks as numpy views; the windows, the batches and, with a
-    corruptor, ``collate_train_batch`` run in one background thread, ``prefetch`` batches ahead.
+    Ray hands over whole blocks: Arrow tables that ``decode`` turns into numpy views (the
+    ``build_datasets`` train split), or, without ``decode``, blocks already decoded to numpy.
+    The decode, the windows, the batches and, with a corruptor, ``collate_train_batch`` run in
+    one background thread, ``prefetch`` batches ahead.
     """
-    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=BLOCK_PREFETCH)
+    fmt = "numpy" if decode is None else "pyarrow"
+    blocks = shard.iter_batches(batch_size=None, batch_format=fmt, prefetch_batches=BLOCK_PREFETCH)
+    if decode is not None:
+        blocks = (decode(block) for block in blocks)
     batches = shuffled_batches(blocks, batch_size, window=buffer, seed=seed)
     if corruptor is None:
         tensors = (train_tensors(b, modalities) for b in batches)
