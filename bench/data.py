@@ -85,7 +85,8 @@ class RayDataWorker:
 
         seed = epoch_seed(self.recipe.seed, epoch)
         if self.path == "ray-buffer":  # the loop before engine/ray_data's windows: Ray's local shuffle buffer
-            from mmbalance.engine.ray_data import BlockDecoder, decode_batch
+            from mmbalance.data.shards import decode_batch
+            from mmbalance.engine.ray_data import BlockDecoder
 
             buffer = self.rows if self.cached else max(4 * batch_size, 256)
             decoder = BlockDecoder.of(self.recipe, self.manifest)  # decoded in the read tasks, as that loop did

@@ -427,7 +427,7 @@ def _shares(array: np.ndarray, buffer) -> bool:
 def test_tensor_column_views_one_chunk_and_concatenates_several():
     import pyarrow as pa
 
-    from mmbalance.engine.ray_data import tensor_column
+    from mmbalance.data.shards import tensor_column
 
     values = np.arange(4 * 6, dtype=np.float32)
     chunk = pa.FixedSizeListArray.from_arrays(pa.array(values), 6)
@@ -445,7 +445,7 @@ def test_tensor_column_views_one_chunk_and_concatenates_several():
 def test_tensor_column_reads_raw_bytes_and_up_casts_float16():
     import pyarrow as pa
 
-    from mmbalance.engine.ray_data import tensor_column
+    from mmbalance.data.shards import tensor_column
 
     exact = np.array([0.1, -2.5, 1000.3, 3.14159, 1e-3, 65504.0], dtype=np.float32)
     half = exact.astype(np.float16)
@@ -464,7 +464,7 @@ def test_tensor_column_reads_raw_bytes_and_up_casts_float16():
 def test_decode_batch_up_casts_a_stored_float16_modality_only():
     import pyarrow as pa
 
-    from mmbalance.engine.ray_data import decode_batch
+    from mmbalance.data.shards import decode_batch
 
     audio = np.array([[0.1, 0.2], [0.3, 0.4]], dtype=np.float32)
     pixels = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8)
@@ -521,8 +521,7 @@ def test_float16_spectrogram_shards_round_trip_to_float32(tmp_path):
     import pyarrow.parquet as pq
 
     from mmbalance.data.manifest import ModalitySpec, read_manifest
-    from mmbalance.data.shards import SplitArrays, load_split, validate_shards, write_shards
-    from mmbalance.engine.ray_data import decode_batch
+    from mmbalance.data.shards import SplitArrays, decode_batch, load_split, validate_shards, write_shards
 
     out = tmp_path / "shards"
     rng = np.random.default_rng(0)

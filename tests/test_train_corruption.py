@@ -11,11 +11,11 @@ import torch
 from helpers import recipe_dict
 from mmbalance.config import ConfigError, check_against_data, validate_recipe
 from mmbalance.data.manifest import read_manifest
-from mmbalance.data.shards import load_split
+from mmbalance.data.shards import decode_batch, load_split
 from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import epoch_seed
 from mmbalance.engine.loop import run_training
-from mmbalance.engine.ray_data import collate_train_batch, decode_batch
+from mmbalance.engine.ray_data import collate_train_batch
 from mmbalance.engine.run_spec import RunSpec
 from mmbalance.engine.sources import InMemorySource
 from mmbalance.tracking.records import RunRecord

@@ -13,6 +13,7 @@ from mmbalance.data.shards import (
     ShardError,
     SplitArrays,
     arrow_schema,
+    decode_batch,
     feature_std,
     load_split,
     rows_table,
@@ -20,7 +21,6 @@ from mmbalance.data.shards import (
     write_shards,
     write_split_tables,
 )
-from mmbalance.engine.ray_data import decode_batch
 
 MODALITIES = {
     "audio": ModalitySpec(dtype="float32", shape=[3, 4]),
@@ -187,3 +187,14 @@ def test_prepare_encoding_flag_reaches_the_manifest(tmp_path):
         main(["prepare", "synthetic", "--out", str(tmp_path / "x"), "--encoding", "zip"])
     assert err.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_the_decode_ray_unpickles_in_every_task_worker_imports_no_torch():
+    """Ray imports ``decode_batch``'s module in each fresh worker; torch there costs seconds each."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmbalance.data.shards as s; assert s.decode_batch.__module__ == 'mmbalance.data.shards'; "
+    code += "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -166,6 +166,24 @@ def tensor_column(column: pa.ChunkedArray, dtype: str, shape: list[int], stored:
     return flat.astype(dtype, copy=False).reshape(len(column), *shape)
 
 
+def decode_batch(
+    table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str], stored: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` of the manifest's
+    dtypes (Ray Data's eval decode and the train workers' ``BlockDecoder``). It lives here, with
+    no torch in its imports, because Ray unpickles it by module in every fresh task worker:
+    from ``engine/ray_data`` each such worker first imported torch (seconds of CPU on 2 cores,
+    taken from training). A selected ``sample_id`` column passes through as a ``[B]``
+    object array of str. ``stored`` names a modality's element type in the file where it differs
+    (``ModalitySpec.stored``); those elements are up-cast to ``dtypes``."""
+    out = {"label": table.column("label").to_numpy().astype(np.int64, copy=False)}
+    if "sample_id" in table.column_names:
+        out["sample_id"] = table.column("sample_id").to_numpy(zero_copy_only=False)
+    for m, shape in shapes.items():
+        out[m] = tensor_column(table.column(m), dtypes[m], shape, (stored or {}).get(m))
+    return out
+
+
 def _chunk_values(chunk: pa.Array, stored: str, size: int) -> np.ndarray:
     if pa.types.is_fixed_size_binary(chunk.type):
         start = chunk.offset * chunk.type.byte_width

@@ -72,7 +72,7 @@ from torch import Tensor
 
 from mmbalance.config import Recipe
 from mmbalance.data.manifest import Manifest
-from mmbalance.data.shards import tensor_column
+from mmbalance.data.shards import decode_batch
 from mmbalance.engine.augment import TrainCorruptor
 from mmbalance.engine.batches import Batch, epoch_seed
 
@@ -82,21 +82,6 @@ TRAIN_PREFETCH_BATCHES = 2  # train batches the background thread keeps ready
 BLOCK_PREFETCH = 2  # decoded blocks Ray fetches ahead of the window
 
 T = TypeVar("T")
-
-
-def decode_batch(
-    table: pa.Table, shapes: dict[str, list[int]], dtypes: dict[str, str], stored: dict[str, str] | None = None
-) -> dict[str, np.ndarray]:
-    """Arrow rows with flattened tensors -> numpy arrays ``[B, *shape]`` of the manifest's
-    dtypes (runs in Ray Data tasks). A selected ``sample_id`` column passes through as a ``[B]``
-    object array of str. ``stored`` names a modality's element type in the file where it differs
-    (``ModalitySpec.stored``); those elements are up-cast to ``dtypes``."""
-    out = {"label": table.column("label").to_numpy().astype(np.int64, copy=False)}
-    if "sample_id" in table.column_names:
-        out["sample_id"] = table.column("sample_id").to_numpy(zero_copy_only=False)
-    for m, shape in shapes.items():
-        out[m] = tensor_column(table.column(m), dtypes[m], shape, (stored or {}).get(m))
-    return out
 
 
 @dataclass(frozen=True)
