@@ -241,7 +241,13 @@ def main() -> None:
         results[name].append((source.name, measure(recipe, manifest, source, args.epochs)))
         del source
         gc.collect()
-    ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
+    from mmbalance.launch.cluster import DATA_HEADROOM_CPUS
+
+    # The logical CPUs a one-worker Train run leaves Ray Data beside its worker's own: more read
+    # tasks than that only compete with the training step for the same two cores.
+    ray.init(
+        num_cpus=DATA_HEADROOM_CPUS, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False
+    )
     fits = {}
     try:
         for name, (recipe, manifest, shards) in cases.items():
