@@ -89,8 +89,8 @@ class RayDataWorker:
             from mmbalance.engine.ray_data import BlockDecoder
 
             buffer = self.rows if self.cached else max(4 * batch_size, 256)
-            decoder = BlockDecoder.of(self.recipe, self.manifest)  # decoded in the read tasks, as that loop did
-            fn_kwargs = {"shapes": decoder.shapes, "dtypes": decoder.dtypes, "stored": decoder.stored}
+            # Decoded in the read tasks, as that loop did.
+            fn_kwargs = BlockDecoder.of(self.recipe, self.manifest).fn_kwargs()
             decoded = self.dataset.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs=fn_kwargs)
             batches = decoded.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,7 +56,7 @@ class Normalization(_Strict):
 
 
 Encoding = Literal["tensor", "bytes"]
-ENCODINGS: tuple[str, ...] = ("tensor", "bytes")
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
 
 
 class ModalitySpec(_Strict):

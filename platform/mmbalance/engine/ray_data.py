@@ -103,7 +103,12 @@ class BlockDecoder:
         )
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        return decode_batch(table, self.shapes, self.dtypes, self.stored)
+        return decode_batch(table, **self.fn_kwargs())
+
+    def fn_kwargs(self) -> dict[str, dict]:
+        """``decode_batch``'s keywords, for a ``map_batches`` decode in Ray Data tasks (the function
+        itself travels by module, so those workers never import this torch-importing one)."""
+        return {"shapes": self.shapes, "dtypes": self.dtypes, "stored": self.stored}
 
 
 def row_bytes(recipe: Recipe, manifest: Manifest) -> int:
@@ -254,9 +259,7 @@ def build_datasets(
     # Per-operator progress bars from every worker drown the epoch table; the engine shows its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
     modalities = list(recipe.modalities)
-    shapes = {m: manifest.modalities[m].shape for m in modalities}
-    dtypes = {m: manifest.modalities[m].dtype for m in modalities}
-    stored = {m: manifest.modalities[m].storage_dtype for m in modalities}
+    decode = BlockDecoder.of(recipe, manifest)
     datasets = {}
     for key in SPLIT_KEYS:
         split = getattr(recipe.data, f"{key}_split")
@@ -274,7 +277,7 @@ def build_datasets(
             # Several blocks per worker: an unequal split hands out whole blocks, and a
             # one-file split would otherwise be evaluated by one worker alone.
             ds = ds.repartition(num_blocks=4 * workers).map_batches(
-                decode_batch, batch_format="pyarrow", fn_kwargs={"shapes": shapes, "dtypes": dtypes, "stored": stored}
+                decode_batch, batch_format="pyarrow", fn_kwargs=decode.fn_kwargs()
             )
         # Eval splits never change between epochs: decode them once instead of re-reading and
         # re-partitioning every epoch. Train streams (file order reshuffled per epoch) unless
