@@ -143,13 +143,14 @@ def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
 
 
 class _FakeShard:
-    """What ``iter_train_batches`` asks of a Ray DataIterator: whole blocks as numpy dicts."""
+    """What ``iter_train_batches`` asks of a Ray DataIterator: whole blocks, as numpy dicts
+    (blocks decoded beforehand) or as Arrow tables (``build_datasets``' train split)."""
 
-    def __init__(self, blocks):
-        self.blocks = blocks
+    def __init__(self, blocks, batch_format="numpy"):
+        self.blocks, self.batch_format = blocks, batch_format
 
     def iter_batches(self, *, batch_size, batch_format, prefetch_batches):
-        assert batch_size is None and batch_format == "numpy"
+        assert batch_size is None and batch_format == self.batch_format
         return iter(self.blocks)
 
 
@@ -171,17 +172,6 @@ def test_iter_train_batches_gives_tensors_of_the_shuffled_batches():
         np.testing.assert_array_equal(batch["label"].numpy(), ref["label"])
 
 
-class _ArrowShard:
-    """A shard handing out its blocks as Arrow tables, as ``build_datasets``' train split does."""
-
-    def __init__(self, tables):
-        self.tables = tables
-
-    def iter_batches(self, *, batch_size, batch_format, prefetch_batches):
-        assert batch_size is None and batch_format == "pyarrow"
-        return iter(self.tables)
-
-
 def test_arrow_blocks_decoded_in_the_batch_thread_give_the_decoded_blocks_batches():
     """``decode``: the worker turns raw Arrow blocks (lists or raw bytes) into the same batches
     as blocks decoded beforehand."""
@@ -200,7 +190,7 @@ def test_arrow_blocks_decoded_in_the_batch_thread_give_the_decoded_blocks_batche
     kw = dict(buffer=64, seed=epoch_seed(0, 1), corruptor=None, epoch=1, modalities=["x"])
     reshaped = [{"label": b["label"], "x": b["x"].reshape(len(b["x"]), 3, 1)} for b in blocks]
     expected = list(iter_train_batches(_FakeShard(reshaped), 32, **kw))
-    got = list(iter_train_batches(_ArrowShard(tables), 32, decode=decode, **kw))
+    got = list(iter_train_batches(_FakeShard(tables, "pyarrow"), 32, decode=decode, **kw))
     assert len(got) == len(expected) == 150 // 32
     for batch, ref in zip(got, expected):
         assert batch["x"].shape == (32, 3, 1) and batch["x"].dtype == torch.float32
